@@ -1,0 +1,174 @@
+"""Versioned model store: immutable version directories and an atomic `current` symlink.
+
+Layout (under state_dir/models/<name>/):
+    v000001/ ... v00000N/    immutable once renamed into place
+    current -> v00000N       replaced by rename(2), never edited in place
+    .lock                    flock: version allocation, promotion, retention, rollback
+    .last_version            highest number ever allocated, so numbers only grow
+    .tmp-v00000N/            a version being built; removed at start if a crash left it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_VERSION = re.compile(r"^v(\d{6,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+class StoreError(Exception):
+    """A request the store cannot satisfy (unknown version, nothing to roll back to)."""
+
+
+def version_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes its entries durable)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` so that a crash leaves the old or the new content."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+class ModelStore:
+    def __init__(self, root: Path, keep_versions: int):
+        self.root = root
+        self.keep_versions = keep_versions
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # --- reading
+
+    def versions(self) -> list[int]:
+        found = (_VERSION.match(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m[1]) for m in found if m)
+
+    def path(self, version: int) -> Path:
+        return self.root / version_name(version)
+
+    def current(self) -> int | None:
+        try:
+            target = os.readlink(self.root / "current")
+        except FileNotFoundError:
+            return None
+        m = _VERSION.match(target)
+        return int(m[1]) if m and self.path(int(m[1])).is_dir() else None
+
+    def metadata(self, version: int) -> dict[str, Any]:
+        try:
+            return json.loads((self.path(version) / "metadata.json").read_text())
+        except FileNotFoundError:
+            raise StoreError(f"model version {version} does not exist") from None
+
+    # --- writing
+
+    def recover(self) -> list[str]:
+        """Removes what a crash can leave behind: half-built versions and temp links."""
+        removed = []
+        with self.lock():
+            for p in self.root.iterdir():
+                if p.name.startswith(_TMP_PREFIX):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+                    removed.append(p.name)
+        return removed
+
+    def allocate(self) -> tuple[int, Path]:
+        """A new version number and an empty directory to build it in."""
+        with self.lock():
+            counter = self.root / ".last_version"
+            last = int(counter.read_text()) if counter.exists() else 0
+            version = max([last, *self.versions()]) + 1
+            write_atomic(counter, f"{version}\n".encode())
+        staging = self.root / f"{_TMP_PREFIX}{version_name(version)}"
+        staging.mkdir()
+        return version, staging
+
+    def commit(self, version: int, staging: Path, *, promote: bool) -> Path:
+        """The atomic save: makes a built version durable, then (if promoted) swaps `current`.
+
+        Every file is fsync'ed, then the directory, then it is renamed into place and the
+        parent fsync'ed; `current` is swapped the same way. A crash at any instant leaves
+        `current` at the old or the new version, never at something partial.
+        """
+        for f in staging.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        fsync_path(staging)
+        final = self.path(version)
+        with self.lock():
+            os.rename(staging, final)
+            fsync_path(self.root)
+            if promote:
+                self._point_current(version)
+            self._prune()
+        return final
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def rollback(self, version: int | None = None) -> int:
+        """Points `current` at `version`, or at the newest kept version older than current."""
+        with self.lock():
+            current = self.current()
+            kept = self.versions()
+            if version is None:
+                older = [v for v in kept if current is None or v < current]
+                if not older:
+                    raise StoreError("no older kept version to roll back to")
+                version = older[-1]
+            elif version not in kept:
+                raise StoreError(f"model version {version} is not kept (kept: {kept})")
+            self._point_current(version)
+        return version
+
+    def _point_current(self, version: int) -> None:
+        tmp = self.root / f"{_TMP_PREFIX}current"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(version_name(version), tmp)
+        os.replace(tmp, self.root / "current")
+        fsync_path(self.root)
+
+    def _prune(self) -> None:
+        """Keeps the newest `keep_versions`, and always the one `current` points to."""
+        current = self.current()
+        for version in self.versions()[: -self.keep_versions]:
+            if version != current:
+                # Renamed first, so a crash mid-delete leaves a .tmp- leftover, not a
+                # half-deleted version under a valid name.
+                doomed = self.root / f"{_TMP_PREFIX}{version_name(version)}-deleted"
+                os.rename(self.path(version), doomed)
+                shutil.rmtree(doomed)
