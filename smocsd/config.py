@@ -327,9 +327,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
             f"training.max_rows ({t.max_rows}), so training could never start"
         )
     if t.min_training_samples < t.window_size + 1:
-        problems.append(
-            f"training.min_training_samples: must exceed window_size ({t.window_size})"
-        )
+        problems.append(f"training.min_training_samples: must exceed window_size ({t.window_size})")
     if s.kind == "postgres":
         if s.path is not None:
             problems.append("source.path: only for kind = 'sqlite'")

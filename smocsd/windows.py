@@ -94,7 +94,7 @@ def split(values: np.ndarray, starts: np.ndarray, size: int, validation_fraction
     """
     n_val = max(1, round(len(starts) * validation_fraction))
     val_starts = starts[-n_val:]
-    train_starts = starts[: -n_val]
+    train_starts = starts[:-n_val]
     train_starts = train_starts[train_starts + size <= val_starts[0]]
     if len(train_starts) == 0:
         raise DataError(f"too few valid windows to train on ({len(starts)} in all)")

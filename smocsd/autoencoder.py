@@ -1,0 +1,261 @@
+"""The built-in job: a dense autoencoder over sliding windows of all channels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .job import TrainingJob, utcnow
+from .sources import Readings
+from .store import ModelStore
+from .trainers import TrainSpec, make_trainer, onnxruntime_version
+from .windows import DataError, Normalization, Split, WindowSet, split, valid_starts
+
+
+def score(model_path: Path, windows: WindowSet, threads: int = 1) -> np.ndarray:
+    """Each window's anomaly score: mean squared reconstruction error, normalized space.
+
+    Runs the exported model with a plain InferenceSession, exactly as a consumer would.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(model_path), options, providers=["CPUExecutionProvider"]
+    )
+    scores = [
+        np.mean((session.run(None, {"input": x})[0] - x) ** 2, axis=1) for x in windows.batches()
+    ]
+    return np.concatenate(scores) if scores else np.empty(0, np.float32)
+
+
+def _file_entry(path: Path) -> dict:
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+
+
+@dataclass
+class TrainingData:
+    readings: Readings
+    split: Split
+    windows: int  # valid windows in all, before the train/validation split
+
+
+def _gate(job: AutoencoderJob) -> str | None:
+    """Why this tick must not train (None: go ahead)."""
+    t = job.config.training
+    last_order = job.state.get("last_order")
+    if last_order is None:
+        total = job.db_manager.count_after(None)
+        if total < t.min_training_samples:
+            return f"{total} rows of {t.min_training_samples} needed for the first training"
+        return None
+    if job.force:
+        return None
+    since = time.time() - job.state.get("trained_at", 0)
+    if since < t.min_interval:
+        return f"last training {since:.0f}s ago, min_interval is {t.min_interval:.0f}s"
+    new = job.db_manager.count_after(last_order)
+    if new < t.min_new_samples:
+        return f"{new} new rows of {t.min_new_samples} needed"
+    return None
+
+
+class AutoencoderJob(TrainingJob):
+    def build_model(self) -> None:
+        t = self.config.training
+        self.trainer = make_trainer(t.backend)
+        self.spec = TrainSpec(
+            n_features=t.window_size * len(self.config.source.channels),
+            hidden=t.hidden,
+            learning_rate=t.learning_rate,
+            batch_size=t.batch_size,
+            epochs=t.epochs,
+            patience=t.patience,
+            threads=t.threads,
+            seed=t.seed,
+        )
+        self.store = ModelStore(
+            self.state_dir / "models" / self.config.model.name, self.config.model.keep_versions
+        )
+        self.version: int | None = None
+
+    def get_training_data(self) -> TrainingData | None:
+        t, channels = self.config.training, self.config.source.channels
+        reason = _gate(self)
+        if reason:
+            self.skip_reason = reason
+            return None
+        readings = self.db_manager.read_newest(t.max_rows)
+        bad = readings.bad_rows
+        if bad.any():
+            self.logger.warning(
+                "%d of %d rows have NULL, NaN, inf or non-numeric values and are left out",
+                bad.sum(),
+                len(bad),
+            )
+        has_value = np.isfinite(readings.values).any(axis=0)
+        empty = [c for c, ok in zip(channels, has_value, strict=True) if not ok]
+        if empty and len(bad):
+            raise DataError(f"channel(s) {', '.join(empty)} have no valid value in the rows read")
+        good = len(bad) - int(bad.sum())
+        if good < t.min_training_samples:
+            self.skip_reason = (
+                f"{good} valid rows of {t.min_training_samples} needed ({bad.sum()} rows dropped)"
+            )
+            return None
+        starts = valid_starts(bad, t.window_size, t.stride)
+        data = TrainingData(
+            readings=readings,
+            split=split(readings.values, starts, t.window_size, t.validation_fraction),
+            windows=len(starts),
+        )
+        self.logger.info(
+            "read %d rows (%d dropped): %d training and %d validation windows",
+            len(bad),
+            bad.sum(),
+            len(data.split.train),
+            len(data.split.val),
+        )
+        return data
+
+    def train_model(self, data: TrainingData) -> dict:
+        self.data = data
+        self.version, self.staging = self.store.allocate()
+        self.progress.label = f"training v{self.version}"
+        current = self.store.current()
+        try:
+            fit = self.trainer.fit(
+                self.spec,
+                data.split.train,
+                data.split.val,
+                self.staging,
+                self.progress,
+                warm_start=self.store.path(current) if current else None,
+            )
+        except BaseException:
+            self.store.discard(self.staging)
+            raise
+        return {
+            "train_loss": fit.train_loss,
+            "val_loss": fit.val_loss,
+            "epochs_run": fit.epochs_run,
+            "duration_s": round(fit.duration_s, 3),
+            "warm_started": fit.warm_started,
+        }
+
+    def eval_model(self) -> dict:
+        try:
+            return self._evaluate()
+        except BaseException:
+            self.store.discard(self.staging)
+            raise
+
+    def _evaluate(self) -> dict:
+        val = self.data.split.val
+        threads = self.config.training.threads
+        scores = score(self.staging / "model.onnx", val, threads)
+        self.val_loss = float(scores.mean())
+        self.threshold = float(np.percentile(scores, self.config.model.threshold_percentile))
+        previous = self._score_current(val, threads)
+        return {
+            "val_score_p50": float(np.percentile(scores, 50)),
+            "val_score_p99": float(np.percentile(scores, 99)),
+            "threshold": self.threshold,
+            "val_loss": self.val_loss,
+            "previous_version": previous[0] if previous else None,
+            "previous_val_loss": previous[1] if previous else None,
+        }
+
+    def _score_current(self, val: WindowSet, threads: int) -> tuple[int, float] | None:
+        """The current model's loss on the same validation windows, in its own normalization."""
+        current = self.store.current()
+        if current is None:
+            return None
+        meta = self.store.metadata(current)
+        cfg = self.config
+        if (
+            meta.get("channels") != list(cfg.source.channels)
+            or meta.get("window_size") != cfg.training.window_size
+        ):
+            self.logger.info("current v%d has other channels or window size: not compared", current)
+            return None
+        norm = Normalization.from_meta(meta["normalization"])
+        raw = np.nan_to_num(self.data.readings.values)
+        windows = WindowSet(norm.apply(raw), val.starts, val.size)
+        scores = score(self.store.path(current) / "model.onnx", windows, threads)
+        return current, float(scores.mean())
+
+    def save_model(self, model_metrics: dict, eval_results: dict) -> dict:
+        try:
+            previous = eval_results["previous_val_loss"]
+            promote = (
+                self.config.model.promote == "always"
+                or previous is None
+                or self.val_loss <= previous
+            )
+            meta = self._metadata(model_metrics, eval_results)
+            (self.staging / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        except BaseException:
+            self.store.discard(self.staging)
+            raise
+        self.store.commit(self.version, self.staging, promote=promote)
+        readings = self.data.readings
+        self.state.update(last_order=int(readings.order[-1]), trained_at=time.time())
+        outcome = "promoted" if promote else "rejected"
+        if not promote:
+            self.logger.warning(
+                "v%d rejected: val_loss %.4g is worse than current v%d's %.4g",
+                self.version,
+                self.val_loss,
+                eval_results["previous_version"],
+                previous,
+            )
+        return {"version": self.version, "outcome": outcome, "model_meta": meta}
+
+    def _metadata(self, metrics: dict, eval_results: dict) -> dict[str, Any]:
+        cfg, readings, sp = self.config, self.data.readings, self.data.split
+        files = {f.name: _file_entry(f) for f in sorted(self.staging.iterdir()) if f.is_file()}
+        return {
+            "format": "smocsd.model/1",
+            "name": cfg.model.name,
+            "version": self.version,
+            "created_at": utcnow(),
+            "device_id": cfg.daemon.device_id,
+            "backend": self.trainer.name,
+            "window_size": cfg.training.window_size,
+            "stride": cfg.training.stride,
+            "channels": list(cfg.source.channels),
+            "input_name": "input",
+            "output_name": "reconstruction",
+            "normalization": sp.normalization.to_meta(),
+            "score": "mse",
+            "threshold": self.threshold,
+            "threshold_percentile": cfg.model.threshold_percentile,
+            "metrics": metrics,
+            "eval": eval_results,
+            "data": {
+                "rows": len(readings.order),
+                "dropped_rows": int(readings.bad_rows.sum()),
+                "windows": self.data.windows,
+                "train_windows": len(sp.train),
+                "val_windows": len(sp.val),
+                "first_order": int(readings.order[0]),
+                "last_order": int(readings.order[-1]),
+            },
+            "files": files,
+            "software": {
+                "smocsd": __version__,
+                "onnxruntime": onnxruntime_version(),
+                "python": platform.python_version(),
+            },
+        }
