@@ -125,8 +125,10 @@ def test_backends_converge_comparably(data, tmp_path: Path) -> None:
     s = spec(epochs=15)
     ort_fit, ort_progress = fit("ort", s, data, tmp_path / "ort")
     np_fit, np_progress = fit("numpy", s, data, tmp_path / "numpy")
-    # Same init, same shuffles, same AdamW: the first epoch agrees to float rounding.
-    assert ort_progress.epochs[0][2] == pytest.approx(np_progress.epochs[0][2], rel=1e-3)
+    # Same init, same shuffles, same AdamW (betas, eps, bias correction): the loss curves agree
+    # to float rounding (about 1e-6 here), not merely in the end result.
+    for ort_epoch, np_epoch in zip(ort_progress.epochs[:5], np_progress.epochs[:5], strict=True):
+        assert ort_epoch == pytest.approx(np_epoch, rel=1e-4)
     for f in (ort_fit, np_fit):
         assert f.val_loss < 0.15  # normalized data has variance 1
     assert max(ort_fit.val_loss, np_fit.val_loss) < 1.5 * min(ort_fit.val_loss, np_fit.val_loss)

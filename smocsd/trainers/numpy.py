@@ -1,6 +1,10 @@
 """Pure-numpy training of the autoencoder, for platforms without an ONNX Runtime training wheel
 (aarch64, Python >= 3.13). Same network, loss, optimizer and defaults as the ``ort`` backend;
 must not import ``onnxruntime.training``.
+
+``TrainSpec.threads`` has no per-call knob in numpy: BLAS threading follows
+``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` as set before numpy is imported. Training batches
+are far below the size at which BLAS goes multi-threaded; only validation batches may.
 """
 
 from __future__ import annotations

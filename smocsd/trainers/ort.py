@@ -71,14 +71,14 @@ class _OrtSession:
 
     def train_step(self, x: np.ndarray) -> float:
         # One OrtValue for both input and target: a single wrap of the numpy buffer, no copy.
-        value = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
+        value = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         loss = self.module(value, value)
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return float(loss.numpy())
 
     def squared_error(self, x: np.ndarray) -> float:
-        value = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
+        value = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         self.module.eval()
         try:
             mse = float(self.module(value, value).numpy())
