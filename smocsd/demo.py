@@ -32,7 +32,7 @@ def simulate(rows: int, start_index: int = 0, seed: int = 0, anomalies: bool = T
     )[:rows]
     if len(steps) < rows:
         steps = np.pad(steps, (0, rows - len(steps)), mode="edge")
-    load = np.convolve(steps, np.ones(30) / 30, mode="same")
+    load = np.convolve(np.pad(steps, (29, 0), mode="edge"), np.ones(30) / 30, mode="valid")
     day = np.sin(2 * np.pi * ((t % DAY_S) / DAY_S - 0.25))
     temperature = 45 + 6 * day + 12 * load + rng.normal(0, 0.3, rows)
     vibration = 0.4 + 1.2 * load + 0.15 * np.sin(2 * np.pi * t / 600) + rng.normal(0, 0.04, rows)

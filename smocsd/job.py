@@ -243,8 +243,7 @@ def run_cycle(
             )
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            log.error("training cycle failed after %.1fs: %s", time.monotonic() - started, error)
-            log.debug("traceback", exc_info=True)
+            log.debug("cycle failed after %.1fs", time.monotonic() - started, exc_info=True)
             return result_message(cfg, "failed", error=error, version=getattr(job, "version", None))
 
 

@@ -1,0 +1,262 @@
+"""The training cycle: the five hooks in order, gating, promotion, failures and the outbox."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from helpers import smocsd, write_config
+
+from smocsd import TrainingJob, config, demo
+from smocsd.job import run_cycle
+from smocsd.sources import open_source
+from smocsd.store import ModelStore
+
+
+@pytest.fixture
+def plant(tmp_path):
+    """A state dir with 3000 demo rows and a FAST config file."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    return state, write_config(tmp_path / "smocsd.toml", state)
+
+
+def load(path, **sections):
+    """The config at `path` with some keys of some sections replaced."""
+    cfg = config.load(path)
+    for name, changes in sections.items():
+        cfg = replace(cfg, **{name: replace(getattr(cfg, name), **changes)})
+    return cfg
+
+
+def cycle(cfg, force=False):
+    src = open_source(cfg.source)
+    try:
+        return run_cycle(cfg, src, force=force)
+    finally:
+        src.close()
+
+
+def test_user_job_hooks_run_in_order_and_their_results_are_published(tmp_path, plant):
+    state, path = plant
+    log = tmp_path / "hooks.jsonl"
+    cfg_path = write_config(
+        tmp_path / "user.toml",
+        state,
+        training={"job": "userjob:RecordingJob"},
+        job={"log": str(log)},
+    )
+    proc = smocsd("train-once", config=cfg_path, check=True)
+    result = json.loads(proc.stdout)
+    hooks = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [h["hook"] for h in hooks] == [
+        "build_model",
+        "get_training_data",
+        "train_model",
+        "eval_model",
+        "save_model",
+    ]
+    assert hooks[0] == {
+        "hook": "build_model",
+        "has_db": True,
+        "state_dir": str(state),
+        "logger": "smocsd.job.autoencoder",
+    }
+    assert hooks[1]["rows"] == 3000 and hooks[2]["n"] == 3000
+    assert hooks[4]["metrics"] == {"n": 3000} and hooks[4]["eval"] == {"score": 0.5}
+    assert result["outcome"] == "promoted" and result["version"] == 7
+    assert result["metrics"] == {"n": 3000} and result["eval"] == {"score": 0.5}
+    assert result["model_meta"] == {"kind": "recording"}
+    # the very object printed is the one waiting in the outbox
+    waiting = json.loads(smocsd("outbox", "list", "--json", config=cfg_path, check=True).stdout)
+    assert waiting == [result]
+    # the job's state is kept for the next cycle: only new rows are seen
+    demo.write(state / "readings.db", 10)
+    smocsd("train-once", config=cfg_path, check=True)
+    hooks = [json.loads(line) for line in log.read_text().splitlines()]
+    assert hooks[-4]["rows"] == 10
+
+
+def test_a_failing_hook_is_published_as_failed_and_state_is_not_committed(tmp_path, plant):
+    state, _ = plant
+    log = tmp_path / "hooks.jsonl"
+    path = write_config(
+        tmp_path / "u.toml",
+        state,
+        training={"job": "userjob:RecordingJob"},
+        job={"log": str(log), "fail": "train"},
+    )
+    proc = smocsd("train-once", config=path)
+    assert proc.returncode == 1
+    result = json.loads(proc.stdout)
+    assert result["outcome"] == "failed"
+    assert result["error"] == "RuntimeError: boom in train_model"
+    assert "boom in train_model" in proc.stderr
+    assert [h["hook"] for h in map(json.loads, log.read_text().splitlines())][-1] == "train_model"
+    waiting = json.loads(smocsd("outbox", "list", "--json", config=path, check=True).stdout)
+    assert [m["outcome"] for m in waiting] == ["failed"]
+    # nothing was committed, so the next cycle sees the same rows again
+    path2 = write_config(
+        tmp_path / "u2.toml", state, training={"job": "userjob:RecordingJob"}, job={"log": str(log)}
+    )
+    smocsd("train-once", config=path2, check=True)
+    assert json.loads(log.read_text().splitlines()[-4])["rows"] == 3000
+
+
+def test_skipping_is_not_published(tmp_path, plant):
+    state, _ = plant
+    path = write_config(
+        tmp_path / "u.toml",
+        state,
+        training={"job": "userjob:RecordingJob"},
+        job={"log": str(tmp_path / "l"), "skip": True},
+    )
+    proc = smocsd("train-once", config=path, check=True)
+    assert json.loads(proc.stdout) == {"outcome": "skipped", "reason": "told to skip"}
+    assert json.loads(smocsd("outbox", "list", "--json", config=path).stdout) == []
+
+
+def test_gating_first_training_new_rows_and_interval(tmp_path, plant):
+    state, path = plant
+    cfg = load(path, training={"min_training_samples": 5000, "max_rows": 8000})
+    first = cycle(cfg)
+    assert first == {
+        "outcome": "skipped",
+        "reason": "3000 rows of 5000 needed for the first training",
+    }
+    assert cycle(cfg, force=True)["outcome"] == "skipped"  # --force keeps min_training_samples
+
+    cfg = load(path, training={"min_interval": 3600.0})
+    assert cycle(cfg)["outcome"] == "promoted"
+    assert cycle(cfg)["reason"].startswith("last training 0s ago, min_interval is 3600s")
+    cfg = load(path)  # min_interval 0
+    assert cycle(cfg)["reason"] == "0 new rows of 500 needed"
+    demo.write(state / "readings.db", 499)
+    assert cycle(cfg)["reason"] == "499 new rows of 500 needed"
+    assert cycle(cfg, force=True)["outcome"] in ("promoted", "rejected")
+    demo.write(state / "readings.db", 500)
+    assert cycle(cfg)["outcome"] in ("promoted", "rejected")
+
+
+def test_result_and_metadata_follow_the_contract(tmp_path, plant):
+    state, path = plant
+    result = cycle(load(path))
+    assert set(result) == {
+        "schema",
+        "message_id",
+        "device_id",
+        "model",
+        "version",
+        "outcome",
+        "timestamp",
+        "metrics",
+        "eval",
+        "model_meta",
+    }
+    assert result["schema"] == "smocsd.training-result/1"
+    assert result["device_id"] == "gw-test" and result["version"] == 1
+    meta = json.loads((state / "models/autoencoder/current/metadata.json").read_text())
+    assert meta == result["model_meta"]
+    assert meta["format"] == "smocsd.model/1" and meta["version"] == 1
+    assert meta["channels"] == ["temperature", "vibration", "current"]
+    assert meta["window_size"] == 10 and meta["stride"] == 1
+    assert meta["input_name"] == "input" and meta["output_name"] == "reconstruction"
+    assert meta["data"]["rows"] == 3000 and meta["data"]["last_order"] == 3000
+    assert meta["data"]["windows"] == 3000 - 10 + 1
+    assert set(meta["metrics"]) >= {"train_loss", "val_loss", "epochs_run", "duration_s"}
+    assert set(meta["eval"]) >= {"val_score_p50", "val_score_p99", "previous_val_loss"}
+    onnx_file = state / "models/autoencoder/v000001/model.onnx"
+    assert meta["files"]["model.onnx"] == {
+        "sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
+        "bytes": onnx_file.stat().st_size,
+    }
+    assert meta["threshold"] == pytest.approx(meta["eval"]["val_score_p99"])
+
+
+def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant):
+    """Scores unseen plant data using only metadata.json, model.onnx and onnxruntime."""
+    import onnxruntime as ort
+
+    state, path = plant
+    demo.write(state / "readings.db", 27000)
+    cfg = load(path, training={"max_rows": 30000, "epochs": 8})
+    assert cycle(cfg, force=True)["outcome"] == "promoted"
+    model_dir = state / "models/autoencoder/current"
+    meta = json.loads((model_dir / "metadata.json").read_text())
+
+    fresh = demo.simulate(20000, start_index=40000, seed=99)
+    x = np.column_stack([fresh[c] for c in meta["channels"]])
+    z = ((x - meta["normalization"]["mean"]) / meta["normalization"]["scale"]).astype(np.float32)
+    w = meta["window_size"]
+    windows = np.lib.stride_tricks.sliding_window_view(z, (w, z.shape[1]))[:, 0].reshape(-1, w * 3)
+    session = ort.InferenceSession(str(model_dir / "model.onnx"))
+    recon = session.run([meta["output_name"]], {meta["input_name"]: windows})[0]
+    scores = ((recon - windows) ** 2).mean(axis=1)
+    flagged = scores > meta["threshold"]
+    anomalous = np.lib.stride_tricks.sliding_window_view(fresh["label"], w).max(axis=1) == 1
+    assert anomalous.sum() > 50
+    recall = flagged[anomalous].mean()
+    false_alarms = flagged[~anomalous].mean()
+    assert recall > 0.5, recall
+    assert false_alarms < 0.05, false_alarms
+
+
+def test_if_better_rejects_a_worse_model_and_keeps_current(tmp_path, plant):
+    state, path = plant
+    good = load(path, training={"backend": "numpy", "epochs": 10})
+    assert cycle(good)["outcome"] == "promoted"
+    # a model from another backend (cold start) with a single, tiny step is worse
+    worse = load(path, training={"backend": "ort", "epochs": 1, "learning_rate": 1e-6})
+    result = cycle(worse, force=True)
+    assert result["outcome"] == "rejected", result
+    assert result["eval"]["previous_val_loss"] < result["eval"]["val_loss"]
+    store = ModelStore(state / "models/autoencoder", 5)
+    assert store.current() == 1 and store.versions() == [1, 2]
+    always = load(
+        path,
+        training={"backend": "ort", "epochs": 1, "learning_rate": 1e-6},
+        model={"promote": "always"},
+    )
+    assert cycle(always, force=True)["outcome"] == "promoted"
+    assert store.current() == 3
+
+
+def test_bad_rows_never_reach_training_and_are_reported(tmp_path, plant, caplog):
+    state, path = plant
+    conn = sqlite3.connect(state / "readings.db")
+    conn.execute("UPDATE readings SET temperature = NULL WHERE id % 100 = 0")
+    conn.execute("UPDATE readings SET vibration = 'n/a' WHERE id = 1501")
+    conn.commit()
+    conn.close()
+    result = cycle(load(path))
+    assert result["outcome"] == "promoted"
+    assert result["model_meta"]["data"]["dropped_rows"] == 31
+    assert "31 of 3000 rows have NULL, NaN, inf or non-numeric values" in caplog.text
+    assert np.isfinite(result["metrics"]["val_loss"])
+
+
+def test_a_channel_without_values_fails_with_a_clear_error(tmp_path, plant):
+    state, path = plant
+    conn = sqlite3.connect(state / "readings.db")
+    conn.execute("UPDATE readings SET current = NULL")
+    conn.commit()
+    conn.close()
+    result = cycle(load(path))
+    assert result["outcome"] == "failed"
+    assert result["error"] == "DataError: channel(s) current have no valid value in the rows read"
+
+
+def test_a_missing_database_fails_the_cycle_with_one_line(tmp_path):
+    path = write_config(tmp_path / "c.toml", tmp_path / "state")
+    proc = smocsd("train-once", config=path)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"].endswith("readings.db: no such database file")
+
+
+def test_training_job_is_exported_with_the_five_hooks():
+    hooks = {"build_model", "get_training_data", "train_model", "eval_model", "save_model"}
+    assert TrainingJob.__abstractmethods__ == hooks

@@ -1,0 +1,114 @@
+"""`smocsd run`: ticks, survives failing cycles, stops on SIGTERM mid-training, reloads on SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import smocsd, write_config
+
+from smocsd import demo
+
+
+class Running:
+    """A `smocsd run` subprocess whose stderr is collected in a file."""
+
+    def __init__(self, config: Path, log: Path):
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "smocsd", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, fragment: str, timeout: float = 60, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while self.text().count(fragment) < count:
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no {fragment!r} in:\n{self.text()}"
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def running():
+    started: list[Running] = []
+
+    def start(config: Path, log: Path) -> Running:
+        started.append(Running(config, log))
+        return started[-1]
+
+    yield start
+    for r in started:
+        r.close()
+
+
+def test_a_failing_cycle_never_kills_the_daemon(tmp_path, running):
+    state = tmp_path / "state"
+    cfg = write_config(tmp_path / "c.toml", state, daemon={"check_interval": "0.3s"})
+    d = running(cfg, tmp_path / "log")
+    d.wait_for("no such database file", count=2)  # the database is not there yet: failed, twice
+    demo.write(state / "readings.db", 3000)  # ... and then it is
+    d.wait_for("promoted v1")
+    assert d.stop() == 0
+    outcomes = [
+        m["outcome"]
+        for m in json.loads(smocsd("outbox", "list", "--json", config=cfg, check=True).stdout)
+    ]
+    assert outcomes.count("failed") >= 2 and outcomes[-1] == "promoted"
+    status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
+    assert status["current_version"] == 1 and status["outbox_depth"] == len(outcomes)
+
+
+def test_sigterm_mid_training_exits_cleanly_and_promotes_nothing(tmp_path, running):
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    cfg = write_config(
+        tmp_path / "c.toml", state, training={"epochs": 10000, "patience": 10000, "batch_size": 8}
+    )
+    d = running(cfg, tmp_path / "log")
+    d.wait_for("epoch 2/10000")
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 5
+    assert "stopped mid-training; nothing was promoted" in d.text()
+    models = state / "models" / "autoencoder"
+    assert sorted(p.name for p in models.iterdir()) == [".last_version", ".lock"]
+    assert json.loads(smocsd("outbox", "list", "--json", config=cfg).stdout) == []
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_path, running):
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    cfg = write_config(tmp_path / "c.toml", state, daemon={"check_interval": "0.5s"})
+    good = cfg.read_text()
+    d = running(cfg, tmp_path / "log")
+    d.wait_for("promoted v1")
+    cfg.write_text(good + "\n[bogus]\n")
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for("reload refused, keeping the running config")
+    assert f"{cfg}: bogus: unknown section" in d.text()
+    d.wait_for("skipped", count=2)  # still ticking on the old config
+    cfg.write_text(good.replace("min_new_samples = 500", "min_new_samples = 7"))
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for(f"configuration reloaded from {cfg}")
+    d.wait_for("0 new rows of 7 needed")
+    assert d.stop() == 0

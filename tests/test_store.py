@@ -1,0 +1,70 @@
+"""The model store: atomic versions, the current pointer, retention, rollback, recovery."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from smocsd.store import ModelStore, StoreError
+
+
+def build(store: ModelStore, promote: bool = True, payload: bytes = b"m") -> int:
+    version, staging = store.allocate()
+    (staging / "model.onnx").write_bytes(payload)
+    store.commit(version, staging, promote=promote)
+    return version
+
+
+def test_versions_grow_and_current_moves(tmp_path):
+    store = ModelStore(tmp_path / "m", keep_versions=3)
+    assert store.current() is None
+    assert [build(store) for _ in range(3)] == [1, 2, 3]
+    assert store.current() == 3
+    assert os.readlink(tmp_path / "m" / "current") == "v000003"
+    assert (tmp_path / "m" / "current" / "model.onnx").read_bytes() == b"m"
+
+
+def test_a_rejected_version_is_kept_but_not_current(tmp_path):
+    store = ModelStore(tmp_path / "m", keep_versions=3)
+    build(store)
+    assert build(store, promote=False) == 2
+    assert store.current() == 1 and store.versions() == [1, 2]
+
+
+def test_retention_never_deletes_current_and_numbers_never_repeat(tmp_path):
+    store = ModelStore(tmp_path / "m", keep_versions=2)
+    build(store)
+    for _ in range(4):
+        build(store, promote=False)
+    assert store.current() == 1
+    assert store.versions() == [1, 4, 5]
+    # even when every numbered directory is gone, numbers only grow
+    for v in (4, 5):
+        os.rename(store.path(v), tmp_path / f"gone{v}")
+    assert build(store) == 6
+
+
+def test_rollback(tmp_path):
+    store = ModelStore(tmp_path / "m", keep_versions=5)
+    for _ in range(3):
+        build(store)
+    assert store.rollback() == 2
+    assert store.current() == 2
+    assert store.rollback(3) == 3
+    with pytest.raises(StoreError, match="not kept"):
+        store.rollback(9)
+    store.rollback(1)
+    with pytest.raises(StoreError, match="no older"):
+        store.rollback()
+
+
+def test_recover_removes_what_a_crash_leaves(tmp_path):
+    store = ModelStore(tmp_path / "m", keep_versions=5)
+    build(store)
+    _, staging = store.allocate()
+    (staging / "model.onnx").write_bytes(b"half")
+    os.symlink("v000001", tmp_path / "m" / ".tmp-current")
+    assert sorted(store.recover()) == [".tmp-current", ".tmp-v000002"]
+    assert store.versions() == [1] and store.current() == 1
+    assert build(store) == 3

@@ -1,0 +1,48 @@
+"""User TrainingJobs for the tests, loaded as training.job = "userjob:ClassName"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from smocsd import TrainingJob
+
+
+class RecordingJob(TrainingJob):
+    """Appends each hook's name (and what it was given) to job_options["log"]."""
+
+    def _record(self, event: str, **detail) -> None:
+        with Path(self.config.job_options["log"]).open("a") as f:
+            f.write(json.dumps({"hook": event, **detail}) + "\n")
+
+    def build_model(self) -> None:
+        self._record(
+            "build_model",
+            has_db=self.db_manager is not None,
+            state_dir=str(self.state_dir),
+            logger=self.logger.name,
+        )
+
+    def get_training_data(self):
+        rows = self.db_manager.count_after(self.state.get("seen"))
+        self._record("get_training_data", rows=rows)
+        if self.config.job_options.get("skip"):
+            self.skip_reason = "told to skip"
+            return None
+        return list(range(rows))
+
+    def train_model(self, data) -> dict:
+        self._record("train_model", n=len(data))
+        if self.config.job_options.get("fail") == "train":
+            raise RuntimeError("boom in train_model")
+        self.trained = len(data)
+        return {"n": self.trained}
+
+    def eval_model(self) -> dict:
+        self._record("eval_model")
+        return {"score": 0.5}
+
+    def save_model(self, model_metrics: dict, eval_results: dict):
+        self._record("save_model", metrics=model_metrics, eval=eval_results)
+        self.state["seen"] = self.trained
+        return {"version": 7, "outcome": "promoted", "model_meta": {"kind": "recording"}}
