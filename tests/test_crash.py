@@ -50,7 +50,6 @@ def test_kill_9_at_random_instants_of_train_once(plant):
     started = time.monotonic()
     smocsd("train-once", "--force", config=cfg, check=True)
     duration = time.monotonic() - started
-    promoted = 1
     for _ in range(12):
         proc = subprocess.Popen(
             [sys.executable, "-m", "smocsd", "train-once", "--force", "--config", str(cfg)],
@@ -59,9 +58,7 @@ def test_kill_9_at_random_instants_of_train_once(plant):
         )
         time.sleep(rng.uniform(0.3, duration * 1.1))
         proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
-        if proc.returncode == 0:
-            promoted += 1
+        proc.wait()
         assert_current_is_whole(models)
     # the next run cleans up what the kills left and trains normally
     result = json.loads(smocsd("train-once", "--force", config=cfg, check=True).stdout)

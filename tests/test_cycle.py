@@ -42,7 +42,7 @@ def cycle(cfg, force=False):
 
 
 def test_user_job_hooks_run_in_order_and_their_results_are_published(tmp_path, plant):
-    state, path = plant
+    state, _ = plant
     log = tmp_path / "hooks.jsonl"
     cfg_path = write_config(
         tmp_path / "user.toml",

@@ -1,4 +1,4 @@
-"""`smocsd run`: ticks, survives failing cycles, stops on SIGTERM mid-training, reloads on SIGHUP."""
+"""`smocsd run`: survives failing cycles, stops on SIGTERM mid-training, reloads on SIGHUP."""
 
 from __future__ import annotations
 
