@@ -2,9 +2,8 @@
 (aarch64, Python >= 3.13). Same network, loss, optimizer and defaults as the ``ort`` backend;
 must not import ``onnxruntime.training``.
 
-``TrainSpec.threads`` has no per-call knob in numpy: BLAS threading follows
-``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` as set before numpy is imported. Training batches
-are far below the size at which BLAS goes multi-threaded; only validation batches may.
+``TrainSpec.threads`` caps BLAS threads through threadpoolctl for the duration of a fit, so
+numpy training is as polite to the gateway's other services as the ORT backend.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from smocsd.trainers import Fit, Progress, Trainer, TrainSpec, Windows
 from smocsd.trainers._common import check_inputs, load_warm_start, run_epochs
@@ -173,7 +173,8 @@ class NumpyTrainer(Trainer):
         )
         weights = warm or init_weights(spec.n_features, spec.hidden, spec.seed)
         net = Network(spec.n_features, spec.hidden, weights)
-        result = run_epochs(spec, train, val, progress, _NumpySession(net, spec.learning_rate))
+        with threadpool_limits(limits=spec.threads):
+            result = run_epochs(spec, train, val, progress, _NumpySession(net, spec.learning_rate))
         best = net.weights()
         np.savez(out_dir / CHECKPOINT, **best)
         onnx.save(build_model(spec.n_features, spec.hidden, best), out_dir / "model.onnx")
