@@ -1,0 +1,252 @@
+"""Delivery of results to Kafka, falling back to MQTT.
+
+A result counts as delivered only on the broker's acknowledgement: a Kafka delivery
+report without error (acks=all), or an MQTT PUBACK. Each sink opens its connection for
+one deliver() call and closes it afterwards, so nothing is left queued inside a client
+library to be lost at exit, and every attempt is bounded by the sink's `timeout`. What
+no sink acknowledged stays in the outbox for the next tick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import time
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from confluent_kafka import KafkaError, Producer
+
+from smocsd.config import ConfigError, KafkaConfig, MqttConfig, PublishConfig, read_secret
+
+log = logging.getLogger("smocsd.publish")
+
+# Kafka client errors that mean the credentials or the certificate were refused.
+_KAFKA_REFUSED = frozenset({
+    KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+})
+
+
+def _payload(message: dict) -> bytes:
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+
+
+class Sink(Protocol):
+    name: str
+
+    def send(self, messages: list[dict]) -> list[bool]:
+        """Per message, whether the broker acknowledged it. Logs one line on failure."""
+        ...
+
+
+class Publisher:
+    """Sends results down `publish.order`; see deliver()."""
+
+    def __init__(self, cfg: PublishConfig, device_id: str) -> None:
+        sinks: dict[str, Sink] = {
+            "kafka": KafkaSink(cfg.kafka, device_id),
+            "mqtt": MqttSink(cfg.mqtt, device_id),
+        }
+        self.sinks = [sinks[name] for name in cfg.order]
+
+    def deliver(self, messages: list[dict]) -> list[str | None]:
+        """The fallback chain: per message (oldest first), the name of the sink that
+        acknowledged it, or None if none did.
+
+        Each sink is tried once per call, with every message the sinks before it did not
+        take, so an outage costs one bounded attempt, not one per message. Never raises:
+        an undelivered result simply stays in the outbox.
+        """
+        taken: list[str | None] = [None] * len(messages)
+        for sink in self.sinks:
+            todo = [i for i, name in enumerate(taken) if name is None]
+            if not todo:
+                break
+            try:
+                acked = sink.send([messages[i] for i in todo])
+            except ConfigError as exc:  # an unreadable or unsafe secret file
+                log.error("%s: not sending: %s", sink.name, exc)
+                continue
+            except Exception:
+                log.exception("%s: unexpected error while sending", sink.name)
+                continue
+            for i, ok in zip(todo, acked, strict=True):
+                if ok:
+                    taken[i] = sink.name
+        return taken
+
+    def close(self) -> None:
+        """Nothing to release: each deliver() closes the connections it opened. Kept so
+        that owners can treat a Publisher like any other resource."""
+
+
+# ---------------------------------------------------------------------------- Kafka
+
+
+class _DebugLog:
+    """librdkafka's own log lines, demoted to DEBUG: the sink reports failures itself,
+    in one line per attempt, instead of librdkafka's line per reconnect."""
+
+    _log = logging.getLogger("smocsd.publish.librdkafka")
+
+    def log(self, _level: int, msg: str, *args: Any) -> None:
+        self._log.debug(msg, *args)
+
+
+class KafkaSink:
+    """An idempotent, acks=all producer per attempt; a message is delivered when its
+    delivery report says so, and whatever is still queued at the deadline is purged."""
+
+    name = "kafka"
+
+    def __init__(self, cfg: KafkaConfig, device_id: str) -> None:
+        self.cfg = cfg
+        self.client_id = f"smocsd-{device_id}"
+
+    def _config(self, on_error: Any) -> dict[str, Any]:
+        timeout_ms = max(1, int(self.cfg.timeout * 1000))
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.cfg.bootstrap_servers,
+            "client.id": self.client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 5,
+            "message.timeout.ms": timeout_ms,
+            "request.timeout.ms": timeout_ms,
+            "socket.connection.setup.timeout.ms": timeout_ms,
+            "error_cb": on_error,
+            "logger": _DebugLog(),
+        }
+        cfg = self.cfg
+        if cfg.security_protocol:
+            conf["security.protocol"] = cfg.security_protocol
+        if cfg.ssl_ca_location:
+            conf["ssl.ca.location"] = str(cfg.ssl_ca_location)
+        if cfg.sasl_mechanism:
+            conf["sasl.mechanism"] = cfg.sasl_mechanism
+        if cfg.sasl_username:
+            conf["sasl.username"] = cfg.sasl_username
+        password = read_secret(cfg.sasl_password_file, "kafka-password")
+        if password is not None:
+            conf["sasl.password"] = password
+        return conf
+
+    def send(self, messages: list[dict]) -> list[bool]:
+        client_errors: list[KafkaError] = []
+        report_errors: list[KafkaError] = []
+        acked = [False] * len(messages)
+
+        def on_delivery(i: int) -> Any:
+            def report(err: KafkaError | None, _msg: object) -> None:
+                if err is None:
+                    acked[i] = True
+                else:
+                    report_errors.append(err)
+            return report
+
+        deadline = time.monotonic() + self.cfg.timeout
+        producer = Producer(self._config(client_errors.append))
+        for i, message in enumerate(messages):
+            producer.produce(self.cfg.topic, value=_payload(message),
+                             key=f"{message['device_id']}/{message['model']}".encode(),
+                             on_delivery=on_delivery(i))
+        while producer.flush(0.1) > 0 and time.monotonic() < deadline:
+            if any(_hopeless(e) for e in client_errors):  # waiting longer cannot help
+                break
+        producer.purge()  # nothing may linger and be sent after we gave up on it
+        producer.flush(1.0)  # serves the purged messages' reports
+        if not all(acked):
+            self._log_failure(acked, client_errors + report_errors)
+        return acked
+
+    def _log_failure(self, acked: list[bool], errors: list[KafkaError]) -> None:
+        refused = [e for e in errors if e.code() in _KAFKA_REFUSED]
+        reason = (refused or errors)[0].str() if errors else "no delivery report in time"
+        log.log(logging.ERROR if refused else logging.WARNING,
+                "kafka %s %s: %d of %d result(s) not delivered: %s", self.cfg.bootstrap_servers,
+                "refused the client" if refused else "unreachable or failing",
+                acked.count(False), len(acked), reason)
+
+
+def _hopeless(err: KafkaError) -> bool:
+    return err.fatal() or err.code() in _KAFKA_REFUSED or err.code() == KafkaError._ALL_BROKERS_DOWN
+
+
+# ---------------------------------------------------------------------------- MQTT
+
+
+class MqttSink:
+    """One MQTT session per attempt: connect (TLS, username/password), publish with the
+    configured QoS, wait for the PUBACKs until the deadline, disconnect."""
+
+    name = "mqtt"
+
+    def __init__(self, cfg: MqttConfig, device_id: str) -> None:
+        self.cfg = cfg
+        self.client_id = f"smocsd-{device_id}"  # stable, so broker logs and ACLs can name it
+
+    def _client(self) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             clean_session=True, protocol=mqtt.MQTTv311)
+        password = read_secret(self.cfg.password_file, "mqtt-password")
+        if self.cfg.username is not None:
+            client.username_pw_set(self.cfg.username, password)
+        if self.cfg.tls:
+            client.tls_set(ca_certs=str(self.cfg.ca_file) if self.cfg.ca_file else None)
+        return client
+
+    def send(self, messages: list[dict]) -> list[bool]:
+        cfg = self.cfg
+        where = f"{cfg.host}:{cfg.port}"
+        deadline = time.monotonic() + cfg.timeout
+        client = self._client()
+        client.connect_timeout = cfg.timeout  # TCP connect and TLS handshake
+        connack: list[Any] = []
+        client.on_connect = lambda _c, _u, _flags, reason, _props: connack.append(reason)
+
+        def pump() -> bool:
+            """Run the network loop briefly; False once the connection is gone."""
+            return client.loop(0.05) == mqtt.MQTT_ERR_SUCCESS
+
+        try:
+            client.connect(cfg.host, cfg.port, keepalive=max(10, int(cfg.timeout) * 2))
+        except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
+            log.warning("mqtt %s unreachable: %d result(s) not delivered: %s",
+                        where, len(messages), exc)
+            return [False] * len(messages)
+        try:
+            while not connack and time.monotonic() < deadline and pump():
+                pass
+            if not connack or connack[0].is_failure:
+                refused = bool(connack)
+                log.log(logging.ERROR if refused else logging.WARNING,
+                        "mqtt %s %s: %d result(s) not delivered: %s", where,
+                        "refused the connection" if refused else "did not answer",
+                        len(messages), connack[0] if refused else "no CONNACK before the timeout")
+                return [False] * len(messages)
+            infos = [
+                client.publish(cfg.topic.replace("{device_id}", m["device_id"]), _payload(m),
+                               qos=cfg.qos)
+                for m in messages
+            ]
+            while (not all(_published(i) for i in infos) and time.monotonic() < deadline
+                   and pump()):
+                pass
+            acked = [_published(i) for i in infos]
+            if not all(acked):
+                log.warning("mqtt %s: %d of %d result(s) not acknowledged before the timeout "
+                            "or the connection was lost", where, acked.count(False), len(acked))
+            return acked
+        finally:
+            client.disconnect()
+
+
+def _published(info: Any) -> bool:
+    """Whether the broker acknowledged (QoS 1: PUBACK) the message behind `info`."""
+    try:
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):  # paho's way to say it was never queued
+        return False

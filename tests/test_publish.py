@@ -1,0 +1,309 @@
+"""Publishing against real servers: Kafka first, MQTT as fallback, the outbox for the rest.
+
+Every check reads back with a real consumer what the brokers stored.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from services import CertificateAuthority, Kafka, Mosquitto
+
+from smocsd.config import KafkaConfig, MqttConfig, PublishConfig
+from smocsd.outbox import Outbox
+from smocsd.publish import Publisher
+
+DEVICE = "gw-test"
+MQTT_TOPIC = "smocsd/{device_id}/training-results"
+TIMEOUT = 3.0  # seconds per sink and attempt; short to keep the outage tests quick
+
+
+def result(n: int = 0) -> dict:
+    return {"schema": "smocsd.training-result/1", "message_id": str(uuid.uuid4()),
+            "device_id": DEVICE, "model": "autoencoder", "version": n + 1,
+            "outcome": "promoted", "timestamp": "2026-11-26T05:00:00Z",
+            "metrics": {"val_loss": 0.5 / (n + 1)}, "eval": {"val_score_p99": 0.1},
+            "model_meta": {"backend": "numpy"}}
+
+
+def ids(messages: list[dict]) -> list[str]:
+    return [m["message_id"] for m in messages]
+
+
+def publish_config(kafka: Kafka, mosquitto: Mosquitto, topic: str,
+                   order: tuple[str, ...] = ("kafka", "mqtt")) -> PublishConfig:
+    return PublishConfig(
+        order=order,
+        kafka=KafkaConfig(bootstrap_servers=kafka.bootstrap, topic=topic, timeout=TIMEOUT),
+        mqtt=MqttConfig(host="127.0.0.1", port=mosquitto.port, topic=MQTT_TOPIC,
+                        timeout=TIMEOUT),
+    )
+
+
+def has_all(wanted: list[str]) -> Callable[[list], bool]:
+    """A stop condition for read-back: every wanted message_id has arrived."""
+    def check(records: list) -> bool:
+        return set(wanted) <= {_value(r)["message_id"] for r in records}
+    return check
+
+
+def _value(record: dict | tuple) -> dict:
+    return record["value"] if isinstance(record, dict) else record[1]
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"results-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Outbox:
+    return Outbox(tmp_path / "outbox.db")
+
+
+def test_result_reaches_kafka_with_key_and_schema(kafka: Kafka, mosquitto: Mosquitto,
+                                                 topic: str) -> None:
+    messages = [result(0), {**result(1), "model": "pump-7"}]
+    publisher = Publisher(publish_config(kafka, mosquitto, topic), DEVICE)
+    assert publisher.deliver(messages) == ["kafka", "kafka"]
+    records = kafka.messages(topic, has_all(ids(messages)))
+    assert [r["key"] for r in records] == ["gw-test/autoencoder", "gw-test/pump-7"]
+    assert [r["value"] for r in records] == messages
+
+
+@pytest.mark.timeout(180)
+def test_kafka_down_then_mqtt_then_outbox_then_recovery(
+        kafka: Kafka, mosquitto: Mosquitto, topic: str, outbox: Outbox) -> None:
+    publisher = Publisher(publish_config(kafka, mosquitto, topic), DEVICE)
+    first, via_mqtt, waiting = result(0), result(1), [result(2), result(3)]
+    with mosquitto.subscriber("smocsd/+/training-results") as sub:
+        outbox.put(first)
+        assert outbox.flush(publisher.deliver) == 1
+
+        kafka.stop()
+        outbox.put(via_mqtt)
+        assert outbox.flush(publisher.deliver) == 1
+        received = sub.messages(has_all([via_mqtt["message_id"]]))
+        assert received == [("smocsd/gw-test/training-results", via_mqtt)]
+
+        mosquitto.stop()
+        for m in waiting:
+            outbox.put(m)
+        assert outbox.flush(publisher.deliver) == 0  # returns, bounded by the timeouts
+        assert outbox.pending() == waiting
+
+        kafka.start()
+        mosquitto.start()
+        assert outbox.flush(publisher.deliver) == 2
+        assert len(outbox) == 0
+    records = kafka.messages(topic, has_all(ids([first, *waiting])))
+    assert [r["value"] for r in records] == [first, *waiting]
+
+
+@pytest.mark.timeout(180)
+def test_results_queued_during_outage_all_arrive(kafka: Kafka, mosquitto: Mosquitto,
+                                                 topic: str, outbox: Outbox) -> None:
+    publisher = Publisher(publish_config(kafka, mosquitto, topic), DEVICE)
+    messages = [result(i) for i in range(200)]
+    kafka.stop()
+    mosquitto.stop()
+    for i, m in enumerate(messages):
+        outbox.put(m)
+        if i % 50 == 0:  # the daemon's ticks keep trying during the outage
+            assert outbox.flush(publisher.deliver) == 0
+    assert len(outbox) == 200
+    kafka.start()
+    mosquitto.start()
+    assert outbox.flush(publisher.deliver) == 200
+    assert len(outbox) == 0
+    records = kafka.messages(topic, has_all(ids(messages)))
+    counts = collections.Counter(r["value"]["message_id"] for r in records)
+    assert set(counts) == set(ids(messages))
+    duplicates = sum(counts.values()) - len(counts)
+    assert duplicates == 0, f"{duplicates} duplicates (allowed by at-least-once, not expected)"
+
+
+def run_ticks(outbox: Outbox, publisher: Publisher, server: Kafka | Mosquitto,
+              first: int = 0) -> tuple[list[dict], collections.Counter[str | None]]:
+    """Tick like the daemon (put one result, flush the outbox) before, during and after
+    a restart of `server` (down for a second) in another thread. Returns the results
+    put and how many deliveries each sink took."""
+    sent: list[dict] = []
+    taken: collections.Counter[str | None] = collections.Counter()
+    failure: list[BaseException] = []
+
+    def restart() -> None:
+        try:
+            server.stop()
+            time.sleep(1)
+            server.start()
+        except BaseException as exc:
+            failure.append(exc)
+
+    def deliver(messages: list[dict]) -> list[str | None]:
+        sinks = publisher.deliver(messages)
+        taken.update(sinks)
+        return sinks
+
+    thread = threading.Thread(target=restart)
+    after = 0
+    while after < 5:
+        if len(sent) == 5:
+            thread.start()
+        elif len(sent) > 5 and not thread.is_alive():
+            after += 1
+        sent.append(result(first + len(sent)))
+        outbox.put(sent[-1])
+        outbox.flush(deliver)
+        time.sleep(0.05)
+    if failure:
+        raise failure[0]
+    return sent, taken
+
+
+@pytest.mark.timeout(300)
+def test_broker_restarts_in_the_middle_of_a_run(kafka: Kafka, mosquitto: Mosquitto,
+                                                topic: str, outbox: Outbox) -> None:
+    with mosquitto.subscriber("smocsd/+/training-results") as sub:
+        kafka_first = Publisher(publish_config(kafka, mosquitto, topic), DEVICE)
+        sent, taken = run_ticks(outbox, kafka_first, kafka)
+        assert taken["kafka"] >= 10 and taken["mqtt"] >= 1, taken
+        mqtt_first = Publisher(publish_config(kafka, mosquitto, topic, ("mqtt", "kafka")), DEVICE)
+        more, taken = run_ticks(outbox, mqtt_first, mosquitto, first=len(sent))
+        assert taken["mqtt"] >= 10 and taken["kafka"] >= 1, taken
+        sent += more
+        assert len(outbox) == 0
+        want = ids(sent)
+        arrived = [r["value"] for r in kafka.messages(topic, lambda _r: False, timeout=3)]
+        arrived += [p for _t, p in sub.messages(lambda got: set(want) <= set(
+            ids(arrived + [p for _, p in got])))]
+    counts = collections.Counter(ids(arrived))
+    assert set(counts) == set(want), f"{len(set(want) - set(counts))} results lost"
+    # Duplicates are allowed (at least once) but each one must be a whole copy.
+    by_id = {m["message_id"]: m for m in sent}
+    assert all(m == by_id[m["message_id"]] for m in arrived)
+
+
+# ---------------------------------------------------------------- authenticated, encrypted
+
+
+def secret_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / f"secret-{uuid.uuid4().hex[:6]}"
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def sasl_config(kafka: Kafka, ca: CertificateAuthority, topic: str, mechanism: str,
+                password_file: Path) -> PublishConfig:
+    return PublishConfig(order=("kafka",), kafka=KafkaConfig(
+        bootstrap_servers=kafka.sasl_bootstrap, topic=topic, security_protocol="SASL_SSL",
+        sasl_mechanism=mechanism, sasl_username=kafka.username,
+        sasl_password_file=password_file, ssl_ca_location=ca.ca_file, timeout=TIMEOUT))
+
+
+def tls_config(mosquitto: Mosquitto, ca: CertificateAuthority,
+               password_file: Path) -> PublishConfig:
+    return PublishConfig(order=("mqtt",), mqtt=MqttConfig(
+        host="localhost", port=mosquitto.tls_port, topic=MQTT_TOPIC, tls=True,
+        ca_file=ca.ca_file, username=mosquitto.username, password_file=password_file,
+        timeout=TIMEOUT))
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "PLAIN"])
+def test_kafka_sasl_ssl_delivers(kafka: Kafka, test_ca: CertificateAuthority, topic: str,
+                                 tmp_path: Path, mechanism: str) -> None:
+    cfg = sasl_config(kafka, test_ca, topic, mechanism, secret_file(tmp_path, kafka.password))
+    message = result()
+    assert Publisher(cfg, DEVICE).deliver([message]) == ["kafka"]
+    assert [r["value"] for r in kafka.messages(topic, has_all([message["message_id"]]))] == [
+        message]
+
+
+def test_kafka_wrong_password_is_refused_clearly(kafka: Kafka, test_ca: CertificateAuthority,
+                                                 topic: str, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cfg = sasl_config(kafka, test_ca, topic, "SCRAM-SHA-256", secret_file(tmp_path, "wrong"))
+    with caplog.at_level(logging.DEBUG, logger="smocsd.publish"):
+        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+    lines = [r for r in caplog.records
+             if r.name == "smocsd.publish" and r.levelno >= logging.WARNING]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.ERROR
+    text = lines[0].getMessage()
+    assert text.startswith(f"kafka {kafka.sasl_bootstrap} refused")
+    assert "Authentication failed" in text
+
+
+def test_mqtt_tls_with_password_delivers(mosquitto: Mosquitto, test_ca: CertificateAuthority,
+                                         tmp_path: Path) -> None:
+    cfg = tls_config(mosquitto, test_ca, secret_file(tmp_path, mosquitto.password))
+    message = result()
+    with mosquitto.subscriber("smocsd/+/training-results") as sub:
+        assert Publisher(cfg, DEVICE).deliver([message]) == ["mqtt"]
+        assert [p for _t, p in sub.messages(has_all([message["message_id"]]))] == [message]
+
+
+def test_mqtt_wrong_password_is_refused_clearly(mosquitto: Mosquitto,
+                                                test_ca: CertificateAuthority, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tls_config(mosquitto, test_ca, secret_file(tmp_path, "wrong"))
+    with caplog.at_level(logging.DEBUG, logger="smocsd.publish"):
+        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.name, r.levelno) for r in lines] == [("smocsd.publish", logging.ERROR)]
+    assert lines[0].getMessage().startswith(
+        f"mqtt localhost:{mosquitto.tls_port} refused the connection")
+    assert "Not authorized" in lines[0].getMessage()
+
+
+def test_mqtt_untrusted_certificate_is_refused(mosquitto: Mosquitto, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    other_ca = CertificateAuthority.create(tmp_path / "other-ca")
+    cfg = tls_config(mosquitto, other_ca, secret_file(tmp_path, mosquitto.password))
+    with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
+        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+    assert "certificate verify failed" in caplog.text
+
+
+# ---------------------------------------------------------------- never stalls, never raises
+
+
+@pytest.mark.timeout(60)
+def test_silent_brokers_cost_one_bounded_attempt_each(tmp_path: Path, topic: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Brokers that accept TCP connections but never answer (a hung host) make
+    deliver() give up after each sink's timeout, once per call however many results."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(100)
+        port = silent.getsockname()[1]
+        cfg = PublishConfig(
+            kafka=KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}", topic=topic, timeout=2),
+            mqtt=MqttConfig(host="127.0.0.1", port=port, timeout=2))
+        with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
+            assert Publisher(cfg, DEVICE).deliver([result(i) for i in range(50)]) == [None] * 50
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["kafka", "mqtt"]
+
+
+def test_unsafe_secret_file_is_reported_not_raised(tmp_path: Path, topic: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    readable = tmp_path / "kafka.pass"
+    readable.write_text("secret\n")
+    readable.chmod(0o644)
+    cfg = PublishConfig(order=("kafka",), kafka=KafkaConfig(
+        bootstrap_servers="127.0.0.1:9", topic=topic, security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN", sasl_username="u", sasl_password_file=readable))
+    with caplog.at_level(logging.ERROR, logger="smocsd.publish"):
+        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+    assert len(caplog.records) == 1
+    assert str(readable) in caplog.records[0].getMessage()
