@@ -1,0 +1,284 @@
+"""Debian 12 root file systems for testing the packages: a bootable amd64 one, run under
+systemd-nspawn as a real systemd, and an arm64 one, run under qemu-user.
+
+Each is built once by debootstrap from the machine's own Debian mirror and cached in
+$SMOCSD_TEST_CACHE (default ~/.cache/smocsd-tests); a test works on a throw-away overlay,
+so the cache stays clean. Needs root and Debian's debootstrap, systemd-container and
+qemu-user-static (for arm64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import build_deb
+
+CACHE = Path(os.environ.get("SMOCSD_TEST_CACHE", Path.home() / ".cache" / "smocsd-tests"))
+SUITE = "bookworm"
+# What a minimal gateway has, plus what the package depends on; nothing of smocsd's own
+# Python stack, which the package must bring.
+PACKAGES = {
+    "amd64": ("systemd", "systemd-sysv", "dbus", "python3", "libpq5", "adduser", "procps"),
+    "arm64": ("python3", "libpq5"),
+}
+QEMU = Path("/usr/bin/qemu-aarch64-static")
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SYSTEMD_PAGER": ""}
+
+
+class TestbedError(Exception):
+    """Something the tests need could not be set up (tool missing, boot failed...)."""
+
+
+def missing_tools(arch: str) -> list[str]:
+    """Tools (with their Debian packages) that this host lacks for arch's testbed."""
+    tools = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container"}
+    if arch == "amd64":
+        tools["nsenter"] = "util-linux"
+    else:
+        tools[str(QEMU)] = "qemu-user-static"
+    missing = [f"{tool} ({pkg})" for tool, pkg in tools.items() if not shutil.which(tool)]
+    if os.geteuid() != 0:
+        missing.append("root")
+    return missing
+
+
+def debian_mirror() -> str:
+    """The first Debian archive this machine's apt uses (not the security one)."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        if not path.is_file() or path.suffix not in ("", ".list", ".sources"):
+            continue
+        text = path.read_text(errors="replace")
+        uris = re.findall(r"^\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+" + SUITE + r"\s", text, re.M)
+        uris += re.findall(r"^URIs:\s*(\S+)", text, re.M)
+        for uri in uris:
+            if "security" not in uri and "debian" in uri:
+                return uri
+    return "http://deb.debian.org/debian"
+
+
+def _run(*cmd: str | Path, **kw) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            [str(c) for c in cmd], check=True, capture_output=True, text=True, **kw
+        )
+    except subprocess.CalledProcessError as exc:
+        raise TestbedError(f"{' '.join(map(str, cmd))} failed:\n{exc.stdout}{exc.stderr}") from exc
+
+
+def rootfs(arch: str) -> Path:
+    """The cached rootfs for arch, built first if missing or made from another recipe."""
+    mirror = debian_mirror()
+    recipe = f"{SUITE} {arch} {mirror} {' '.join(PACKAGES[arch])}\n"
+    path = CACHE / f"rootfs-{SUITE}-{arch}"
+    stamp = path / ".smocsd-testbed"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / f".rootfs-{arch}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == recipe:
+            return path
+        work = Path(tempfile.mkdtemp(prefix=f".rootfs-{arch}-", dir=CACHE))
+        try:
+            _debootstrap(arch, mirror, work / "root")
+            (work / "root" / stamp.name).write_text(recipe)
+            if path.exists():
+                shutil.rmtree(path)
+            (work / "root").rename(path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def _debootstrap(arch: str, mirror: str, target: Path) -> None:
+    include = "--include=" + ",".join(PACKAGES[arch])
+    if arch == "amd64":
+        _run("debootstrap", "--variant=minbase", include, SUITE, target, mirror)
+        return
+    # A foreign architecture: debootstrap's second stage would run arm64 maintainer
+    # scripts, which needs binfmt_misc registered system-wide. Running Python needs only
+    # the files, so unpack every downloaded package instead, and call qemu explicitly.
+    _run(
+        "debootstrap",
+        "--arch=arm64",
+        "--foreign",
+        "--variant=minbase",
+        include,
+        SUITE,
+        target,
+        mirror,
+    )
+    for deb in sorted((target / "var/cache/apt/archives").glob("*.deb")):
+        _run("dpkg-deb", "--extract", deb, target)
+        deb.unlink()
+    shutil.copy2(QEMU, target / "usr/bin" / QEMU.name)
+
+
+@contextlib.contextmanager
+def overlay(lower: Path) -> Iterator[Path]:
+    """A writable overlay over lower; everything written goes away on exit."""
+    with tempfile.TemporaryDirectory(prefix="smocsd-overlay-") as tmp:
+        upper, work, merged = (Path(tmp) / d for d in ("upper", "work", "merged"))
+        for d in (upper, work, merged):
+            d.mkdir()
+        _run(
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={lower},upperdir={upper},workdir={work}",
+            merged,
+        )
+        try:
+            yield merged
+        finally:
+            subprocess.run(["umount", "--lazy", str(merged)], check=False)
+
+
+class Container:
+    """A booted systemd in a rootfs, without network, driven by nsenter."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self.root = root
+        self.log = log
+        self._proc: subprocess.Popen | None = None
+        self.pid = 0
+
+    def __enter__(self) -> Container:
+        with self.log.open("wb") as out:
+            self._proc = subprocess.Popen(
+                [
+                    "systemd-nspawn",
+                    "--quiet",
+                    "--directory",
+                    str(self.root),
+                    "--boot",
+                    "--console=pipe",
+                    "--register=no",
+                    "--keep-unit",
+                    "--private-network",
+                    f"--machine=smocsd-test-{os.getpid()}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            self.pid = self._init_pid()
+            self._wait_booted()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _init_pid(self) -> int:
+        assert self._proc is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise TestbedError(
+                    f"systemd-nspawn exited {self._proc.returncode}: "
+                    f"{self.log.read_text(errors='replace')[-3000:]}"
+                )
+            children = Path(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children")
+            with contextlib.suppress(OSError):
+                pids = children.read_text().split()
+                if pids:
+                    return int(pids[0])
+            time.sleep(0.1)
+        raise TestbedError("systemd-nspawn started no init")
+
+    def _wait_booted(self) -> None:
+        deadline = time.monotonic() + 90
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.5)
+        raise TestbedError(
+            f"container did not boot (state {state!r}): "
+            f"{self.log.read_text(errors='replace')[-3000:]}"
+        )
+
+    def run(
+        self, *cmd: str, check: bool = True, input: str | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
+        """cmd inside the container, as root, with a clean environment."""
+        proc = subprocess.run(
+            [
+                "nsenter",
+                "--target",
+                str(self.pid),
+                "--all",
+                "--root",
+                "--wd",
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in ENV.items()),
+                *cmd,
+            ],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+            )
+        return proc
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        # SIGTERM makes nspawn ask the container's systemd to power off.
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def run_arm64(root: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """cmd (an arm64 program and its arguments) in the arm64 rootfs under qemu-user.
+
+    nspawn gives it /proc and /sys, which ONNX Runtime's CPU detection reads; the program
+    is started through qemu explicitly, so no binfmt_misc registration is needed."""
+    return subprocess.run(
+        [
+            "systemd-nspawn",
+            "--quiet",
+            "--directory",
+            str(root),
+            "--register=no",
+            "--keep-unit",
+            "--private-network",
+            "--setenv=LANG=C.UTF-8",
+            f"/usr/bin/{QEMU.name}",
+            *cmd,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@functools.cache
+def package(arch: str, out: Path, version: str | None = None) -> Path:
+    """A package built by packaging/build_deb.py into out (quick compression), once per
+    process for the same arguments, so test modules share it."""
+    return build_deb.build(arch, out, version, fast=True)
