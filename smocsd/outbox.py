@@ -135,9 +135,10 @@ class Outbox:
     @contextlib.contextmanager
     def _flush_lock(self) -> Iterator[None]:
         """Serialize flushes across processes, so the daemon's tick and `outbox flush`
-        do not send the same results twice. flock() on the database file itself: on
-        Linux it is independent of the fcntl() locks SQLite takes on that file."""
-        fd = os.open(self.path, os.O_RDONLY)
+        do not send the same results twice. The lock is a file of its own: closing any
+        other descriptor of the database file would drop SQLite's POSIX locks on it."""
+        fd = os.open(self.path.with_name(self.path.name + ".flush-lock"),
+                     os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

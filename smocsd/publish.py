@@ -16,7 +16,7 @@ import time
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from smocsd.config import ConfigError, KafkaConfig, MqttConfig, PublishConfig, read_secret
 
@@ -148,11 +148,21 @@ class KafkaSink:
             return report
 
         deadline = time.monotonic() + self.cfg.timeout
-        producer = Producer(self._config(client_errors.append))
+        try:
+            producer = Producer(self._config(client_errors.append))
+        except KafkaException as exc:  # e.g. an unreadable ssl_ca_location
+            log.error("kafka %s: cannot create a producer: %s", self.cfg.bootstrap_servers,
+                      exc.args[0].str())
+            return acked
         for i, message in enumerate(messages):
-            producer.produce(self.cfg.topic, value=_payload(message),
-                             key=f"{message['device_id']}/{message['model']}".encode(),
-                             on_delivery=on_delivery(i))
+            try:
+                producer.produce(self.cfg.topic, value=_payload(message),
+                                 key=f"{message['device_id']}/{message['model']}".encode(),
+                                 on_delivery=on_delivery(i))
+            except KafkaException as exc:  # e.g. too large: the others still go
+                report_errors.append(exc.args[0])
+            except BufferError as exc:  # the local queue is full: the rest waits for a tick
+                report_errors.append(KafkaError(KafkaError._QUEUE_FULL, str(exc)))
         while producer.flush(0.1) > 0 and time.monotonic() < deadline:
             if any(_hopeless(e) for e in client_errors):  # waiting longer cannot help
                 break
@@ -202,7 +212,11 @@ class MqttSink:
         cfg = self.cfg
         where = f"{cfg.host}:{cfg.port}"
         deadline = time.monotonic() + cfg.timeout
-        client = self._client()
+        try:
+            client = self._client()
+        except (OSError, ValueError) as exc:  # ca_file missing or not a certificate
+            log.error("mqtt %s: cannot set up TLS with ca_file %s: %s", where, cfg.ca_file, exc)
+            return [False] * len(messages)
         client.connect_timeout = cfg.timeout  # TCP connect and TLS handshake
         connack: list[Any] = []
         client.on_connect = lambda _c, _u, _flags, reason, _props: connack.append(reason)
@@ -213,7 +227,11 @@ class MqttSink:
 
         try:
             client.connect(cfg.host, cfg.port, keepalive=max(10, int(cfg.timeout) * 2))
-        except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
+        except ssl.SSLError as exc:  # an untrusted or mismatched certificate: fix the config
+            log.error("mqtt %s TLS handshake failed: %d result(s) not delivered: %s",
+                      where, len(messages), exc)
+            return [False] * len(messages)
+        except OSError as exc:
             log.warning("mqtt %s unreachable: %d result(s) not delivered: %s",
                         where, len(messages), exc)
             return [False] * len(messages)

@@ -270,7 +270,22 @@ def test_mqtt_untrusted_certificate_is_refused(mosquitto: Mosquitto, tmp_path: P
     cfg = tls_config(mosquitto, other_ca, secret_file(tmp_path, mosquitto.password))
     with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
         assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert "TLS handshake failed" in caplog.text
     assert "certificate verify failed" in caplog.text
+
+
+def test_a_message_kafka_rejects_goes_to_mqtt_alone(kafka: Kafka, mosquitto: Mosquitto,
+                                                     topic: str) -> None:
+    """The chain is per message: one result Kafka refuses (too large) takes the MQTT
+    path, its neighbours still go to Kafka."""
+    small, big, last = result(0), {**result(1), "model_meta": {"blob": "x" * 2_000_000}}, result(2)
+    publisher = Publisher(publish_config(kafka, mosquitto, topic), DEVICE)
+    with mosquitto.subscriber("smocsd/+/training-results") as sub:
+        assert publisher.deliver([small, big, last]) == ["kafka", "mqtt", "kafka"]
+        assert [p for _t, p in sub.messages(has_all([big["message_id"]]))] == [big]
+    assert [r["value"] for r in kafka.messages(topic, has_all(ids([small, last])))] == [
+        small, last]
 
 
 # ---------------------------------------------------------------- never stalls, never raises
@@ -307,3 +322,17 @@ def test_unsafe_secret_file_is_reported_not_raised(tmp_path: Path, topic: str,
         assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
     assert len(caplog.records) == 1
     assert str(readable) in caplog.records[0].getMessage()
+
+
+def test_missing_ca_files_are_reported_not_raised(tmp_path: Path, topic: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    missing = tmp_path / "no-such-ca.pem"
+    cfg = PublishConfig(
+        kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9", topic=topic, security_protocol="SSL",
+                          ssl_ca_location=missing),
+        mqtt=MqttConfig(host="127.0.0.1", port=9, tls=True, ca_file=missing))
+    with caplog.at_level(logging.ERROR, logger="smocsd.publish"):
+        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["kafka", "mqtt"]
+    assert all("ca" in r.getMessage() for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records)
