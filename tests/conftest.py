@@ -97,7 +97,8 @@ def mosquitto(mosquitto_server: Mosquitto) -> Mosquitto:
 
 @pytest.fixture
 def postgres(postgres_server: Postgres) -> Postgres:
-    """PostgreSQL, running: `dsn` (no password in it) + `password` for role `user` on
-    database `dbname`, `admin(*sql, dbname=...)` as superuser, `stop()/start()/restart()`."""
+    """PostgreSQL, running: `dsn` (no password in it) + `password` for role `user`, owner
+    of database `dbname`; `connect()` as that user, `admin(*sql, dbname=...)` as superuser,
+    `stop()/start()/restart()`."""
     postgres_server.start()
     return postgres_server

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 KAFKA_VERSION = os.environ.get("SMOCSD_KAFKA_VERSION", "4.1.1")
 CACHE = Path(os.environ.get("SMOCSD_TEST_CACHE", Path.home() / ".cache" / "smocsd-tests"))
@@ -466,6 +467,13 @@ class Postgres(Server):
         except psycopg.OperationalError:
             return False
         return True
+
+    def connect(self) -> Any:
+        """A psycopg connection (autocommit) as `user`, the owner of `dbname`: the way to
+        create and fill the tables a test reads."""
+        import psycopg
+
+        return psycopg.connect(self.dsn, password=self.password, autocommit=True)
 
     def admin(self, *statements: str, dbname: str = "postgres") -> None:
         """Run statements as the superuser (autocommit), e.g. to create tables."""
