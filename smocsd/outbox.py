@@ -84,9 +84,11 @@ class Outbox:
                 db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
                            (len(dropped),))
         if excess > 0:
+            named = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more"
+                                              if len(dropped) > 5 else "")
             log.error("outbox %s full (%d results): dropped the %d oldest undelivered "
                       "result(s) %s; the count goes out with the next delivered result",
-                      self.path, self.max_messages, len(dropped), ", ".join(dropped))
+                      self.path, self.max_messages, len(dropped), named)
 
     def _rows(self, limit: int | None) -> list[tuple[int, dict]]:
         rows = self._db.execute("SELECT seq, body FROM messages ORDER BY seq LIMIT ?",

@@ -116,7 +116,7 @@ class KafkaSink:
             "linger.ms": 5,
             "message.timeout.ms": timeout_ms,
             "request.timeout.ms": timeout_ms,
-            "socket.connection.setup.timeout.ms": timeout_ms,
+            "socket.connection.setup.timeout.ms": max(1000, timeout_ms),  # its minimum
             "error_cb": on_error,
             "logger": _DebugLog(),
         }
@@ -164,7 +164,7 @@ class KafkaSink:
             except BufferError as exc:  # the local queue is full: the rest waits for a tick
                 report_errors.append(KafkaError(KafkaError._QUEUE_FULL, str(exc)))
         while producer.flush(0.1) > 0 and time.monotonic() < deadline:
-            if any(_hopeless(e) for e in client_errors):  # waiting longer cannot help
+            if _hopeless(client_errors):
                 break
         producer.purge()  # nothing may linger and be sent after we gave up on it
         producer.flush(1.0)  # serves the purged messages' reports
@@ -181,8 +181,14 @@ class KafkaSink:
                 acked.count(False), len(acked), reason)
 
 
-def _hopeless(err: KafkaError) -> bool:
-    return err.fatal() or err.code() in _KAFKA_REFUSED or err.code() == KafkaError._ALL_BROKERS_DOWN
+def _hopeless(errors: list[KafkaError]) -> bool:
+    """Whether waiting longer in this attempt cannot help: refused credentials, a fatal
+    producer error, or no broker reachable. librdkafka reports all brokers down after
+    the first failed address of a host (e.g. ::1 of localhost, before 127.0.0.1), so
+    that takes a few failed connection attempts as well (about 0.2 s of backoff)."""
+    codes = [e.code() for e in errors]
+    return (any(e.fatal() or e.code() in _KAFKA_REFUSED for e in errors)
+            or (KafkaError._ALL_BROKERS_DOWN in codes and codes.count(KafkaError._TRANSPORT) >= 3))
 
 
 # ---------------------------------------------------------------------------- MQTT

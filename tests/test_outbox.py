@@ -14,10 +14,18 @@ from smocsd.outbox import DROPPED_FIELD, FLUSH_BATCH, Outbox
 
 
 def result(n: int = 0) -> dict:
-    return {"schema": "smocsd.training-result/1", "message_id": str(uuid.uuid4()),
-            "device_id": "gw-test", "model": "autoencoder", "version": n + 1,
-            "outcome": "promoted", "timestamp": "2026-11-26T05:00:00Z",
-            "metrics": {"val_loss": 0.01 * n}, "eval": {}, "model_meta": {}}
+    return {
+        "schema": "smocsd.training-result/1",
+        "message_id": str(uuid.uuid4()),
+        "device_id": "gw-test",
+        "model": "autoencoder",
+        "version": n + 1,
+        "outcome": "promoted",
+        "timestamp": "2026-11-26T05:00:00Z",
+        "metrics": {"val_loss": 0.01 * n},
+        "eval": {},
+        "model_meta": {},
+    }
 
 
 class Recorder:
@@ -56,9 +64,11 @@ def test_put_survives_reopen_in_order(path: Path) -> None:
 def test_put_is_durable_when_it_returns(path: Path) -> None:
     """A process killed right after put() returned has still written the result."""
     message = result()
-    code = (f"import sys; from pathlib import Path; from smocsd.outbox import Outbox\n"
-            f"Outbox(Path({str(path)!r})).put({message!r}); print('put', flush=True)\n"
-            f"import time; time.sleep(60)")
+    code = (
+        f"import sys; from pathlib import Path; from smocsd.outbox import Outbox\n"
+        f"Outbox(Path({str(path)!r})).put({message!r}); print('put', flush=True)\n"
+        f"import time; time.sleep(60)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline() == "put\n"
@@ -107,8 +117,9 @@ def test_flush_stops_at_first_failing_batch(path: Path) -> None:
     assert [len(c) for c in everything.calls] == [FLUSH_BATCH, FLUSH_BATCH, 5]
 
 
-def test_cap_drops_oldest_loudly_and_carries_the_count(path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_cap_drops_oldest_loudly_and_carries_the_count(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     messages = [result(i) for i in range(5)]
     box = Outbox(path, max_messages=3)
     with caplog.at_level(logging.ERROR, logger="smocsd.outbox"):
@@ -144,6 +155,25 @@ def test_cap_drops_oldest_loudly_and_carries_the_count(path: Path,
     assert later.sent == [messages[0]]  # cleared once delivered
 
 
+def test_lowered_cap_drops_the_excess_in_one_line(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = Outbox(path)
+    messages = [result(i) for i in range(20)]
+    for m in messages:
+        box.put(m)
+    box.close()
+    box = Outbox(path, max_messages=4)
+    newest = result(20)
+    with caplog.at_level(logging.ERROR, logger="smocsd.outbox"):
+        box.put(newest)
+    assert box.pending() == [*messages[-3:], newest]
+    assert box.dropped == 17
+    [line] = caplog.records
+    assert "dropped the 17 oldest" in line.getMessage()
+    assert "and 12 more" in line.getMessage()
+
+
 def test_two_outboxes_on_one_file(path: Path) -> None:
     a, b = Outbox(path), Outbox(path)
     m1, m2 = result(1), result(2)
@@ -157,10 +187,12 @@ def test_two_outboxes_on_one_file(path: Path) -> None:
 
 def test_concurrent_writers_in_two_processes(path: Path) -> None:
     Outbox(path).close()
-    code = (f"import sys, uuid; from pathlib import Path; from smocsd.outbox import Outbox\n"
-            f"box = Outbox(Path({str(path)!r}))\n"
-            f"for i in range(150):\n"
-            f"    box.put({{'message_id': str(uuid.uuid4()), 'writer': sys.argv[1], 'i': i}})\n")
+    code = (
+        f"import sys, uuid; from pathlib import Path; from smocsd.outbox import Outbox\n"
+        f"box = Outbox(Path({str(path)!r}))\n"
+        f"for i in range(150):\n"
+        f"    box.put({{'message_id': str(uuid.uuid4()), 'writer': sys.argv[1], 'i': i}})\n"
+    )
     writers = [subprocess.Popen([sys.executable, "-c", code, name]) for name in "ab"]
     box = Outbox(path)
     flushed = Recorder()
