@@ -72,27 +72,38 @@ class Outbox:
         """Append `message` durably; when that exceeds the cap, drop the oldest loudly."""
         body = json.dumps(message, separators=(",", ":"), allow_nan=False)
         with self._write() as db:
-            db.execute("INSERT INTO messages (message_id, body) VALUES (?, ?)",
-                       (str(message["message_id"]), body))
+            db.execute(
+                "INSERT INTO messages (message_id, body) VALUES (?, ?)",
+                (str(message["message_id"]), body),
+            )
             (count,) = db.execute("SELECT COUNT(*) FROM messages").fetchone()
             excess = count - self.max_messages
             if excess > 0:
-                oldest = db.execute("SELECT seq, message_id FROM messages ORDER BY seq LIMIT ?",
-                                    (excess,)).fetchall()
+                oldest = db.execute(
+                    "SELECT seq, message_id FROM messages ORDER BY seq LIMIT ?", (excess,)
+                ).fetchall()
                 db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s, _ in oldest])
                 dropped = [message_id for _, message_id in oldest]
-                db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
-                           (len(dropped),))
+                db.execute(
+                    "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (len(dropped),)
+                )
         if excess > 0:
-            named = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more"
-                                              if len(dropped) > 5 else "")
-            log.error("outbox %s full (%d results): dropped the %d oldest undelivered "
-                      "result(s) %s; the count goes out with the next delivered result",
-                      self.path, self.max_messages, len(dropped), named)
+            named = ", ".join(dropped[:5]) + (
+                f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+            )
+            log.error(
+                "outbox %s full (%d results): dropped the %d oldest undelivered "
+                "result(s) %s; the count goes out with the next delivered result",
+                self.path,
+                self.max_messages,
+                len(dropped),
+                named,
+            )
 
     def _rows(self, limit: int | None) -> list[tuple[int, dict]]:
-        rows = self._db.execute("SELECT seq, body FROM messages ORDER BY seq LIMIT ?",
-                                (-1 if limit is None else limit,)).fetchall()
+        rows = self._db.execute(
+            "SELECT seq, body FROM messages ORDER BY seq LIMIT ?", (-1 if limit is None else limit,)
+        ).fetchall()
         return [(seq, json.loads(body)) for seq, body in rows]
 
     def pending(self, limit: int | None = None) -> list[dict]:
@@ -127,8 +138,10 @@ class Outbox:
                 with self._write() as db:
                     db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in acked])
                     if carried and sinks[0]:
-                        db.execute("UPDATE counters SET value = MAX(value - ?, 0) "
-                                   "WHERE name = 'dropped'", (carried,))
+                        db.execute(
+                            "UPDATE counters SET value = MAX(value - ?, 0) WHERE name = 'dropped'",
+                            (carried,),
+                        )
                 delivered += len(acked)
                 if len(acked) < len(rows):
                     break
@@ -139,8 +152,9 @@ class Outbox:
         """Serialize flushes across processes, so the daemon's tick and `outbox flush`
         do not send the same results twice. The lock is a file of its own: closing any
         other descriptor of the database file would drop SQLite's POSIX locks on it."""
-        fd = os.open(self.path.with_name(self.path.name + ".flush-lock"),
-                     os.O_RDONLY | os.O_CREAT, 0o644)
+        fd = os.open(
+            self.path.with_name(self.path.name + ".flush-lock"), os.O_RDONLY | os.O_CREAT, 0o644
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -23,10 +23,15 @@ from smocsd.config import ConfigError, KafkaConfig, MqttConfig, PublishConfig, r
 log = logging.getLogger("smocsd.publish")
 
 # Kafka client errors that mean the credentials or the certificate were refused.
-_KAFKA_REFUSED = frozenset({
-    KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.SASL_AUTHENTICATION_FAILED,
-    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-})
+_KAFKA_REFUSED = frozenset(
+    {
+        KafkaError._AUTHENTICATION,
+        KafkaError._SSL,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
 
 
 def _payload(message: dict) -> bytes:
@@ -145,20 +150,27 @@ class KafkaSink:
                     acked[i] = True
                 else:
                     report_errors.append(err)
+
             return report
 
         deadline = time.monotonic() + self.cfg.timeout
         try:
             producer = Producer(self._config(client_errors.append))
         except KafkaException as exc:  # e.g. an unreadable ssl_ca_location
-            log.error("kafka %s: cannot create a producer: %s", self.cfg.bootstrap_servers,
-                      exc.args[0].str())
+            log.error(
+                "kafka %s: cannot create a producer: %s",
+                self.cfg.bootstrap_servers,
+                exc.args[0].str(),
+            )
             return acked
         for i, message in enumerate(messages):
             try:
-                producer.produce(self.cfg.topic, value=_payload(message),
-                                 key=f"{message['device_id']}/{message['model']}".encode(),
-                                 on_delivery=on_delivery(i))
+                producer.produce(
+                    self.cfg.topic,
+                    value=_payload(message),
+                    key=f"{message['device_id']}/{message['model']}".encode(),
+                    on_delivery=on_delivery(i),
+                )
             except KafkaException as exc:  # e.g. too large: the others still go
                 report_errors.append(exc.args[0])
             except BufferError as exc:  # the local queue is full: the rest waits for a tick
@@ -175,10 +187,15 @@ class KafkaSink:
     def _log_failure(self, acked: list[bool], errors: list[KafkaError]) -> None:
         refused = [e for e in errors if e.code() in _KAFKA_REFUSED]
         reason = (refused or errors)[0].str() if errors else "no delivery report in time"
-        log.log(logging.ERROR if refused else logging.WARNING,
-                "kafka %s %s: %d of %d result(s) not delivered: %s", self.cfg.bootstrap_servers,
-                "refused the client" if refused else "unreachable or failing",
-                acked.count(False), len(acked), reason)
+        log.log(
+            logging.ERROR if refused else logging.WARNING,
+            "kafka %s %s: %d of %d result(s) not delivered: %s",
+            self.cfg.bootstrap_servers,
+            "refused the client" if refused else "unreachable or failing",
+            acked.count(False),
+            len(acked),
+            reason,
+        )
 
 
 def _hopeless(errors: list[KafkaError]) -> bool:
@@ -187,8 +204,9 @@ def _hopeless(errors: list[KafkaError]) -> bool:
     the first failed address of a host (e.g. ::1 of localhost, before 127.0.0.1), so
     that takes a few failed connection attempts as well (about 0.2 s of backoff)."""
     codes = [e.code() for e in errors]
-    return (any(e.fatal() or e.code() in _KAFKA_REFUSED for e in errors)
-            or (KafkaError._ALL_BROKERS_DOWN in codes and codes.count(KafkaError._TRANSPORT) >= 3))
+    return any(e.fatal() or e.code() in _KAFKA_REFUSED for e in errors) or (
+        KafkaError._ALL_BROKERS_DOWN in codes and codes.count(KafkaError._TRANSPORT) >= 3
+    )
 
 
 # ---------------------------------------------------------------------------- MQTT
@@ -205,8 +223,12 @@ class MqttSink:
         self.client_id = f"smocsd-{device_id}"  # stable, so broker logs and ACLs can name it
 
     def _client(self) -> mqtt.Client:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             clean_session=True, protocol=mqtt.MQTTv311)
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
         password = read_secret(self.cfg.password_file, "mqtt-password")
         if self.cfg.username is not None:
             client.username_pw_set(self.cfg.username, password)
@@ -234,35 +256,49 @@ class MqttSink:
         try:
             client.connect(cfg.host, cfg.port, keepalive=max(10, int(cfg.timeout) * 2))
         except ssl.SSLError as exc:  # an untrusted or mismatched certificate: fix the config
-            log.error("mqtt %s TLS handshake failed: %d result(s) not delivered: %s",
-                      where, len(messages), exc)
+            log.error(
+                "mqtt %s TLS handshake failed: %d result(s) not delivered: %s",
+                where,
+                len(messages),
+                exc,
+            )
             return [False] * len(messages)
         except OSError as exc:
-            log.warning("mqtt %s unreachable: %d result(s) not delivered: %s",
-                        where, len(messages), exc)
+            log.warning(
+                "mqtt %s unreachable: %d result(s) not delivered: %s", where, len(messages), exc
+            )
             return [False] * len(messages)
         try:
             while not connack and time.monotonic() < deadline and pump():
                 pass
             if not connack or connack[0].is_failure:
                 refused = bool(connack)
-                log.log(logging.ERROR if refused else logging.WARNING,
-                        "mqtt %s %s: %d result(s) not delivered: %s", where,
-                        "refused the connection" if refused else "did not answer",
-                        len(messages), connack[0] if refused else "no CONNACK before the timeout")
+                log.log(
+                    logging.ERROR if refused else logging.WARNING,
+                    "mqtt %s %s: %d result(s) not delivered: %s",
+                    where,
+                    "refused the connection" if refused else "did not answer",
+                    len(messages),
+                    connack[0] if refused else "no CONNACK before the timeout",
+                )
                 return [False] * len(messages)
             infos = [
-                client.publish(cfg.topic.replace("{device_id}", m["device_id"]), _payload(m),
-                               qos=cfg.qos)
+                client.publish(
+                    cfg.topic.replace("{device_id}", m["device_id"]), _payload(m), qos=cfg.qos
+                )
                 for m in messages
             ]
-            while (not all(_published(i) for i in infos) and time.monotonic() < deadline
-                   and pump()):
+            while not all(_published(i) for i in infos) and time.monotonic() < deadline and pump():
                 pass
             acked = [_published(i) for i in infos]
             if not all(acked):
-                log.warning("mqtt %s: %d of %d result(s) not acknowledged before the timeout "
-                            "or the connection was lost", where, acked.count(False), len(acked))
+                log.warning(
+                    "mqtt %s: %d of %d result(s) not acknowledged before the timeout "
+                    "or the connection was lost",
+                    where,
+                    acked.count(False),
+                    len(acked),
+                )
             return acked
         finally:
             client.disconnect()

@@ -53,15 +53,17 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
 
 
 @pytest.fixture(scope="session")
-def kafka_server(tmp_path_factory: pytest.TempPathFactory,
-                 test_ca: CertificateAuthority) -> Iterator[Kafka]:
+def kafka_server(
+    tmp_path_factory: pytest.TempPathFactory, test_ca: CertificateAuthority
+) -> Iterator[Kafka]:
     workdir: Path = tmp_path_factory.mktemp("kafka")
     yield from _serve("Kafka", lambda: Kafka(workdir, test_ca))  # type: ignore[misc]
 
 
 @pytest.fixture(scope="session")
-def mosquitto_server(tmp_path_factory: pytest.TempPathFactory,
-                     test_ca: CertificateAuthority) -> Iterator[Mosquitto]:
+def mosquitto_server(
+    tmp_path_factory: pytest.TempPathFactory, test_ca: CertificateAuthority
+) -> Iterator[Mosquitto]:
     workdir: Path = tmp_path_factory.mktemp("mosquitto")
     yield from _serve("Mosquitto", lambda: Mosquitto(workdir, test_ca))  # type: ignore[misc]
 

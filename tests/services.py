@@ -71,12 +71,39 @@ class CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         d = directory
         ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        _run(["openssl", "req", "-x509", *ec, "-keyout", str(d / "ca.key"),
-              "-out", str(d / "ca.crt"), "-days", "3", "-subj", "/CN=smocsd test CA",
-              "-addext", "basicConstraints=critical,CA:TRUE",
-              "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-        _run(["openssl", "req", *ec, "-keyout", str(d / "server.key"),
-              "-out", str(d / "server.csr"), "-subj", "/CN=localhost"])
+        _run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                *ec,
+                "-keyout",
+                str(d / "ca.key"),
+                "-out",
+                str(d / "ca.crt"),
+                "-days",
+                "3",
+                "-subj",
+                "/CN=smocsd test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]
+        )
+        _run(
+            [
+                "openssl",
+                "req",
+                *ec,
+                "-keyout",
+                str(d / "server.key"),
+                "-out",
+                str(d / "server.csr"),
+                "-subj",
+                "/CN=localhost",
+            ]
+        )
         (d / "server.ext").write_text(
             "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
             "basicConstraints=critical,CA:FALSE\n"
@@ -84,13 +111,44 @@ class CertificateAuthority:
             "extendedKeyUsage=serverAuth\n"
             "authorityKeyIdentifier=keyid\n"
         )
-        _run(["openssl", "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.crt"),
-              "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "3",
-              "-extfile", str(d / "server.ext"), "-out", str(d / "server.crt")])
+        _run(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                str(d / "server.csr"),
+                "-CA",
+                str(d / "ca.crt"),
+                "-CAkey",
+                str(d / "ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "3",
+                "-extfile",
+                str(d / "server.ext"),
+                "-out",
+                str(d / "server.crt"),
+            ]
+        )
         password = secrets.token_hex(8)
-        _run(["openssl", "pkcs12", "-export", "-in", str(d / "server.crt"),
-              "-inkey", str(d / "server.key"), "-certfile", str(d / "ca.crt"),
-              "-out", str(d / "server.p12"), "-passout", f"pass:{password}"])
+        _run(
+            [
+                "openssl",
+                "pkcs12",
+                "-export",
+                "-in",
+                str(d / "server.crt"),
+                "-inkey",
+                str(d / "server.key"),
+                "-certfile",
+                str(d / "ca.crt"),
+                "-out",
+                str(d / "server.p12"),
+                "-passout",
+                f"pass:{password}",
+            ]
+        )
         for f in d.iterdir():  # servers may drop privileges before reading them
             f.chmod(0o644)
         return cls(d / "ca.crt", d / "server.crt", d / "server.key", d / "server.p12", password)
@@ -129,18 +187,25 @@ class Server:
             return
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(
-                self.command(), cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, user=self.run_as(),
+                self.command(),
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=self.run_as(),
             )
         deadline = time.monotonic() + self.start_timeout
         while not self.ready():
             if self._proc.poll() is not None:
-                raise ServiceError(f"{self.name} exited with {self._proc.returncode}: "
-                                   f"{self.log_tail()}")
+                raise ServiceError(
+                    f"{self.name} exited with {self._proc.returncode}: {self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServiceError(f"{self.name} not ready after {self.start_timeout:.0f}s: "
-                                   f"{self.log_tail()}")
+                raise ServiceError(
+                    f"{self.name} not ready after {self.start_timeout:.0f}s: {self.log_tail()}"
+                )
             time.sleep(0.2)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -200,33 +265,57 @@ class Kafka(Server):
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         with self.log_file.open("ab") as log:
             proc = subprocess.run(
-                [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                 "-c", "server.properties",
-                 "--add-scram", f"SCRAM-SHA-256=[name={self.username},password={self.password}]"],
-                cwd=workdir, stdout=log, stderr=subprocess.STDOUT, check=False)
+                [
+                    *self._java(),
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    "server.properties",
+                    "--add-scram",
+                    f"SCRAM-SHA-256=[name={self.username},password={self.password}]",
+                ],
+                cwd=workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
         if proc.returncode != 0:
             raise ServiceError(f"kafka storage format failed: {self.log_tail()}")
 
     def _java(self) -> list[str]:
         # Small heap, quick JIT: a test broker serves a few thousand messages.
-        return ["java", "-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-                "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
-                "-cp", f"{self.lib}/*"]
+        return [
+            "java",
+            "-Xms128m",
+            "-Xmx512m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+            "-cp",
+            f"{self.lib}/*",
+        ]
 
     def _write_config(self) -> None:
-        plain_jaas = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
-                      f'user_{self.username}="{self.password}";')
+        plain_jaas = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{self.username}="{self.password}";'
+        )
+        scram_jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        plaintext = f"127.0.0.1:{self.port}"
+        controller = f"127.0.0.1:{self.controller_port}"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},SASL_SSL://127.0.0.1:"
-                         f"{self.sasl_port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
-                                    f"SASL_SSL://localhost:{self.sasl_port}",
-            "listener.security.protocol.map":
-                "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            "controller.quorum.voters": f"1@{controller}",
+            "listeners": f"PLAINTEXT://{plaintext},SASL_SSL://127.0.0.1:{self.sasl_port},"
+            f"CONTROLLER://{controller}",
+            "advertised.listeners": f"PLAINTEXT://{plaintext},SASL_SSL://{self.sasl_bootstrap}",
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT"
+            ),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.workdir / "data"),
@@ -240,8 +329,7 @@ class Kafka(Server):
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "sasl.enabled.mechanisms": "SCRAM-SHA-256,PLAIN",
-            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config":
-                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram_jaas,
             "listener.name.sasl_ssl.plain.sasl.jaas.config": plain_jaas,
             "ssl.keystore.type": "PKCS12",
             "ssl.keystore.location": str(self.ca.p12_file),
@@ -258,7 +346,8 @@ class Kafka(Server):
             "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
         )
         (self.workdir / "server.properties").write_text(
-            "".join(f"{k}={v}\n" for k, v in props.items()))
+            "".join(f"{k}={v}\n" for k, v in props.items())
+        )
 
     def command(self) -> list[str]:
         return [*self._java(), "kafka.Kafka", "server.properties"]
@@ -271,23 +360,32 @@ class Kafka(Server):
         from confluent_kafka import Producer
 
         acked: list[bool] = []
-        producer = Producer({"bootstrap.servers": self.bootstrap, "message.timeout.ms": 3000,
-                             "log_level": 0})
-        producer.produce("smocsd-test-ready", b"ping",
-                         on_delivery=lambda err, _msg: acked.append(err is None))
+        producer = Producer(
+            {"bootstrap.servers": self.bootstrap, "message.timeout.ms": 3000, "log_level": 0}
+        )
+        producer.produce(
+            "smocsd-test-ready", b"ping", on_delivery=lambda err, _msg: acked.append(err is None)
+        )
         producer.flush(5)
         return acked == [True]
 
-    def messages(self, topic: str, until: Callable[[list[dict]], bool],
-                 timeout: float = 30.0) -> list[dict]:
+    def messages(
+        self, topic: str, until: Callable[[list[dict]], bool], timeout: float = 30.0
+    ) -> list[dict]:
         """Read `topic` from the beginning until `until(records)` holds or `timeout`.
 
         Each record is {"key": str, "value": parsed JSON}; a real consumer, so what it
         returns is what the broker stored."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": uuid.uuid4().hex,
-                             "enable.auto.commit": False, "log_level": 0})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": uuid.uuid4().hex,
+                "enable.auto.commit": False,
+                "log_level": 0,
+            }
+        )
         consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         records: list[dict] = []
         deadline = time.monotonic() + timeout
@@ -295,8 +393,9 @@ class Kafka(Server):
             while not until(records) and time.monotonic() < deadline:
                 for msg in consumer.consume(500, 0.5):
                     if msg.error() is None:
-                        records.append({"key": msg.key().decode(),
-                                        "value": json.loads(msg.value())})
+                        records.append(
+                            {"key": msg.key().decode(), "value": json.loads(msg.value())}
+                        )
         finally:
             consumer.close()
         return records
@@ -369,9 +468,11 @@ class MqttSubscriber:
         self._lock = threading.Lock()
         self._payloads: list[tuple[str, dict]] = []
         self._subscribed = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                   client_id=f"test-sub-{uuid.uuid4().hex[:8]}",
-                                   clean_session=False)
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"test-sub-{uuid.uuid4().hex[:8]}",
+            clean_session=False,
+        )
         self._client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(topic, qos=1)
         self._client.on_subscribe = lambda *_a: self._subscribed.set()
         self._client.on_message = self._on_message
@@ -386,8 +487,9 @@ class MqttSubscriber:
         with self._lock:
             self._payloads.append((msg.topic, json.loads(msg.payload)))  # type: ignore[attr-defined]
 
-    def messages(self, until: Callable[[list[tuple[str, dict]]], bool],
-                 timeout: float = 30.0) -> list[tuple[str, dict]]:
+    def messages(
+        self, until: Callable[[list[tuple[str, dict]]], bool], timeout: float = 30.0
+    ) -> list[tuple[str, dict]]:
         """(topic, payload) pairs received so far, waiting until `until` holds or `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
@@ -406,9 +508,10 @@ class MqttSubscriber:
 
 
 def postgres_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
-                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
-                   else 0)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if not found:
         raise ServiceError("no PostgreSQL server in /usr/lib/postgresql (run tests/provision)")
     return found[-1].parent
@@ -436,28 +539,52 @@ class Postgres(Server):
         self.dsn = f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.dbname}"
         self.admin_dsn = f"host={self.workdir} port={self.port} user=postgres dbname=postgres"
         data = self.workdir / "data"
-        _run([str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-              "--no-sync", "-E", "UTF8", "--locale=C"], user=self._os_user)
+        _run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+            user=self._os_user,
+        )
         (data / "pg_hba.conf").write_text(
-            "local all postgres trust\n"
-            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "local all postgres trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
         )
         self._created_db = False
 
     def start(self) -> None:
         super().start()
         if not self._created_db:
-            self.admin(f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}'",
-                       f"CREATE DATABASE {self.dbname} OWNER {self.user}")
+            self.admin(
+                f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}'",
+                f"CREATE DATABASE {self.dbname} OWNER {self.user}",
+            )
             self._created_db = True
 
     def run_as(self) -> str | None:
         return self._os_user
 
     def command(self) -> list[str]:
-        return [str(self.bin / "postgres"), "-D", str(self.workdir / "data"),
-                "-p", str(self.port), "-k", str(self.workdir),
-                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
+        return [
+            str(self.bin / "postgres"),
+            "-D",
+            str(self.workdir / "data"),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.workdir),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+        ]
 
     def ready(self) -> bool:
         import psycopg
