@@ -110,6 +110,11 @@ def upstream_version() -> str:
     raise SystemExit("smocsd/__init__.py: no __version__")
 
 
+def default_version() -> str:
+    """The package version of this source tree: smocsd's, Debian revision 1."""
+    return f"{upstream_version()}-1"
+
+
 def run(*cmd: str | Path, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], check=True, **kw)
 
@@ -320,7 +325,7 @@ Description: on-device training of sensor anomaly-detection models
 def build(arch_name: str, out: Path, version: str | None = None, fast: bool = False) -> Path:
     """Build one package into out; return its path. fast = quick compression (tests)."""
     arch = ARCHES[arch_name]
-    version = version or f"{upstream_version()}-1"
+    version = version or default_version()
     wheels = download_wheels(arch)
     with tempfile.TemporaryDirectory(prefix=f"smocsd-deb-{arch.deb}-") as tmp:
         root = Path(tmp) / "root"

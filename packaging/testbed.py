@@ -266,6 +266,7 @@ def run_arm64(root: Path, *cmd: str, timeout: float = 600) -> subprocess.Complet
             "--register=no",
             "--keep-unit",
             "--private-network",
+            "--console=pipe",  # keep stdout and stderr apart
             "--setenv=LANG=C.UTF-8",
             f"/usr/bin/{QEMU.name}",
             *cmd,
@@ -277,8 +278,12 @@ def run_arm64(root: Path, *cmd: str, timeout: float = 600) -> subprocess.Complet
     )
 
 
-@functools.cache
 def package(arch: str, out: Path, version: str | None = None) -> Path:
     """A package built by packaging/build_deb.py into out (quick compression), once per
-    process for the same arguments, so test modules share it."""
+    process for the same arch, folder and version, so test modules share it."""
+    return _package(arch, out, version or build_deb.default_version())
+
+
+@functools.cache
+def _package(arch: str, out: Path, version: str) -> Path:
     return build_deb.build(arch, out, version, fast=True)

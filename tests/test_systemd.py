@@ -100,8 +100,8 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     if missing:
         unavailable(f"systemd testbed needs: {', '.join(missing)}")
     debs = tmp_path_factory.getbasetemp() / "debs"
-    v1 = f"{build_deb.upstream_version()}-1"
-    v2 = f"{build_deb.upstream_version()}-2"
+    v1 = build_deb.default_version()
+    v2 = f"{build_deb.upstream_version()}-2"  # an upgrade of v1
     try:
         lower = testbed.rootfs("amd64")
         packages = [testbed.package("amd64", debs, v) for v in (v1, v2)]
@@ -235,6 +235,23 @@ def test_sandbox_allows_ctypes_callbacks_and_libpq(box: Box) -> None:
         box.c.run("rm", f"{DROPIN_DIR}/zz-probe.conf")
         box.c.run("systemctl", "daemon-reload")
         box.c.run("systemctl", "start", "smocsd")
+
+
+def test_credentials_from_the_credstore_reach_only_the_service(box: Box) -> None:
+    """LoadCredential=ID on systemd 252: a secret in /etc/credstore is handed over, the
+    missing ones are skipped without failing the start."""
+    box.c.run("install", "-d", "-m", "0700", "/etc/credstore")
+    box.c.run("install", "-m", "0600", "/dev/null", "/etc/credstore/pg-password")
+    box.write("/etc/credstore/pg-password", "s3cret\n")
+    try:
+        box.c.run("systemctl", "restart", "smocsd")
+        assert box.show("ActiveState")["ActiveState"] == "active"
+        creds = "/run/credentials/smocsd.service"
+        assert box.c.run("ls", creds).stdout.split() == ["pg-password"]
+        assert box.sh(f"stat -c '%U %a' {creds}/pg-password").stdout.split() == ["smocsd", "400"]
+        assert box.read(f"{creds}/pg-password") == "s3cret\n"
+    finally:
+        box.c.run("rm", "-r", "/etc/credstore")
 
 
 def test_upgrade_restarts_and_keeps_models_outbox_and_config(box: Box) -> None:
