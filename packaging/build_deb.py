@@ -308,7 +308,6 @@ Installed-Size: {size_kib}
 Depends: {deps}
 Section: misc
 Priority: optional
-Homepage: https://pypi.org/project/smocsd/
 Description: on-device training of sensor anomaly-detection models
  smocsd is a small daemon for edge gateways. On a timer it reads the sensor
  readings other software writes into a local SQLite (or PostgreSQL) database,
@@ -340,12 +339,14 @@ def build(arch_name: str, out: Path, version: str | None = None, fast: bool = Fa
         put(root, "etc/smocsd/smocsd.toml", REPO / "conf" / "smocsd.toml")
         doc = "usr/share/doc/smocsd"
         put(root, f"{doc}/copyright", HERE / "copyright")
+        put(root, f"{doc}/README.Debian", HERE / "README.Debian")
         put(root, f"{doc}/changelog.Debian.gz", gzip_n(changelog(version)))
         for example in sorted((REPO / "systemd" / "examples").glob("*.conf")):
             put(root, f"{doc}/examples/{example.name}", example)
         put(root, "usr/share/man/man1/smocsd.1.gz", gzip_n((HERE / "smocsd.1").read_bytes()))
         put(root, "usr/share/lintian/overrides/smocsd", HERE / "lintian-overrides")
 
+        size = installed_size_kib(root)
         debian = root / "DEBIAN"
         for script in ("postinst", "prerm", "postrm"):
             put(root, f"DEBIAN/{script}", HERE / script, 0o755)
@@ -356,7 +357,6 @@ def build(arch_name: str, out: Path, version: str | None = None, fast: bool = Fa
                 digest = hashlib.md5(path.read_bytes()).hexdigest()
                 md5.append(f"{digest}  {path.relative_to(root)}\n")
         put(root, "DEBIAN/md5sums", "".join(md5).encode())
-        size = installed_size_kib(root) - installed_size_kib(debian) - 1
         put(root, "DEBIAN/control", control(arch, version, depends, size).encode())
         executables = {root / "usr/bin/smocsd", *debian.glob("p*")}
         for path in [root, *root.rglob("*")]:

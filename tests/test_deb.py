@@ -91,6 +91,7 @@ def test_contents_control_and_conffile(deb: Path, tmp_path: Path) -> None:
         "usr/lib/systemd/system/smocsd.service",
         "etc/smocsd/smocsd.toml",
         "usr/share/doc/smocsd/copyright",
+        "usr/share/doc/smocsd/README.Debian",
         "usr/share/doc/smocsd/changelog.Debian.gz",
         "usr/share/doc/smocsd/examples/shared-sqlite.conf",
         "usr/share/doc/smocsd/examples/credentials.conf",
