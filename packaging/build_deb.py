@@ -96,6 +96,11 @@ SONAME_PACKAGES = {
     "libz.so.1": "zlib1g",
 }
 
+
+class BuildError(Exception):
+    """The package cannot be built as it should be (one line saying why)."""
+
+
 MAINTAINER = "smocsd maintainers <maintainers@users.noreply.r-seed-e14bee72.example>"
 
 
@@ -107,7 +112,7 @@ def upstream_version() -> str:
             isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets
         ):
             return ast.literal_eval(node.value)
-    raise SystemExit("smocsd/__init__.py: no __version__")
+    raise BuildError("smocsd/__init__.py: no __version__")
 
 
 def default_version() -> str:
@@ -151,7 +156,7 @@ def download_wheels(arch: Arch) -> list[Path]:
         stem = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
         found = sorted(p for p in dest.glob("*.whl") if p.name.lower().startswith(stem))
         if not found:
-            raise SystemExit(f"no wheel for {req} in {dest}")
+            raise BuildError(f"no wheel for {req} in {dest}")
         wheels.append(found[-1])
     return wheels
 
@@ -222,12 +227,12 @@ def library_depends(arch: Arch, lib: Path) -> set[str]:
     packages: set[str] = set()
     for path in files:
         if elf_machine(path) != arch.elf_machine:
-            raise SystemExit(f"{path}: not a {arch.machine} ELF file")
+            raise BuildError(f"{path}: not a {arch.machine} ELF file")
         for soname in needed(path):
             if soname in bundled:
                 continue
             if soname not in SONAME_PACKAGES:
-                raise SystemExit(f"{path.relative_to(lib)} needs {soname}: no package known")
+                raise BuildError(f"{path.relative_to(lib)} needs {soname}: no package known")
             packages.add(SONAME_PACKAGES[soname])
     return packages
 
@@ -248,7 +253,7 @@ def changelog(version: str) -> bytes:
     text = (HERE / "changelog").read_text()
     top = re.match(r"smocsd \(([^)]+)\)", text)
     if top is None:
-        raise SystemExit("packaging/changelog: first line is not 'smocsd (VERSION) ...'")
+        raise BuildError("packaging/changelog: first line is not 'smocsd (VERSION) ...'")
     if top.group(1) != version:
         date = subprocess.run(
             ["date", "-R"], capture_output=True, text=True, check=True
@@ -403,8 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         "--fast", action="store_true", help="gzip -1 instead of xz -9: for tests, not for shipping"
     )
     args = parser.parse_args(argv)
-    for arch in ARCHES if args.arch == "all" else [args.arch]:
-        build(arch, args.out, args.version, args.fast)
+    try:
+        for arch in ARCHES if args.arch == "all" else [args.arch]:
+            build(arch, args.out, args.version, args.fast)
+    except (BuildError, subprocess.CalledProcessError) as exc:
+        print(f"build_deb: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -275,7 +275,10 @@ def test_upgrade_restarts_and_keeps_models_outbox_and_config(box: Box) -> None:
 
 def test_purge_leaves_nothing_behind(box: Box) -> None:
     box.c.run("rm", "-r", DROPIN_DIR)  # the tests' own drop-ins, not the package's
+    pid = box.show("MainPID")["MainPID"]
+    assert pid != "0"
     box.c.run("dpkg", "--purge", "smocsd")
+    assert box.c.run("test", "-e", f"/proc/{pid}", check=False).returncode == 1, "not stopped"
     assert box.c.run("getent", "passwd", "smocsd", check=False).returncode == 2
     assert box.c.run("getent", "group", "smocsd", check=False).returncode == 2
     assert box.show("LoadState")["LoadState"] == "not-found"
