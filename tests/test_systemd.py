@@ -68,8 +68,8 @@ class Box:
         out = self.c.run("systemctl", "show", "-p", ",".join(props), "smocsd").stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def journal(self) -> str:
-        return self.c.run("journalctl", "-u", "smocsd", "--no-pager", "-o", "cat").stdout
+    def journal(self, *options: str) -> str:
+        return self.c.run("journalctl", "-u", "smocsd", "--no-pager", "-o", "cat", *options).stdout
 
     def write(self, path: str, text: str) -> None:
         self.c.run("sh", "-c", f"mkdir -p \"$(dirname '{path}')\" && cat > '{path}'", input=text)
@@ -254,9 +254,54 @@ def test_credentials_from_the_credstore_reach_only_the_service(box: Box) -> None
         box.c.run("rm", "-r", "/etc/credstore")
 
 
+def test_reads_another_services_wal_database_with_the_example_dropin(box: Box) -> None:
+    """examples/shared-sqlite.conf as installed: without it the service cannot read a WAL
+    database that another service owns (and says so at priority err); with it, it trains,
+    and the -wal/-shm files it creates stay writable for the owner."""
+    db = "/var/lib/ingest/readings.db"
+    good = box.read(CONFIG)
+    box.sh(
+        "adduser --system --group --no-create-home --home /var/lib/ingest ingest >/dev/null"
+        " && install -d -m 2770 -o ingest -g ingest /var/lib/ingest"
+    )
+    ingest = ("runuser", "-u", "ingest", "--", "smocsd", "--config", "/dev/null", "demo")
+    box.c.run(*ingest, "--db", db, "--rows", "3600")  # 600 rows more than v1 saw
+    box.c.run("chmod", "660", db)
+    wal = f"import sqlite3; sqlite3.connect('{db}').execute('pragma journal_mode=wal')"
+    box.c.run("runuser", "-u", "ingest", "--", "python3", "-c", wal)
+    box.write(CONFIG, good + f'[source]\npath = "{db}"\n')
+    try:
+        box.c.run("systemctl", "restart", "smocsd")
+        wait_for("the read to fail without the drop-in", lambda: db in box.journal("-p", "err"), 30)
+        assert "promoted v1" not in box.journal("-p", "err")  # info lines keep their own priority
+
+        box.c.run(
+            "install",
+            "-m",
+            "644",
+            "/usr/share/doc/smocsd/examples/shared-sqlite.conf",
+            f"{DROPIN_DIR}/shared-sqlite.conf",
+        )
+        box.c.run("systemctl", "daemon-reload")
+        box.c.run("systemctl", "restart", "smocsd")
+        wait_for(
+            "v2 from the shared database",
+            lambda: re.search(r"(promoted|rejected) v2\b", box.journal()),
+        )
+        assert box.sh(f"stat -c %a {db}-shm").stdout.strip() == "660"
+        box.c.run(*ingest, "--db", db, "--rows", "10")  # the owner still writes
+    finally:
+        box.c.run("rm", "-f", f"{DROPIN_DIR}/shared-sqlite.conf")
+        box.write(CONFIG, good)
+        box.c.run("systemctl", "daemon-reload")
+        box.c.run("systemctl", "restart", "smocsd")
+        box.sh("deluser --system --quiet ingest; rm -rf /var/lib/ingest")
+
+
 def test_upgrade_restarts_and_keeps_models_outbox_and_config(box: Box) -> None:
     pid = box.show("MainPID")["MainPID"]
     versions = box.c.run("ls", MODELS).stdout.split()
+    current = box.c.run("readlink", f"{MODELS}/current").stdout
     outbox = {m["message_id"] for m in json.loads(box.as_smocsd("outbox", "list", "--json").stdout)}
     assert outbox, "results kept with publish.order = [] should be in the outbox"
     config = box.read(CONFIG)
@@ -267,7 +312,7 @@ def test_upgrade_restarts_and_keeps_models_outbox_and_config(box: Box) -> None:
     wait_for("smocsd active", lambda: box.show("ActiveState")["ActiveState"] == "active", 60)
     assert box.show("MainPID")["MainPID"] != pid
     assert box.c.run("ls", MODELS).stdout.split() == versions
-    assert box.c.run("readlink", f"{MODELS}/current").stdout.strip() == "v000001"
+    assert box.c.run("readlink", f"{MODELS}/current").stdout == current
     after = json.loads(box.as_smocsd("outbox", "list", "--json").stdout)
     assert outbox <= {m["message_id"] for m in after}
     assert box.read(CONFIG) == config
