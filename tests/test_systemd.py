@@ -29,7 +29,7 @@ DROPIN_DIR = "/etc/systemd/system/smocsd.service.d"
 # Only the timings change, so a test waits seconds, not minutes; the sandbox is the unit's.
 TIMINGS = "[Service]\nWatchdogSec=5s\nTimeoutAbortSec=5s\nRestartSec=1s\n"
 # What the package and its service may change outside these is checked to be gone after
-# purge: logs, dpkg's own records, caches and runtime state are not the package's files.
+# purge: logs, dpkg's and apt's own records, caches and runtime state are not the package's files.
 SNAPSHOT_PRUNE = (
     "/proc",
     "/sys",
@@ -40,6 +40,7 @@ SNAPSHOT_PRUNE = (
     "/var/log",
     "/var/cache",
     "/var/lib/dpkg",
+    "/var/lib/apt",
     "/root",
 )
 
@@ -306,7 +307,8 @@ def test_upgrade_restarts_and_keeps_models_outbox_and_config(box: Box) -> None:
     assert outbox, "results kept with publish.order = [] should be in the outbox"
     config = box.read(CONFIG)
 
-    box.c.run("dpkg", "-i", f"/root/smocsd_{box.v2}_amd64.deb")
+    # The operator's way (README.Debian), offline: every dependency is already there.
+    box.c.run("apt-get", "install", "-y", "-q", f"/root/smocsd_{box.v2}_amd64.deb")
 
     assert box.c.run("dpkg-query", "-W", "-f=${Version}", "smocsd").stdout == box.v2
     wait_for("smocsd active", lambda: box.show("ActiveState")["ActiveState"] == "active", 60)
