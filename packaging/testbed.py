@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import build_deb
+import pytest
 
 CACHE = Path(os.environ.get("SMOCSD_TEST_CACHE", Path.home() / ".cache" / "smocsd-tests"))
 SUITE = "bookworm"
@@ -38,6 +39,14 @@ ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SYSTEMD_PAGE
 
 class TestbedError(Exception):
     """Something the tests need could not be set up (tool missing, boot failed...)."""
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test for want of its testbed; fail it under CI (CI=true), where the
+    testbed must be there."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
 
 
 def missing_tools(arch: str) -> list[str]:

@@ -8,7 +8,6 @@ qemu-user-static; under CI (CI=true) a missing one fails instead of skipping.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -34,16 +33,10 @@ ARCHES = sorted(build_deb.ARCHES)
 NEVER_BUNDLED = {"sympy", "h5py", "coloredlogs", "packaging", "psycopg-binary", "tabulate"}
 
 
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 def need(*tools: str) -> None:
     missing = [t for t in tools if not shutil.which(t)]
     if missing:
-        unavailable(f"missing: {', '.join(missing)}")
+        testbed.unavailable(f"missing: {', '.join(missing)}")
 
 
 @pytest.fixture(scope="module", params=ARCHES)
@@ -174,12 +167,12 @@ def test_arm64_payload_trains_under_qemu(tmp_path_factory: pytest.TempPathFactor
     cycle with backend auto, which must pick numpy and score with plain onnxruntime."""
     missing = testbed.missing_tools("arm64")
     if missing:
-        unavailable(f"arm64 testbed needs: {', '.join(missing)}")
+        testbed.unavailable(f"arm64 testbed needs: {', '.join(missing)}")
     deb = testbed.package("arm64", tmp_path_factory.getbasetemp() / "debs")
     try:
         lower = testbed.rootfs("arm64")
     except testbed.TestbedError as exc:
-        unavailable(str(exc))
+        testbed.unavailable(str(exc))
     with testbed.overlay(lower) as root:
         subprocess.run(["dpkg-deb", "--extract", str(deb), str(root)], check=True)
         state = root / "srv/smocsd"

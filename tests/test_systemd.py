@@ -8,7 +8,6 @@ config, sandbox, upgrade, purge. Needs root, debootstrap, systemd-container; und
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -43,12 +42,6 @@ SNAPSHOT_PRUNE = (
     "/var/lib/apt",
     "/root",
 )
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
 
 
 class Box:
@@ -99,7 +92,7 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 120) -> ob
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     missing = testbed.missing_tools("amd64")
     if missing:
-        unavailable(f"systemd testbed needs: {', '.join(missing)}")
+        testbed.unavailable(f"systemd testbed needs: {', '.join(missing)}")
     debs = tmp_path_factory.getbasetemp() / "debs"
     v1 = build_deb.default_version()
     v2 = f"{build_deb.upstream_version()}-2"  # an upgrade of v1
@@ -115,7 +108,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
                 b.before = b.files()
                 yield b
     except testbed.TestbedError as exc:
-        unavailable(str(exc))
+        testbed.unavailable(str(exc))
 
 
 def test_install_creates_user_enables_and_starts(box: Box) -> None:
