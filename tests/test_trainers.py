@@ -67,8 +67,14 @@ def sensor_windows(rows: int, seed: int = 0) -> tuple[ArrayWindows, ArrayWindows
 
 def spec(**overrides: object) -> TrainSpec:
     values: dict = dict(
-        n_features=N_FEATURES, hidden=(16, 4), learning_rate=3e-3, batch_size=32,
-        epochs=8, patience=3, threads=1, seed=0,
+        n_features=N_FEATURES,
+        hidden=(16, 4),
+        learning_rate=3e-3,
+        batch_size=32,
+        epochs=8,
+        patience=3,
+        threads=1,
+        seed=0,
     )
     values.update(overrides)
     return TrainSpec(**values)
@@ -79,8 +85,14 @@ def data() -> tuple[ArrayWindows, ArrayWindows]:
     return sensor_windows(3000)
 
 
-def fit(backend: str, s: TrainSpec, data, out: Path, warm: Path | None = None,
-        progress: Recorder | None = None) -> tuple[Fit, Recorder]:
+def fit(
+    backend: str,
+    s: TrainSpec,
+    data,
+    out: Path,
+    warm: Path | None = None,
+    progress: Recorder | None = None,
+) -> tuple[Fit, Recorder]:
     out.mkdir()
     progress = progress or Recorder()
     return make_trainer(backend).fit(s, data[0], data[1], out, progress, warm), progress
@@ -190,8 +202,9 @@ def test_warm_start(backend: str, data, tmp_path: Path, caplog: pytest.LogCaptur
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["training", "validation"])
-def test_stop_request_propagates_within_one_batch(backend: str, where: str, data,
-                                                   tmp_path: Path) -> None:
+def test_stop_request_propagates_within_one_batch(
+    backend: str, where: str, data, tmp_path: Path
+) -> None:
     steps_per_epoch = -(-len(data[0]) // 32)
     raise_at = 5 if where == "training" else steps_per_epoch + 1
     progress = Recorder(raise_at=raise_at)

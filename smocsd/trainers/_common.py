@@ -139,7 +139,9 @@ def load_warm_start(
     if shapes != param_shapes(spec.n_features, spec.hidden):
         log.info(
             "not warm-starting: %s is not for n_features=%d, hidden=%s",
-            path, spec.n_features, list(spec.hidden),
+            path,
+            spec.n_features,
+            list(spec.hidden),
         )
         return None
     return checkpoint

@@ -62,8 +62,9 @@ def init_weights(n_features: int, hidden: Sequence[int], seed: int) -> Weights:
     return weights
 
 
-def build_model(n_features: int, hidden: Sequence[int], weights: Mapping[str, np.ndarray]
-                ) -> onnx.ModelProto:
+def build_model(
+    n_features: int, hidden: Sequence[int], weights: Mapping[str, np.ndarray]
+) -> onnx.ModelProto:
     """The inference graph: MatMul+Add per layer, ReLU after all but the last, batch dim dynamic."""
     sizes = layer_sizes(n_features, hidden)
     n_layers = len(sizes) - 1

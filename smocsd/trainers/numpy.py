@@ -35,8 +35,13 @@ class Network:
     """The autoencoder's parameters in one flat float32 vector (per-layer views into it), so
     the optimizer, keeping the best weights and restoring them are single array operations."""
 
-    def __init__(self, n_features: int, hidden: tuple[int, ...], weights: dict[str, np.ndarray],
-                 dtype: type = np.float32) -> None:
+    def __init__(
+        self,
+        n_features: int,
+        hidden: tuple[int, ...],
+        weights: dict[str, np.ndarray],
+        dtype: type = np.float32,
+    ) -> None:
         self.n_features = n_features
         self.hidden = hidden
         shapes = param_shapes(n_features, hidden)
@@ -168,7 +173,10 @@ class NumpyTrainer(Trainer):
         started = time.monotonic()
         check_inputs(spec, train, val)
         warm = load_warm_start(
-            spec, warm_start, CHECKPOINT, _load_npz,
+            spec,
+            warm_start,
+            CHECKPOINT,
+            _load_npz,
             lambda weights: {name: tuple(w.shape) for name, w in weights.items()},
         )
         weights = warm or init_weights(spec.n_features, spec.hidden, spec.seed)

@@ -124,8 +124,8 @@ class OrtTrainer(Trainer):
                     optimizer=artifacts.OptimType.AdamW,
                     artifact_directory=scratch,
                 )
-            state = warm if warm is not None else CheckpointState.load_checkpoint(
-                scratch / CHECKPOINT
+            state = (
+                warm if warm is not None else CheckpointState.load_checkpoint(scratch / CHECKPOINT)
             )
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = spec.threads
