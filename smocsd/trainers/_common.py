@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from smocsd.trainers import Progress, TrainSpec, Windows
+from smocsd.trainers import Fit, Progress, TrainSpec, Windows
 from smocsd.trainers.graph import param_shapes
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,16 @@ class LoopResult:
     train_loss: float
     val_loss: float
     epochs_run: int
+
+    def fit(self, started: float, warm_started: bool) -> Fit:
+        """The Fit of a whole ``fit()`` call begun at ``started`` (time.monotonic())."""
+        return Fit(
+            train_loss=self.train_loss,
+            val_loss=self.val_loss,
+            epochs_run=self.epochs_run,
+            duration_s=time.monotonic() - started,
+            warm_started=warm_started,
+        )
 
 
 def check_inputs(spec: TrainSpec, train: Windows, val: Windows) -> None:

@@ -186,10 +186,4 @@ class NumpyTrainer(Trainer):
         best = net.weights()
         np.savez(out_dir / CHECKPOINT, **best)
         onnx.save(build_model(spec.n_features, spec.hidden, best), out_dir / "model.onnx")
-        return Fit(
-            train_loss=result.train_loss,
-            val_loss=result.val_loss,
-            epochs_run=result.epochs_run,
-            duration_s=time.monotonic() - started,
-            warm_started=warm is not None,
-        )
+        return result.fit(started, warm_started=warm is not None)

@@ -143,10 +143,4 @@ class OrtTrainer(Trainer):
             result = run_epochs(spec, train, val, progress, _OrtSession(module, optimizer))
             module.export_model_for_inferencing(out_dir / "model.onnx", [OUTPUT_NAME])
             CheckpointState.save_checkpoint(state, out_dir / CHECKPOINT)
-        return Fit(
-            train_loss=result.train_loss,
-            val_loss=result.val_loss,
-            epochs_run=result.epochs_run,
-            duration_s=time.monotonic() - started,
-            warm_started=warm is not None,
-        )
+        return result.fit(started, warm_started=warm is not None)
