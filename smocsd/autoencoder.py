@@ -61,12 +61,12 @@ def _gate(job: AutoencoderJob) -> str | None:
         return None
     if job.force:
         return None
-    since = time.time() - job.state.get("trained_at", 0)
-    if since < t.min_interval:
-        return f"last training {since:.0f}s ago, min_interval is {t.min_interval:.0f}s"
     new = job.db_manager.count_after(last_order)
     if new < t.min_new_samples:
         return f"{new} new rows of {t.min_new_samples} needed"
+    since = time.time() - job.state.get("trained_at", 0)
+    if since < t.min_interval:
+        return f"last training {since:.0f}s ago, min_interval is {t.min_interval:.0f}s"
     return None
 
 
