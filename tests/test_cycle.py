@@ -6,6 +6,7 @@ import hashlib
 import json
 import sqlite3
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,33 +42,41 @@ def cycle(cfg, force=False):
         src.close()
 
 
-def test_user_job_hooks_run_in_order_and_their_results_are_published(tmp_path, plant):
-    state, _ = plant
-    log = tmp_path / "hooks.jsonl"
-    cfg_path = write_config(
+def recording_job(tmp_path, state, **options) -> Path:
+    """A config running tests/userjob.py's RecordingJob, which logs its hooks to `hooks.jsonl`."""
+    return write_config(
         tmp_path / "user.toml",
         state,
         training={"job": "userjob:RecordingJob"},
-        job={"log": str(log)},
+        job={"log": str(tmp_path / "hooks.jsonl"), **options},
     )
+
+
+def hooks(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "hooks.jsonl").read_text().splitlines()]
+
+
+def test_user_job_hooks_run_in_order_and_their_results_are_published(tmp_path, plant):
+    state, _ = plant
+    cfg_path = recording_job(tmp_path, state)
     proc = smocsd("train-once", config=cfg_path, check=True)
     result = json.loads(proc.stdout)
-    hooks = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [h["hook"] for h in hooks] == [
+    called = hooks(tmp_path)
+    assert [h["hook"] for h in called] == [
         "build_model",
         "get_training_data",
         "train_model",
         "eval_model",
         "save_model",
     ]
-    assert hooks[0] == {
+    assert called[0] == {
         "hook": "build_model",
         "has_db": True,
         "state_dir": str(state),
         "logger": "smocsd.job.autoencoder",
     }
-    assert hooks[1]["rows"] == 3000 and hooks[2]["n"] == 3000
-    assert hooks[4]["metrics"] == {"n": 3000} and hooks[4]["eval"] == {"score": 0.5}
+    assert called[1]["rows"] == 3000 and called[2]["n"] == 3000
+    assert called[4]["metrics"] == {"n": 3000} and called[4]["eval"] == {"score": 0.5}
     assert result["outcome"] == "promoted" and result["version"] == 7
     assert result["metrics"] == {"n": 3000} and result["eval"] == {"score": 0.5}
     assert result["model_meta"] == {"kind": "recording"}
@@ -77,44 +86,29 @@ def test_user_job_hooks_run_in_order_and_their_results_are_published(tmp_path, p
     # the job's state is kept for the next cycle: only new rows are seen
     demo.write(state / "readings.db", 10)
     smocsd("train-once", config=cfg_path, check=True)
-    hooks = [json.loads(line) for line in log.read_text().splitlines()]
-    assert hooks[-4]["rows"] == 10
+    assert hooks(tmp_path)[-4]["rows"] == 10
 
 
 def test_a_failing_hook_is_published_as_failed_and_state_is_not_committed(tmp_path, plant):
     state, _ = plant
-    log = tmp_path / "hooks.jsonl"
-    path = write_config(
-        tmp_path / "u.toml",
-        state,
-        training={"job": "userjob:RecordingJob"},
-        job={"log": str(log), "fail": "train"},
-    )
+    path = recording_job(tmp_path, state, fail="train")
     proc = smocsd("train-once", config=path)
     assert proc.returncode == 1
     result = json.loads(proc.stdout)
     assert result["outcome"] == "failed"
     assert result["error"] == "RuntimeError: boom in train_model"
     assert "boom in train_model" in proc.stderr
-    assert [h["hook"] for h in map(json.loads, log.read_text().splitlines())][-1] == "train_model"
+    assert hooks(tmp_path)[-1]["hook"] == "train_model"
     waiting = json.loads(smocsd("outbox", "list", "--json", config=path, check=True).stdout)
     assert [m["outcome"] for m in waiting] == ["failed"]
     # nothing was committed, so the next cycle sees the same rows again
-    path2 = write_config(
-        tmp_path / "u2.toml", state, training={"job": "userjob:RecordingJob"}, job={"log": str(log)}
-    )
-    smocsd("train-once", config=path2, check=True)
-    assert json.loads(log.read_text().splitlines()[-4])["rows"] == 3000
+    smocsd("train-once", config=recording_job(tmp_path, state), check=True)
+    assert hooks(tmp_path)[-4]["rows"] == 3000
 
 
 def test_skipping_is_not_published(tmp_path, plant):
     state, _ = plant
-    path = write_config(
-        tmp_path / "u.toml",
-        state,
-        training={"job": "userjob:RecordingJob"},
-        job={"log": str(tmp_path / "l"), "skip": True},
-    )
+    path = recording_job(tmp_path, state, skip=True)
     proc = smocsd("train-once", config=path, check=True)
     assert json.loads(proc.stdout) == {"outcome": "skipped", "reason": "told to skip"}
     assert json.loads(smocsd("outbox", "list", "--json", config=path).stdout) == []
