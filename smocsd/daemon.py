@@ -18,7 +18,7 @@ from typing import Any
 from . import config as config_mod
 from . import systemd
 from .config import Config, ConfigError
-from .job import CycleProgress, State, Stopped, describe, run_cycle, utcnow
+from .job import CycleProgress, State, Stopped, cycle_lock, describe, run_cycle, utcnow
 from .outbox import Outbox
 from .publish import Publisher
 from .sources import Source, open_source
@@ -74,11 +74,16 @@ class Parts:
 
 
 def prepare_state_dir(cfg: Config) -> None:
-    """Makes the state directory usable and removes what a crash left behind."""
+    """Makes the state directory usable and removes what a crash left behind.
+
+    Only under the cycle lock: while another process (the daemon, or a manual
+    train-once) runs a cycle, its half-built version is work in progress, not a leftover.
+    """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     store = ModelStore(cfg.state_dir / "models" / cfg.model.name, cfg.model.keep_versions)
-    for leftover in store.recover():
-        log.warning("removed %s left by an interrupted save", leftover)
+    with cycle_lock(cfg.state_dir) as locked:
+        for leftover in store.recover() if locked else ():
+            log.warning("removed %s left by an interrupted save", leftover)
 
 
 class Daemon:

@@ -180,7 +180,7 @@ def result_message(cfg: Config, outcome: str, **fields: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _cycle_lock(state_dir: Path) -> Iterator[bool]:
+def cycle_lock(state_dir: Path) -> Iterator[bool]:
     """One cycle at a time per state_dir (the daemon and a manual train-once may race)."""
     with open(state_dir / "cycle.lock", "a") as f:
         try:
@@ -206,7 +206,7 @@ def run_cycle(
     Returns the result to publish, or {"outcome": "skipped", "reason": ...}. Any
     exception from a hook becomes a `failed` result; only Stopped propagates.
     """
-    with _cycle_lock(cfg.state_dir) as locked:
+    with cycle_lock(cfg.state_dir) as locked:
         if not locked:
             return {"outcome": "skipped", "reason": "another training cycle is running"}
         state = State(cfg.state_dir)

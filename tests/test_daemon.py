@@ -112,3 +112,21 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_pat
     d.wait_for(f"configuration reloaded from {cfg}")
     d.wait_for("0 new rows of 7 needed")
     assert d.stop() == 0
+
+
+def test_a_manual_train_once_leaves_the_running_cycle_alone(tmp_path, running):
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    cfg = write_config(
+        tmp_path / "c.toml", state, training={"epochs": 10000, "patience": 10000, "batch_size": 8}
+    )
+    d = running(cfg, tmp_path / "log")
+    d.wait_for("epoch 1/10000")
+    staging = state / "models" / "autoencoder" / ".tmp-v000001"
+    assert staging.is_dir()
+    result = json.loads(smocsd("train-once", "--force", config=cfg, check=True).stdout)
+    assert result == {"outcome": "skipped", "reason": "another training cycle is running"}
+    assert staging.is_dir()  # the daemon's version in progress is not a crash leftover
+    count = d.text().count("epoch")
+    d.wait_for("epoch", count=count + 1)  # and it keeps training
+    assert d.stop() == 0
