@@ -80,9 +80,12 @@ class State:
             return {}
 
     def update(self, **changes: Any) -> None:
-        data = self.read()
-        data.update(changes)
-        write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
+        """Read-modify-write under a lock: the daemon and a manual command may both write."""
+        with open(self.path.with_name("state.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self.read()
+            data.update(changes)
+            write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 class TrainingJob(ABC):
