@@ -78,13 +78,19 @@ def test_a_failing_cycle_never_kills_the_daemon(tmp_path, running):
     assert status["current_version"] == 1 and status["outbox_depth"] == len(outcomes)
 
 
-def test_sigterm_mid_training_exits_cleanly_and_promotes_nothing(tmp_path, running):
+@pytest.fixture
+def endless_training(tmp_path, running):
+    """A daemon that trains (far longer than any test waits): (state dir, config, daemon)."""
     state = tmp_path / "state"
     demo.write(state / "readings.db", 3000)
     cfg = write_config(
         tmp_path / "c.toml", state, training={"epochs": 10000, "patience": 10000, "batch_size": 8}
     )
-    d = running(cfg, tmp_path / "log")
+    return state, cfg, running(cfg, tmp_path / "log")
+
+
+def test_sigterm_mid_training_exits_cleanly_and_promotes_nothing(endless_training):
+    state, cfg, d = endless_training
     d.wait_for("epoch 2/10000")
     started = time.monotonic()
     assert d.stop() == 0
@@ -114,13 +120,8 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_pat
     assert d.stop() == 0
 
 
-def test_a_manual_train_once_leaves_the_running_cycle_alone(tmp_path, running):
-    state = tmp_path / "state"
-    demo.write(state / "readings.db", 3000)
-    cfg = write_config(
-        tmp_path / "c.toml", state, training={"epochs": 10000, "patience": 10000, "batch_size": 8}
-    )
-    d = running(cfg, tmp_path / "log")
+def test_a_manual_train_once_leaves_the_running_cycle_alone(endless_training):
+    state, cfg, d = endless_training
     d.wait_for("epoch 1/10000")
     staging = state / "models" / "autoencoder" / ".tmp-v000001"
     assert staging.is_dir()
