@@ -84,9 +84,7 @@ class AutoencoderJob(TrainingJob):
             threads=t.threads,
             seed=t.seed,
         )
-        self.store = ModelStore(
-            self.state_dir / "models" / self.config.model.name, self.config.model.keep_versions
-        )
+        self.store = ModelStore.of(self.config)
         self.version: int | None = None
 
     def get_training_data(self) -> TrainingData | None:

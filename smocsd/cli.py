@@ -29,10 +29,6 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _store(cfg: Config) -> ModelStore:
-    return ModelStore(cfg.state_dir / "models" / cfg.model.name, cfg.model.keep_versions)
-
-
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
@@ -70,7 +66,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from .job import State
     from .outbox import Outbox
 
-    store = _store(cfg)
+    store = ModelStore.of(cfg)
     state = State(cfg.state_dir).read()
     outbox_path = cfg.state_dir / "outbox.db"
     depth = 0
@@ -105,7 +101,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
-    store = _store(cfg)
+    store = ModelStore.of(cfg)
     if args.models_command == "show":
         _print_json(store.metadata(args.version))
     elif args.models_command == "rollback":

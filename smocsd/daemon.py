@@ -61,10 +61,9 @@ class Parts:
         """A training cycle whose result is durable in the outbox before delivery is tried."""
         self.flush_outbox()
         result = run_cycle(self.cfg, self.source, force=force, progress=progress)
+        recorded = {k: result[k] for k in ("outcome", "reason", "error") if k in result}
         State(self.cfg.state_dir).update(
-            last_cycle={"at": utcnow(), **{k: result.get(k) for k in ("outcome", "version")}}
-            | ({"reason": result["reason"]} if "reason" in result else {})
-            | ({"error": result["error"]} if "error" in result else {})
+            last_cycle={"at": utcnow(), "version": result.get("version"), **recorded}
         )
         log.log(logging.ERROR if result["outcome"] == "failed" else logging.INFO, describe(result))
         if result["outcome"] != "skipped":
@@ -80,7 +79,7 @@ def prepare_state_dir(cfg: Config) -> None:
     train-once) runs a cycle, its half-built version is work in progress, not a leftover.
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    store = ModelStore(cfg.state_dir / "models" / cfg.model.name, cfg.model.keep_versions)
+    store = ModelStore.of(cfg)
     with cycle_lock(cfg.state_dir) as locked:
         for leftover in store.recover() if locked else ():
             log.warning("removed %s left by an interrupted save", leftover)

@@ -18,7 +18,10 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
 
 _VERSION = re.compile(r"^v(\d{6,})$")
 _TMP_PREFIX = ".tmp-"
@@ -57,6 +60,11 @@ class ModelStore:
         self.root = root
         self.keep_versions = keep_versions
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def of(cls, cfg: Config) -> ModelStore:
+        """The store of the configured model: <state_dir>/models/<model.name>."""
+        return cls(cfg.state_dir / "models" / cfg.model.name, cfg.model.keep_versions)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
