@@ -11,6 +11,7 @@ import re
 import socket
 import stat
 import sys
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -136,8 +137,29 @@ def _identifier(value: Any) -> str:
     return value
 
 
+def _column(value: Any) -> str:
+    """A column named exactly as the table has it: plant historians use spaces, mixed
+    case and non-ASCII letters, and sources.py quotes every name.
+
+    Refused are only names no table has on purpose: empty, padded with whitespace (a
+    typo), or holding control characters (PostgreSQL cannot store NUL, and the error
+    line naming the column must stay one line).
+    """
+    name = _str(value)
+    if not name:
+        raise ValueError("must not be empty")
+    if name != name.strip():
+        raise ValueError(f"{name!r} has leading or trailing whitespace")
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise ValueError(f"{name!r} contains a control character")
+    return name
+
+
 def _table_name(value: Any) -> str:
-    """A table, optionally schema-qualified (PostgreSQL)."""
+    """A table, optionally schema-qualified (PostgreSQL).
+
+    Kept to plain identifiers so that the one '.' always separates schema and table.
+    """
     for part in _str(value).split("."):
         _identifier(part)
     if value.count(".") > 1:
@@ -195,10 +217,10 @@ class SourceConfig:
     dsn: str | None = _opt(None, _str)  # postgres; libpq PG* variables also apply
     password_file: Path | None = _opt(None, _path)
     table: str = _opt("readings", _table_name)
-    time_column: str = _opt("ts", _identifier)
-    order_column: str | None = _opt(None, _identifier)  # sqlite default: rowid
+    time_column: str = _opt("ts", _column)
+    order_column: str | None = _opt(None, _column)  # sqlite default: rowid
     channels: tuple[str, ...] = _opt(
-        ("temperature", "vibration", "current"), _list_of(_identifier, unique=True)
+        ("temperature", "vibration", "current"), _list_of(_column, unique=True)
     )
     busy_timeout: float = _opt(10.0, _positive_duration)  # sqlite lock wait
     statement_timeout: float = _opt(60.0, _positive_duration)  # postgres

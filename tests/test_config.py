@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -65,6 +66,15 @@ def test_durations(text, seconds):
         ("[source]\nchannels = []", "source.channels", "empty"),
         ("[source]\nchannels = ['a', 'a']", "source.channels", "duplicates"),
         ("[source]\ntable = 'x; DROP TABLE y'", "source.table", "identifier"),
+        ("[source]\ntable = 'a.b.c'", "source.table", "one schema"),
+        ("[source]\ntime_column = ''", "source.time_column", "empty"),
+        ("[source]\ntime_column = ' ts'", "source.time_column", "whitespace"),
+        ("[source]\norder_column = 'id '", "source.order_column", "whitespace"),
+        ('[source]\norder_column = "a\\u0000b"', "source.order_column", "control character"),
+        ('[source]\nchannels = ["a", "b\\nc"]', "source.channels", "item 2: 'b\\nc' contains"),
+        ('[source]\nchannels = ["a\\tb"]', "source.channels", "control character"),
+        ('[source]\nchannels = ["a\\u007f"]', "source.channels", "control character"),
+        ("[source]\nchannels = [1]", "source.channels", "expected a string"),
         ("[source]\nkind = 'postgres'", "source.order_column", "required"),
         ("[model]\npromote = 'sometimes'", "model.promote", "one of"),
         ("[publish]\norder = ['kafka', 'smtp']", "publish.order", "item 2"),
@@ -79,6 +89,17 @@ def test_each_bad_value_is_one_line_naming_file_and_key(toml, key, fragment):
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"c.toml: {key}"), lines
     assert fragment in lines[0]
+
+
+def test_column_names_may_be_what_plant_historians_use():
+    names = ["Volume Flow RateRMS", "Température °C", "Pump-3 Current (A)", 'say "hi"', "Ölstand"]
+    text = (
+        "[source]\ntime_column = 'Time Stamp'\norder_column = 'Row No.'\n"
+        f"channels = {json.dumps(names, ensure_ascii=False)}\n"
+    )
+    src = parse(text, env=ENV).source
+    assert (src.time_column, src.order_column) == ("Time Stamp", "Row No.")
+    assert src.channels == tuple(names)
 
 
 def test_all_problems_are_reported_at_once():

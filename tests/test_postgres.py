@@ -13,7 +13,7 @@ from test_daemon import running  # noqa: F401 - the fixture
 
 from smocsd import demo
 from smocsd.config import SourceConfig
-from smocsd.sources import PostgresSource, SourceError
+from smocsd.sources import PostgresSource, SourceError, quote
 
 CHANNELS = ("temperature", "vibration", "current")
 
@@ -22,7 +22,9 @@ def load_rows(pg, start: int, rows: int, table: str = "readings") -> None:
     """Demo readings into `table` (id bigserial), inserted as the superuser."""
     data = demo.simulate(rows, start_index=start)
     columns = zip(*(data[c].tolist() for c in ("ts", *CHANNELS)), strict=True)
-    values = ", ".join(f"({ts!r}, {t!r}, {v!r}, {c!r})" for ts, t, v, c in columns)
+    values = ", ".join(  # a sensor dropout (NaN) is NULL, as the demo writes it to SQLite
+        "(" + ", ".join("NULL" if x != x else repr(x) for x in row) + ")" for row in columns
+    )
     pg.admin(
         f"CREATE TABLE IF NOT EXISTS {table} (id bigserial PRIMARY KEY, ts float8, "
         "temperature float8, vibration float8, current real)",
@@ -62,7 +64,17 @@ def test_train_once_on_postgres_data(postgres, plant):
     result = json.loads(smocsd("train-once", config=cfg, check=True).stdout)
     assert result["outcome"] == "promoted"
     data = result["model_meta"]["data"]
-    assert data == {**data, "rows": 3000, "dropped_rows": 3, "first_order": 1, "last_order": 3000}
+    demo_rows = demo.simulate(3000)  # its sensor dropouts are NULL too
+    bad = ~np.isfinite(np.column_stack([demo_rows[c] for c in CHANNELS])).all(axis=1)
+    bad[[99, 199, 299]] = True
+    dropped = int(bad.sum())
+    assert data == {
+        **data,
+        "rows": 3000,
+        "dropped_rows": dropped,
+        "first_order": 1,
+        "last_order": 3000,
+    }
 
 
 def test_reads_match_the_table_and_run_read_only(postgres, plant):
@@ -113,3 +125,151 @@ def test_a_postgres_restart_between_ticks(postgres, plant, running, tmp_path):  
     d.wait_for(" v2: ")  # reconnected: trained again on the new rows, promoted or rejected
     assert d.proc.poll() is None
     assert d.stop() == 0
+
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+ODD = ("Température °C", "Load %", 'say "hi"')
+# time_column -> (SQL type, the three rows' values, the epoch seconds expected)
+TIMES = {
+    "Time Stamp": (
+        "timestamptz",
+        ["'2026-01-01 01:00:00+01'", "NULL", "'infinity'"],
+        [T0, None, None],
+    ),
+    "naive": ("timestamp", ["'2026-01-01 00:00:01.5'", "NULL", "NULL"], [T0 + 1.5, None, None]),
+    "day": ("date", ["'2026-01-01'", "'2026-01-02'", "NULL"], [T0, T0 + 86400, None]),
+    "epoch s": ("numeric", [repr(T0), "'NaN'", "NULL"], [T0, None, None]),
+    "epoch ms": (
+        "bigint",
+        [str(int(T0 * 1000) + 250), str(int(T0)), "NULL"],
+        [T0 + 0.25, T0, None],
+    ),
+    "iso text": (
+        "text",
+        ["'2026-01-01T02:00:00+02:00'", "'2026-02-30 00:00:00'", "'now'"],
+        [T0, None, None],  # an impossible day and words are no time, and fail no read
+    ),
+    "naive text": (
+        "varchar(40)",
+        ["'2026-01-01 00:00:00.25'", "'2026-01-01'", "'x'"],
+        [T0 + 0.25, T0, None],
+    ),
+}
+
+
+@pytest.fixture
+def odd_table(postgres):
+    """Table <schema>.readings whose names have spaces, case, non-ASCII, % and a double
+    quote, with one time column of each kind; returns the table's name."""
+    schema = f"plant_{int(time.monotonic() * 1e6)}"
+    cols = ", ".join(f"{quote(name)} {sql_type}" for name, (sql_type, _, _) in TIMES.items())
+    rows = [
+        ", ".join([*(TIMES[name][1][i] for name in TIMES), str(i + 1.5), str(i * 2.0), "1"])
+        for i in range(3)
+    ]
+    table = f"{schema}.readings"
+    postgres.admin(
+        f"CREATE SCHEMA {schema}",
+        f'CREATE TABLE {table} ("Row % No" bigserial PRIMARY KEY, span interval, {cols}, '
+        f"{quote(ODD[0])} float8, {quote(ODD[1])} real, {quote(ODD[2])} numeric)",
+        f"INSERT INTO {table} ({', '.join(map(quote, [*TIMES, *ODD]))}) "
+        f"VALUES {', '.join(f'({row})' for row in rows)}",
+        f"GRANT USAGE ON SCHEMA {schema} TO {postgres.user}",
+        f"GRANT SELECT ON {table} TO {postgres.user}",
+        dbname=postgres.dbname,
+    )
+    return table
+
+
+def pg_source(postgres, table: str, **kw) -> PostgresSource:
+    settings = {"time_column": "Time Stamp", "order_column": "Row % No", "channels": ODD, **kw}
+    return PostgresSource(
+        SourceConfig(
+            kind="postgres",
+            dsn=f"{postgres.dsn}?password={postgres.password}",
+            table=table,
+            **settings,
+        )
+    )
+
+
+def test_any_column_name_in_a_schema_qualified_table(postgres, odd_table):
+    src = pg_source(postgres, odd_table)
+    assert src.count_after(1) == 2  # with a bound value and a % in the order column
+    got = src.read_newest(2)
+    assert got.order.tolist() == [2, 3]
+    assert got.values.tolist() == [[2.5, 2.0, 1.0], [3.5, 4.0, 1.0]]
+    src.close()
+
+
+@pytest.mark.parametrize("column", list(TIMES))
+def test_times_become_epoch_seconds(postgres, odd_table, column):
+    src = pg_source(postgres, odd_table, time_column=column)
+    got = src.read_newest(10)
+    expected = [np.nan if t is None else t for t in TIMES[column][2]]
+    np.testing.assert_allclose(got.time, expected, rtol=0, atol=1e-6)
+    assert not got.bad_rows.any()
+    src.close()
+
+
+def test_a_time_column_of_another_type_is_one_clear_line(postgres, odd_table):
+    with pytest.raises(SourceError) as exc:
+        pg_source(postgres, odd_table, time_column="span").count_after(None)
+    assert str(exc.value) == (
+        f'postgres: column "span" in table {odd_table} is interval, '
+        "not a timestamp, date, number or text (source.time_column)"
+    )
+
+
+def test_missing_columns_and_tables_name_the_key_and_the_near_match(postgres, odd_table):
+    upper = odd_table.replace("readings", "Readings")  # quoted, so not the same table
+    cases = [
+        (
+            {"channels": ("température °C",)},
+            'no such column "température °C" in table '
+            f'{odd_table} (source.channels); did you mean "Température °C"?',
+        ),
+        ({"order_column": "id"}, f'no such column "id" in table {odd_table} (source.order_column)'),
+        (
+            {"table": upper},
+            f"no such table {upper} (source.table); did you mean {odd_table}?",
+        ),
+        ({"table": "no_schema.readings"}, "no such table no_schema.readings (source.table)"),
+    ]
+    for kw, message in cases:
+        src = pg_source(postgres, kw.pop("table", odd_table), **kw)
+        with pytest.raises(SourceError) as exc:
+            src.read_newest(10)
+        assert str(exc.value) == f"postgres: {message}"
+        src.close()
+
+
+def test_an_unqualified_table_is_found_through_search_path(postgres):
+    """The default search_path starts with "$user": a table in schema smocsd is found."""
+    table = f"readings_{int(time.monotonic() * 1e6)}"
+    postgres.admin(
+        f"CREATE SCHEMA IF NOT EXISTS {postgres.user} AUTHORIZATION {postgres.user}",
+        f"CREATE TABLE {postgres.user}.{table} (id int, ts float8, a float8)",
+        f"INSERT INTO {postgres.user}.{table} VALUES (1, {T0}, 2.0)",
+        f"GRANT SELECT ON {postgres.user}.{table} TO {postgres.user}",
+        dbname=postgres.dbname,
+    )
+    src = pg_source(postgres, table, time_column="ts", order_column="id", channels=("a",))
+    got = src.read_newest(10)
+    assert (got.order.tolist(), got.time.tolist(), got.values.tolist()) == ([1], [T0], [[2.0]])
+    src.close()
+
+
+def test_columns_are_checked_once_per_connection(postgres, odd_table):
+    src = pg_source(postgres, odd_table)
+    calls = []
+    check = src._check
+    src._check = lambda cur: calls.append(cur) or check(cur)
+    src.count_after(None)
+    src.read_newest(5)
+    src.count_after(1)
+    assert len(calls) == 1
+    src.close()  # as after a failed query: the next connection checks again
+    src.count_after(None)
+    assert len(calls) == 2
+    src.close()
