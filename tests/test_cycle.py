@@ -26,6 +26,14 @@ def plant(tmp_path):
     return state, write_config(tmp_path / "smocsd.toml", state)
 
 
+@pytest.fixture
+def clean_plant(tmp_path):
+    """As `plant`, without the demo's sensor dropouts and time gaps: exact row and window counts."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000, dropouts=False, gaps=False)
+    return state, write_config(tmp_path / "smocsd.toml", state)
+
+
 def load(path, **sections):
     """The config at `path` with some keys of some sections replaced."""
     cfg = config.load(path)
@@ -138,8 +146,8 @@ def test_gating_first_training_new_rows_and_interval(tmp_path, plant):
     assert cycle(cfg)["outcome"] in ("promoted", "rejected")
 
 
-def test_result_and_metadata_follow_the_contract(tmp_path, plant):
-    state, path = plant
+def test_result_and_metadata_follow_the_contract(tmp_path, clean_plant):
+    state, path = clean_plant
     result = cycle(load(path))
     assert set(result) == {
         "schema",
@@ -221,8 +229,8 @@ def test_if_better_rejects_a_worse_model_and_keeps_current(tmp_path, plant):
     assert store.current() == 3
 
 
-def test_bad_rows_never_reach_training_and_are_reported(tmp_path, plant, caplog):
-    state, path = plant
+def test_bad_rows_never_reach_training_and_are_reported(tmp_path, clean_plant, caplog):
+    state, path = clean_plant
     conn = sqlite3.connect(state / "readings.db")
     conn.execute("UPDATE readings SET temperature = NULL WHERE id % 100 = 0")
     conn.execute("UPDATE readings SET vibration = 'n/a' WHERE id = 1501")
