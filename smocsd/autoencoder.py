@@ -12,31 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, threshold
 from .job import TrainingJob, utcnow
+from .scoring import AlarmRule, channel_errors, open_session, shares
 from .sources import Readings
 from .store import ModelStore
 from .trainers import TrainSpec, make_trainer, onnxruntime_version
-from .windows import DataError, Normalization, Split, WindowSet, split, valid_starts
-
-
-def score(model_path: Path, windows: WindowSet, threads: int = 1) -> np.ndarray:
-    """Each window's anomaly score: mean squared reconstruction error, normalized space.
-
-    Runs the exported model with a plain InferenceSession, exactly as a consumer would.
-    """
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(
-        str(model_path), options, providers=["CPUExecutionProvider"]
-    )
-    scores = [
-        np.mean((session.run(None, {"input": x})[0] - x) ** 2, axis=1) for x in windows.batches()
-    ]
-    return np.concatenate(scores) if scores else np.empty(0, np.float32)
+from .windows import (
+    DataError,
+    Normalization,
+    Split,
+    TimeCheck,
+    WindowSet,
+    check_time,
+    split,
+    valid_starts,
+)
 
 
 def _file_entry(path: Path) -> dict:
@@ -48,6 +39,7 @@ class TrainingData:
     readings: Readings
     split: Split
     windows: int  # valid windows in all, before the train/validation split
+    time: TimeCheck
 
 
 def _gate(job: AutoencoderJob) -> str | None:
@@ -111,11 +103,14 @@ class AutoencoderJob(TrainingJob):
                 f"{good} valid rows of {t.min_training_samples} needed ({bad.sum()} rows dropped)"
             )
             return None
-        starts = valid_starts(bad, t.window_size, t.stride)
+        breaks, time_check = check_time(readings.time, t.max_gap)
+        self._report_time(readings, time_check)
+        starts = valid_starts(bad, t.window_size, t.stride, breaks)
         data = TrainingData(
             readings=readings,
             split=split(readings.values, starts, t.window_size, t.validation_fraction),
             windows=len(starts),
+            time=time_check,
         )
         self.logger.info(
             "read %d rows (%d dropped): %d training and %d validation windows",
@@ -125,6 +120,38 @@ class AutoencoderJob(TrainingJob):
             len(data.split.val),
         )
         return data
+
+    def _report_time(self, readings: Readings, check: TimeCheck) -> None:
+        """Says, once per cycle, where the time column keeps rows out of windows."""
+        column = self.config.source.time_column
+        if check.no_time == len(readings.time):
+            self.logger.warning(
+                "time column %r has no usable value: windows follow the order column only",
+                column,
+            )
+            return
+        if check.disorder:
+            step = np.diff(readings.time)
+            first = int(readings.order[1:][step <= 0][0])
+            self.logger.warning(
+                "time column %r goes backwards %d times and repeats %d times (first at order "
+                "value %d): no window spans those rows",
+                column,
+                check.backwards,
+                check.duplicates,
+                first,
+            )
+        if check.no_time:
+            self.logger.warning(
+                "%d rows have no usable %r value: no window spans them", check.no_time, column
+            )
+        if check.gaps:
+            self.logger.info(
+                "%d gaps longer than %.3gs (sampling every %.3gs): no window spans them",
+                check.gaps,
+                check.max_gap,
+                check.interval,
+            )
 
     def train_model(self, data: TrainingData) -> dict:
         self.data = data
@@ -159,17 +186,40 @@ class AutoencoderJob(TrainingJob):
             raise
 
     def _evaluate(self) -> dict:
-        val = self.data.split.val
-        threads = self.config.training.threads
-        scores = score(self.staging / "model.onnx", val, threads)
+        sp, threads = self.data.split, self.config.training.threads
+        channels = len(self.config.source.channels)
+        session = open_session(self.staging / "model.onnx", threads)
+        errors = channel_errors(session, sp.val, channels)
+        scores = errors.mean(axis=1)
+        train_scores = channel_errors(session, sp.train, channels).mean(axis=1)
         self.val_loss = float(scores.mean())
-        self.threshold = float(np.percentile(scores, self.config.model.threshold_percentile))
-        previous = self._score_current(val, threads)
+        t, m = self.config.training, self.config.model
+        # Training and validation windows together: more evidence for the tail, and the
+        # validation windows (the newest) carry whatever drift there already is.
+        self.threshold_fit = threshold.fit(
+            np.concatenate([train_scores, scores]), t.window_size, t.stride, m.false_alarm_rate
+        )
+        self.score_quantiles = {
+            "validation": threshold.quantiles(scores),
+            "training": threshold.quantiles(train_scores),
+        }
+        channel_mse = errors.mean(axis=0)
+        self.channel_error = {
+            name: {"val_mse": float(mse), "share": float(share)}
+            for name, mse, share in zip(
+                self.config.source.channels,
+                channel_mse,
+                shares(channel_mse[None, :])[0],
+                strict=True,
+            )
+        }
+        previous = self._score_current(sp.val, threads)
         return {
-            "val_score_p50": float(np.percentile(scores, 50)),
-            "val_score_p99": float(np.percentile(scores, 99)),
-            "threshold": self.threshold,
+            "val_score_p50": self.score_quantiles["validation"]["p50"],
+            "val_score_p99": self.score_quantiles["validation"]["p99"],
+            "threshold": self.threshold_fit.threshold,
             "val_loss": self.val_loss,
+            "val_windows_over_threshold": float((scores > self.threshold_fit.threshold).mean()),
             "previous_version": previous[0] if previous else None,
             "previous_val_loss": previous[1] if previous else None,
         }
@@ -190,8 +240,9 @@ class AutoencoderJob(TrainingJob):
         norm = Normalization.from_meta(meta["normalization"])
         raw = np.nan_to_num(self.data.readings.values)
         windows = WindowSet(norm.apply(raw), val.starts, val.size)
-        scores = score(self.store.path(current) / "model.onnx", windows, threads)
-        return current, float(scores.mean())
+        session = open_session(self.store.path(current) / "model.onnx", threads)
+        errors = channel_errors(session, windows, len(cfg.source.channels))
+        return current, float(errors.mean())
 
     def save_model(self, model_metrics: dict, eval_results: dict) -> dict:
         try:
@@ -237,8 +288,12 @@ class AutoencoderJob(TrainingJob):
             "output_name": "reconstruction",
             "normalization": sp.normalization.to_meta(),
             "score": "mse",
-            "threshold": self.threshold,
-            "threshold_percentile": cfg.model.threshold_percentile,
+            "threshold": self.threshold_fit.threshold,
+            "threshold_fit": self.threshold_fit.to_meta(),
+            "score_quantiles": self.score_quantiles,
+            "alarm": AlarmRule(cfg.model.alarm_above, cfg.model.alarm_of).to_meta(),
+            "time": self.data.time.to_meta(),
+            "channel_error": self.channel_error,
             "metrics": metrics,
             "eval": eval_results,
             "data": {

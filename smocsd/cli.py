@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = config_mod.load(args.config_path)
         configure_logging(cfg.daemon.log_level)
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
         if args.command in ("run", "train-once", "check-config"):
             _check_job(cfg, args.config_path)
         return args.func(cfg, args)

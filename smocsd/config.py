@@ -124,6 +124,11 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _max_gap(value: Any) -> float | None:
+    """'auto' (None: three median sampling intervals) or a duration."""
+    return None if value == "auto" else _positive_duration(value)
+
+
 def _path(value: Any) -> Path:
     return Path(_nonempty_str(value))
 
@@ -231,8 +236,9 @@ class SourceConfig:
 class TrainingConfig:
     job: str = _opt("autoencoder", _job)
     backend: str = _opt("auto", _choice("auto", "ort", "numpy"))
-    window_size: int = _opt(50, _int(2))
+    window_size: int = _opt(10, _int(2))
     stride: int = _opt(1, _int(1))
+    max_gap: float | None = _opt(None, _max_gap)  # None: "auto"
     min_training_samples: int = _opt(10000, _int(1))
     min_new_samples: int = _opt(1000, _int(1))
     min_interval: float = _opt(600.0, parse_duration)
@@ -252,7 +258,9 @@ class ModelConfig:
     name: str = _opt("autoencoder", _identifier)
     keep_versions: int = _opt(5, _int(1))
     promote: str = _opt("if-better", _choice("always", "if-better"))
-    threshold_percentile: float = _opt(99.0, _float(0.0, 100.0, low_open=True))
+    false_alarm_rate: float = _opt(0.001, _float(0.0, 0.5, low_open=True, high_open=True))
+    alarm_above: int = _opt(2, _int(1))
+    alarm_of: int = _opt(3, _int(1))
 
 
 @dataclass(frozen=True)
@@ -301,6 +309,7 @@ class Config:
     publish: PublishConfig
     job_options: dict[str, Any]  # the free-form [job] table, handed to a user TrainingJob
     path: Path | None = None
+    warnings: tuple[str, ...] = ()  # deprecated keys: logged, never fatal
 
     @property
     def state_dir(self) -> Path:
@@ -316,6 +325,20 @@ _SECTIONS = {
 }
 
 
+# Keys of earlier releases that an upgraded gateway's edited file may still hold: a
+# warning, not an error, so a package upgrade never stops the service with exit 78.
+DEPRECATED = {
+    "model.threshold_percentile": "ignored since 0.2: the threshold is fitted to "
+    "model.false_alarm_rate (see the README's 'Detection quality'); remove the key",
+}
+
+
+def _has_key(doc: dict[str, Any], dotted: str) -> bool:
+    section, _, key = dotted.partition(".")
+    table = doc.get(section)
+    return isinstance(table, dict) and key in table
+
+
 def _load_section(cls: type, table: Any, prefix: str, problems: list[str]) -> Any:
     """Builds `cls` from a TOML table, collecting one problem per bad or unknown key."""
     if not isinstance(table, dict):
@@ -325,6 +348,8 @@ def _load_section(cls: type, table: Any, prefix: str, problems: list[str]) -> An
     kwargs = {}
     for key, value in table.items():
         f = known.get(key)
+        if f is None and f"{prefix}.{key}" in DEPRECATED:
+            continue
         if f is None:
             problems.append(f"{prefix}.{key}: unknown key")
         elif "parse" not in f.metadata:  # a nested table
@@ -348,8 +373,16 @@ def _check(cfg: Config, problems: list[str]) -> None:
             f"training.min_training_samples: {t.min_training_samples} exceeds "
             f"training.max_rows ({t.max_rows}), so training could never start"
         )
-    if t.min_training_samples < t.window_size + 1:
-        problems.append(f"training.min_training_samples: must exceed window_size ({t.window_size})")
+    if t.min_training_samples < 4 * t.window_size:
+        # Fewer rows leave no training window beside the validation ones.
+        problems.append(
+            f"training.min_training_samples: must be at least 4 x window_size ({4 * t.window_size})"
+        )
+    if cfg.model.alarm_above > cfg.model.alarm_of:
+        problems.append(
+            f"model.alarm_above: {cfg.model.alarm_above} windows can never be above the "
+            f"threshold among the last alarm_of = {cfg.model.alarm_of}"
+        )
     if s.kind == "postgres":
         if s.path is not None:
             problems.append("source.path: only for kind = 'sqlite'")
@@ -420,6 +453,9 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         publish=publish,
         job_options=job_options,
         path=path,
+        warnings=tuple(
+            f"{where}{key}: {why}" for key, why in DEPRECATED.items() if _has_key(doc, key)
+        ),
     )
     _check(cfg, problems)
     if problems:

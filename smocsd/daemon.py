@@ -161,5 +161,7 @@ class Daemon:
             self.parts.close()
             self.parts = parts
             systemd.configure_logging(cfg.daemon.log_level)
+            for warning in cfg.warnings:
+                log.warning("%s", warning)
             log.info("configuration reloaded from %s", self.config_path)
         systemd.notify("READY=1")

@@ -68,14 +68,85 @@ class WindowSet:
             yield self.batch(np.arange(i, min(i + batch_size, len(self))))
 
 
-def valid_starts(bad_rows: np.ndarray, size: int, stride: int) -> np.ndarray:
-    """Start rows of the windows that contain no bad row, every `stride` rows."""
+@dataclass(frozen=True)
+class TimeCheck:
+    """What the time column says about consecutive rows; a window never spans a break."""
+
+    interval: float  # median sampling interval, seconds (nan: no usable time)
+    max_gap: float  # longest step a window may span, seconds
+    gaps: int  # steps longer than max_gap
+    backwards: int  # steps where time goes back (rows out of order)
+    duplicates: int  # steps with the same time twice
+    no_time: int  # rows whose time is NULL or unparseable
+
+    @property
+    def disorder(self) -> int:
+        return self.backwards + self.duplicates
+
+    def to_meta(self) -> dict:
+        return {
+            "interval_s": None if np.isnan(self.interval) else self.interval,
+            "max_gap_s": None if np.isnan(self.max_gap) else self.max_gap,
+            "gaps": self.gaps,
+            "out_of_order": self.backwards,
+            "duplicate_times": self.duplicates,
+            "rows_without_time": self.no_time,
+        }
+
+
+# A step of up to three sampling intervals is a late or missed sample, not a gap: real
+# gateways miss single readings, and breaking windows there would discard data for nothing.
+AUTO_GAP_INTERVALS = 3.0
+
+
+def check_time(time: np.ndarray, max_gap: float | None) -> tuple[np.ndarray, TimeCheck]:
+    """Breaks between rows (`breaks[i]`: rows i-1 and i are not contiguous) and their census.
+
+    A break is a step longer than `max_gap` (None: three median sampling intervals), a step
+    backwards or a repeated time (the order column and the clock disagree, so the rows'
+    spacing is unknown), or a row without a time.
+    """
+    n = len(time)
+    breaks = np.zeros(n, bool)
+    missing = ~np.isfinite(time)
+    if n == 0 or missing.all():
+        return breaks, TimeCheck(np.nan, np.nan, 0, 0, 0, int(missing.sum()))
+    step = np.diff(time)
+    forward = step[step > 0]
+    interval = float(np.median(forward)) if len(forward) else np.nan
+    if max_gap is None:
+        max_gap = AUTO_GAP_INTERVALS * interval
+    with np.errstate(invalid="ignore"):
+        gap, back, same = step > max_gap, step < 0, step == 0
+    breaks[1:] = gap | back | same
+    breaks |= missing
+    breaks[1:] |= missing[:-1]
+    check = TimeCheck(
+        interval=interval,
+        max_gap=float(max_gap),
+        gaps=int(gap.sum()),
+        backwards=int(back.sum()),
+        duplicates=int(same.sum()),
+        no_time=int(missing.sum()),
+    )
+    return breaks, check
+
+
+def valid_starts(
+    bad_rows: np.ndarray, size: int, stride: int, breaks: np.ndarray | None = None
+) -> np.ndarray:
+    """Start rows of the windows that contain no bad row and span no break, every `stride`."""
     n = len(bad_rows)
     if n < size:
         return np.empty(0, np.int64)
     bad_before = np.concatenate(([0], np.cumsum(bad_rows)))
     starts = np.arange(0, n - size + 1, stride)
-    return starts[bad_before[starts + size] == bad_before[starts]]
+    ok = bad_before[starts + size] == bad_before[starts]
+    if breaks is not None:
+        # breaks at rows start+1 .. start+size-1 split the window; one at `start` does not.
+        breaks_before = np.concatenate(([0], np.cumsum(breaks)))
+        ok &= breaks_before[starts + size] == breaks_before[starts + 1]
+    return starts[ok]
 
 
 @dataclass(frozen=True)

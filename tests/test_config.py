@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,9 @@ def test_defaults_follow_the_contract():
     assert cfg.state_dir == Path("/srv/state")
     assert cfg.source.path == Path("/srv/state/readings.db")
     assert cfg.daemon.check_interval == 60
-    assert cfg.training.window_size == 50 and cfg.training.hidden == (32, 8)
+    assert cfg.training.window_size == 10 and cfg.training.hidden == (32, 8)
+    assert cfg.training.max_gap is None and cfg.model.false_alarm_rate == 0.001
+    assert (cfg.model.alarm_above, cfg.model.alarm_of) == (2, 3)
     assert cfg.training.min_interval == 600
     assert cfg.model.promote == "if-better" and cfg.model.keep_versions == 5
     assert cfg.publish.order == ("kafka", "mqtt")
@@ -82,6 +85,12 @@ def test_durations(text, seconds):
         ("[publish.kafka]\npassword = 'x'", "publish.kafka.password", "unknown key"),
         ("[plugins]\nx = 1", "plugins", "unknown section"),
         ("[training]\nmin_training_samples = 300000", "training.min_training_samples", "max_rows"),
+        ("[training]\nmin_training_samples = 39", "training.min_training_samples", "4 x window"),
+        ("[training]\nmax_gap = 'never'", "training.max_gap", "duration"),
+        ("[training]\nmax_gap = 0", "training.max_gap", "longer than zero"),
+        ("[model]\nfalse_alarm_rate = 0", "model.false_alarm_rate", "(0, 0.5)"),
+        ("[model]\nfalse_alarm_rate = 0.7", "model.false_alarm_rate", "(0, 0.5)"),
+        ("[model]\nalarm_above = 4", "model.alarm_above", "alarm_of = 3"),
     ],
 )
 def test_each_bad_value_is_one_line_naming_file_and_key(toml, key, fragment):
@@ -100,6 +109,18 @@ def test_column_names_may_be_what_plant_historians_use():
     src = parse(text, env=ENV).source
     assert (src.time_column, src.order_column) == ("Time Stamp", "Row No.")
     assert src.channels == tuple(names)
+
+
+def test_max_gap_is_auto_or_a_duration():
+    assert parse("[training]\nmax_gap = 'auto'", env=ENV).training.max_gap is None
+    assert parse("[training]\nmax_gap = '5m'", env=ENV).training.max_gap == 300.0
+
+
+def test_a_deprecated_key_warns_instead_of_stopping_an_upgraded_gateway():
+    cfg = parse("[model]\nthreshold_percentile = 99.0\n", path=Path("c.toml"), env=ENV)
+    assert replace(cfg, warnings=()) == parse("", path=Path("c.toml"), env=ENV)
+    assert len(cfg.warnings) == 1
+    assert cfg.warnings[0].startswith("c.toml: model.threshold_percentile: ignored")
 
 
 def test_all_problems_are_reported_at_once():

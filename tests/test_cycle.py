@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -178,7 +179,20 @@ def test_result_and_metadata_follow_the_contract(tmp_path, clean_plant):
         "sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
         "bytes": onnx_file.stat().st_size,
     }
-    assert meta["threshold"] == pytest.approx(meta["eval"]["val_score_p99"])
+    fit = meta["threshold_fit"]
+    assert fit["method"] == "lognormal-tolerance" and fit["false_alarm_rate"] == 0.001
+    assert meta["threshold"] == pytest.approx(
+        math.exp(fit["log_median"] + fit["k"] * fit["log_scale"])
+    )
+    assert (
+        meta["threshold"]
+        == meta["eval"]["threshold"]
+        > meta["score_quantiles"]["validation"]["p50"]
+    )
+    assert meta["alarm"] == {"kind": "k-of-n", "above": 2, "of": 3}
+    assert meta["time"]["interval_s"] == 10.0 and meta["time"]["max_gap_s"] == 30.0
+    assert set(meta["channel_error"]) == set(meta["channels"])
+    assert sum(c["share"] for c in meta["channel_error"].values()) == pytest.approx(1.0)
 
 
 def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smocsd.windows import DataError, Normalization, split, valid_starts
+from smocsd.windows import DataError, Normalization, check_time, split, valid_starts
 
 
 def test_windows_flatten_time_major():
@@ -62,3 +62,31 @@ def test_a_constant_channel_does_not_divide_by_zero():
 def test_too_few_windows_is_a_data_error():
     with pytest.raises(DataError):
         split(np.zeros((6, 1)), valid_starts(np.zeros(6, bool), 5, 1), 5, 0.5)
+
+
+def test_windows_never_span_a_time_gap_or_disorder():
+    time = np.arange(40, dtype=float) * 10
+    time[20:] += 600  # the gateway was off for ten minutes before row 20
+    time[30] = time[29]  # a repeated timestamp
+    breaks, check = check_time(time, None)
+    assert check.interval == 10 and check.max_gap == 30
+    assert (check.gaps, check.duplicates, check.backwards, check.no_time) == (1, 1, 0, 0)
+    starts = valid_starts(np.zeros(40, bool), 5, 1, breaks)
+    assert list(starts) == [*range(0, 16), *range(20, 26), *range(30, 36)]
+
+
+def test_time_going_backwards_and_missing_times_break_windows():
+    time = np.arange(30, dtype=float)
+    time[10] = 3.0  # out of order
+    time[20] = np.nan
+    breaks, check = check_time(time, 5.0)
+    assert (check.backwards, check.no_time, check.max_gap) == (1, 1, 5.0)
+    for s in valid_starts(np.zeros(30, bool), 4, 1, breaks):
+        assert 10 not in range(s + 1, s + 4) and 11 not in range(s + 1, s + 4)
+        assert 20 not in range(s, s + 4)
+
+
+def test_no_usable_time_windows_by_order_alone():
+    breaks, check = check_time(np.full(10, np.nan), None)
+    assert not breaks.any() and check.no_time == 10 and np.isnan(check.interval)
+    assert check.to_meta()["max_gap_s"] is None

@@ -1,0 +1,115 @@
+"""Scoring readings with a saved model: window scores, which channels drove them, alarms.
+
+Needs only numpy, onnxruntime and a version's `metadata.json` — what any consumer of a
+model has — so the evaluation of a new version, the detection benchmark and the README's
+recipe all decide the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .windows import Normalization, WindowSet, check_time, valid_starts
+
+
+@dataclass(frozen=True)
+class AlarmRule:
+    """Alarm while at least `above` of the last `of` windows score above the threshold.
+
+    One window over the threshold is often a spike or a sensor glitch; an anomaly lasts.
+    """
+
+    above: int
+    of: int
+
+    def apply(self, over: np.ndarray) -> np.ndarray:
+        """Per window (in scoring order): does the rule fire at this window?"""
+        counts = np.cumsum(over, dtype=np.int64)
+        counts[self.of :] -= counts[: -self.of].copy()
+        return counts >= self.above
+
+    def to_meta(self) -> dict:
+        return {"kind": "k-of-n", "above": self.above, "of": self.of}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> AlarmRule:
+        return cls(int(meta["above"]), int(meta["of"]))
+
+
+def open_session(model_path: Path, threads: int = 1):
+    """A plain CPU InferenceSession, as a consumer would create it."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(
+        str(model_path), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def channel_errors(session, windows: WindowSet, n_channels: int) -> np.ndarray:
+    """(windows, channels): each channel's mean squared reconstruction error in a window.
+
+    Their mean over channels is the window's score (the MSE over all its elements); each
+    channel's share of it says which channels drove an alarm.
+    """
+    parts = []
+    for x in windows.batches():
+        err = (session.run(None, {"input": x})[0] - x) ** 2
+        parts.append(err.reshape(len(x), -1, n_channels).mean(axis=1))
+    return np.concatenate(parts) if parts else np.empty((0, n_channels), np.float32)
+
+
+def shares(errors: np.ndarray) -> np.ndarray:
+    """Per-channel share (summing to 1) of each window's reconstruction error."""
+    total = errors.sum(axis=1, keepdims=True)
+    return np.divide(errors, total, out=np.zeros_like(errors), where=total > 0)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Windows scored in row order; `end` is the row index of each window's last row."""
+
+    end: np.ndarray
+    errors: np.ndarray  # (windows, channels)
+    score: np.ndarray
+    over: np.ndarray  # score above the threshold
+    alarm: np.ndarray  # the alarm rule fires
+
+    def row_alarm(self, n_rows: int) -> np.ndarray:
+        """Per row: is the alarm on at the window ending there (False where none ends)."""
+        rows = np.zeros(n_rows, bool)
+        rows[self.end] = self.alarm
+        return rows
+
+
+class Model:
+    """A saved version as a consumer uses it: model.onnx and its metadata.json."""
+
+    def __init__(self, directory: Path, meta: dict[str, Any], threads: int = 1):
+        self.meta = meta
+        self.channels: list[str] = meta["channels"]
+        self.window_size: int = meta["window_size"]
+        self.threshold: float = meta["threshold"]
+        self.rule = AlarmRule.from_meta(meta["alarm"])
+        self.max_gap: float | None = meta["time"]["max_gap_s"]
+        self.normalization = Normalization.from_meta(meta["normalization"])
+        self.session = open_session(directory / "model.onnx", threads)
+
+    def score(self, values: np.ndarray, time: np.ndarray) -> Scored:
+        """Scores every window of `values` (rows x channels, oldest first) that has no
+        missing value and spans no time gap, with the model's threshold and alarm rule."""
+        bad = ~np.isfinite(values).all(axis=1)
+        breaks, _ = check_time(time, self.max_gap)
+        starts = valid_starts(bad, self.window_size, 1, breaks)
+        z = self.normalization.apply(np.nan_to_num(values))
+        windows = WindowSet(z, starts, self.window_size)
+        errors = channel_errors(self.session, windows, len(self.channels))
+        score = errors.mean(axis=1)
+        over = score > self.threshold
+        return Scored(starts + self.window_size - 1, errors, score, over, self.rule.apply(over))
