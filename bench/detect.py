@@ -1,0 +1,496 @@
+"""Detection quality of smocsd's defaults on labelled data, against simple baselines.
+
+    python3 -m venv .bench && .bench/bin/pip install -e . -r bench/requirements.txt
+    .bench/bin/python bench/detect.py [--quick] [--datasets testbed,gutentag,...]
+
+scikit-learn (for the baselines) is never a dependency of the daemon: the benchmark has its
+own environment. A default run takes about a minute on 2 cores (250 training cycles);
+`--quick` skips the architecture grid.
+
+smocsd is run through its real code path: each run's training rows go into a SQLite file,
+a config holding only the channels and `min_training_samples` is parsed, one forced
+`run_cycle` trains and promotes a model, and `smocsd.scoring.Model` scores the whole run
+with the model's own threshold and alarm rule, as a consumer would. Only the rows after
+the training rows are evaluated; a row's decision is that of the window ending at it.
+
+Prints markdown tables (for the README's "Detection quality"):
+
+1. smocsd's defaults, smocsd with the old defaults (window 50, threshold at the 99th
+   percentile of validation scores, no alarm rule), and PCA / Isolation Forest baselines.
+2. The numpy and ort backends' agreement on the defaults' decisions.
+3. Threshold methods on the default models' scores: the evidence for `threshold.fit`.
+4. Window size x hidden layers x epochs with the default threshold and alarm rule.
+
+Metrics, micro-averaged over a dataset's runs: FAR = alarmed normal rows / normal rows;
+MAR = unalarmed anomalous rows / anomalous rows; F1 of anomalous rows; BA = 1 - (FAR +
+MAR) / 2; event recall = share of labelled segments with an alarmed row inside; delay =
+median rows from a segment's start to its first alarmed row (detected segments); FA/10k =
+false alarm events (maximal runs of alarmed rows that overlap or adjoin no labelled row)
+per 10,000 normal rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scenarios import DATASETS, Dataset, Run, segments_of
+
+from smocsd import threshold
+from smocsd.config import TrainingConfig, parse
+from smocsd.job import run_cycle
+from smocsd.scoring import AlarmRule, Model, channel_errors, open_session
+from smocsd.sources import open_source
+from smocsd.windows import Normalization, WindowSet, check_time, split, valid_starts
+
+OLD_DEFAULTS = {"window_size": 50}
+GRID_DATASETS = ("testbed", "gutentag")
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Counts over the evaluated rows of one or more runs."""
+
+    normal: int = 0
+    anomalous: int = 0
+    false_alarms: int = 0  # alarmed normal rows
+    hits: int = 0  # alarmed anomalous rows
+    segments: int = 0
+    detected: int = 0
+    delays: list[int] = field(default_factory=list)
+    false_events: int = 0
+
+    def add(self, alarm: np.ndarray, labels: np.ndarray) -> None:
+        anomalous = labels != 0
+        self.normal += int((~anomalous).sum())
+        self.anomalous += int(anomalous.sum())
+        self.false_alarms += int((alarm & ~anomalous).sum())
+        self.hits += int((alarm & anomalous).sum())
+        for a, b in segments_of(labels):
+            self.segments += 1
+            inside = np.flatnonzero(alarm[a:b])
+            if len(inside):
+                self.detected += 1
+                self.delays.append(int(inside[0]))
+        for a, b in segments_of(alarm):
+            if not anomalous[max(a - 1, 0) : b + 1].any():
+                self.false_events += 1
+
+    @property
+    def far(self) -> float:
+        return self.false_alarms / self.normal if self.normal else 0.0
+
+    @property
+    def mar(self) -> float:
+        return 1 - self.hits / self.anomalous if self.anomalous else 0.0
+
+    @property
+    def f1(self) -> float:
+        alarmed = self.hits + self.false_alarms
+        return 2 * self.hits / (alarmed + self.anomalous) if alarmed + self.anomalous else 0.0
+
+    @property
+    def ba(self) -> float:
+        return 1 - (self.far + self.mar) / 2
+
+    @property
+    def event_recall(self) -> float:
+        return self.detected / self.segments if self.segments else math.nan
+
+    @property
+    def delay(self) -> float:
+        return float(np.median(self.delays)) if self.delays else math.nan
+
+    @property
+    def fa_per_10k(self) -> float:
+        return 1e4 * self.false_events / self.normal if self.normal else 0.0
+
+
+def tally(decisions: Iterable[np.ndarray], runs: Iterable[Run]) -> Tally:
+    """`decisions`: per run, one bool per evaluated row (after the training rows)."""
+    t = Tally()
+    for alarm, run in zip(decisions, runs, strict=True):
+        t.add(alarm, run.labels[run.n_train :])
+    return t
+
+
+def rows_alarmed(end: np.ndarray, alarm: np.ndarray, run: Run) -> np.ndarray:
+    """Per evaluated row: the decision of the window ending there (no window: no alarm)."""
+    rows = np.zeros(len(run.labels), bool)
+    rows[end] = alarm
+    return rows[run.n_train :]
+
+
+# --- smocsd, through run_cycle -----------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    """A promoted model, its scores over the whole run and over its own train/val windows."""
+
+    meta: dict[str, Any]
+    end: np.ndarray  # row index of each scored window's last row
+    score: np.ndarray
+    alarm: np.ndarray  # the model's own threshold and alarm rule
+    train_scores: np.ndarray
+    val_scores: np.ndarray
+
+    @property
+    def rule(self) -> AlarmRule:
+        return AlarmRule.from_meta(self.meta["alarm"])
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def write_readings(path: Path, channels: tuple[str, ...], run: Run) -> None:
+    """The training rows as ingest software would leave them; NaN (no reading) is NULL."""
+    cols = ", ".join(f'"{c}" REAL' for c in channels)
+    rows = [
+        (i, float(run.time[i]), *(None if math.isnan(v) else float(v) for v in run.values[i]))
+        for i in range(run.n_train)
+    ]
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"CREATE TABLE readings (id INTEGER PRIMARY KEY, ts REAL, {cols})")
+        conn.executemany(
+            f"INSERT INTO readings VALUES ({', '.join('?' * (len(channels) + 2))})", rows
+        )
+    conn.close()
+
+
+def train_smocsd(ds: Dataset, run: Run, overrides: dict[str, Any]) -> Trained:
+    """One forced cycle on the run's training rows; everything not overridden is default."""
+    with tempfile.TemporaryDirectory(prefix="smocsd-bench-") as tmp:
+        state = Path(tmp)
+        write_readings(state / "readings.db", ds.channels, run)
+        training = "".join(f"{k} = {_toml(v)}\n" for k, v in overrides.items())
+        # Rows with a missing value do not count towards min_training_samples: ask for the
+        # complete ones, so that the cycle trains on exactly the first n_train rows.
+        complete = int(np.isfinite(run.values[: run.n_train]).all(axis=1).sum())
+        cfg = parse(
+            f"[source]\nchannels = {_toml(ds.channels)}\ntime_column = 'ts'\n"
+            f"[training]\nmin_training_samples = {complete}\n{training}"
+            "[publish]\norder = []\n",
+            env={"STATE_DIRECTORY": tmp},
+        )
+        result = run_cycle(cfg, open_source(cfg.source), force=True)
+        if result["outcome"] != "promoted":
+            why = result.get("error") or result.get("reason")
+            raise RuntimeError(f"{ds.name}: cycle {result['outcome']}: {why}")
+        current = state / "models" / "autoencoder" / "current"
+        meta = json.loads((current / "metadata.json").read_text())
+        model = Model(current, meta)
+        scored = model.score(run.values, run.time)
+        train_scores, val_scores = _split_scores(cfg, run, current, meta)
+    return Trained(meta, scored.end, scored.score, scored.alarm, train_scores, val_scores)
+
+
+def _split_scores(cfg, run: Run, directory: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The model's scores on the training and validation windows, split as the job split them
+    (checked against the metadata, so the threshold methods see what the job saw)."""
+    t = cfg.training
+    values, time_ = run.values[: run.n_train], run.time[: run.n_train]
+    breaks, _ = check_time(time_, t.max_gap)
+    starts = valid_starts(~np.isfinite(values).all(axis=1), t.window_size, t.stride, breaks)
+    sp = split(values, starts, t.window_size, t.validation_fraction)
+    if len(sp.val) != meta["data"]["val_windows"] or not np.allclose(
+        sp.normalization.mean, meta["normalization"]["mean"]
+    ):
+        raise RuntimeError("the recomputed train/validation split is not the job's")
+    session = open_session(directory / "model.onnx")
+    n = values.shape[1]
+    train = channel_errors(session, sp.train, n).mean(axis=1)
+    val = channel_errors(session, sp.val, n).mean(axis=1)
+    if not np.isclose(np.percentile(val, 99), meta["score_quantiles"]["validation"]["p99"]):
+        raise RuntimeError("the recomputed validation scores are not the job's")
+    return train, val
+
+
+class Models:
+    """Trained models by (dataset, run, overrides): the defaults are trained once and reused."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Trained] = {}
+        self.cycles = 0
+
+    def get(self, ds: Dataset, i: int, overrides: dict[str, Any] | None = None) -> Trained:
+        overrides = overrides or {}
+        key = (ds.name, i, tuple(sorted((k, _toml(v)) for k, v in overrides.items())))
+        if key not in self._cache:
+            self._cache[key] = train_smocsd(ds, ds.runs[i], overrides)
+            self.cycles += 1
+        return self._cache[key]
+
+    def all(self, ds: Dataset, overrides: dict[str, Any] | None = None) -> list[Trained]:
+        return [self.get(ds, i, overrides) for i in range(len(ds.runs))]
+
+
+# --- baselines ---------------------------------------------------------------------------
+
+
+@dataclass
+class BaselineScores:
+    train: np.ndarray
+    end: np.ndarray
+    score: np.ndarray
+
+
+def baseline_scores(kind: str, run: Run, window_size: int) -> BaselineScores:
+    """Windows of `window_size` z-scored rows (z-score and model fitted on the training
+    rows' windows), scored by PCA reconstruction error or Isolation Forest anomaly score.
+    Windows skip missing values and time gaps as smocsd's do."""
+    from sklearn.decomposition import PCA
+    from sklearn.ensemble import IsolationForest
+
+    bad = ~np.isfinite(run.values).all(axis=1)
+    n = run.n_train
+    breaks_train, check = check_time(run.time[:n], None)
+    train_starts = valid_starts(bad[:n], window_size, 1, breaks_train)
+    norm = Normalization.fit(run.values[:n][~bad[:n]])
+    z = norm.apply(np.nan_to_num(run.values))
+    breaks, _ = check_time(run.time, check.max_gap)
+    starts = valid_starts(bad, window_size, 1, breaks)
+    x_train = WindowSet(z, train_starts, window_size).batch(np.arange(len(train_starts)))
+    x = WindowSet(z, starts, window_size).batch(np.arange(len(starts)))
+    if kind == "pca":
+        pca = PCA(n_components=0.95, svd_solver="full").fit(x_train)
+
+        def score(w: np.ndarray) -> np.ndarray:
+            return ((pca.inverse_transform(pca.transform(w)) - w) ** 2).mean(axis=1)
+    else:
+        forest = IsolationForest(random_state=0).fit(x_train)
+
+        def score(w: np.ndarray) -> np.ndarray:
+            return -forest.score_samples(w)
+
+    return BaselineScores(score(x_train), starts + window_size - 1, score(x))
+
+
+# --- threshold methods -------------------------------------------------------------------
+
+ThresholdMethod = Callable[[np.ndarray, np.ndarray, int], float]  # (train, val, window) -> thr
+
+
+def p99_validation(margin: float = 1.0) -> ThresholdMethod:
+    return lambda train, val, w: margin * float(np.percentile(val, 99))
+
+
+def p99_both(train: np.ndarray, val: np.ndarray, w: int) -> float:
+    return float(np.percentile(np.concatenate([train, val]), 99))
+
+
+def median_mad(k: float) -> ThresholdMethod:
+    """median + k robust standard deviations (1.4826 MAD) of training+validation scores."""
+
+    def fit(train: np.ndarray, val: np.ndarray, w: int) -> float:
+        s = np.concatenate([train, val])
+        med = np.median(s)
+        return float(med + k * 1.4826 * np.median(np.abs(s - med)))
+
+    return fit
+
+
+def peaks_over_threshold(risk: float, initial: float = 0.9) -> ThresholdMethod:
+    """SPOT's batch step: a generalized Pareto fitted by the method of moments to the excesses
+    over the `initial` quantile of training+validation scores, extrapolated to `risk`."""
+
+    def fit(train: np.ndarray, val: np.ndarray, w: int) -> float:
+        s = np.concatenate([train, val])
+        t = float(np.quantile(s, initial))
+        y = s[s > t] - t
+        if len(y) < 3:
+            return float(s.max())
+        m, v = float(y.mean()), float(y.var())
+        gamma = 0.5 * (1 - m * m / v) if v > 0 else 0.0
+        sigma = 0.5 * m * (m * m / v + 1) if v > 0 else m
+        r = risk * len(s) / len(y)
+        if abs(gamma) < 1e-6:
+            return t - sigma * math.log(r)
+        return t + sigma / gamma * (r ** (-gamma) - 1)
+
+    return fit
+
+
+def smocsd_fit(false_alarm_rate: float) -> ThresholdMethod:
+    return lambda train, val, w: (
+        threshold.fit(np.concatenate([train, val]), w, 1, false_alarm_rate).threshold
+    )
+
+
+THRESHOLD_METHODS: dict[str, ThresholdMethod] = {
+    "p99 of validation (old default)": p99_validation(),
+    "1.5 x p99 of validation": p99_validation(1.5),
+    "2 x p99 of validation": p99_validation(2.0),
+    "p99 of training+validation": p99_both,
+    "median + 10 MAD": median_mad(10),
+    "POT, risk 1e-3": peaks_over_threshold(1e-3),
+    "POT, risk 1e-4": peaks_over_threshold(1e-4),
+    "threshold.fit, rate 1e-2": smocsd_fit(1e-2),
+    "threshold.fit, rate 1e-3 (default)": smocsd_fit(1e-3),
+    "threshold.fit, rate 1e-4": smocsd_fit(1e-4),
+}
+
+
+# --- tables ------------------------------------------------------------------------------
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def quality_row(name: str, t: Tally) -> list[str]:
+    delay = "-" if math.isnan(t.delay) else f"{t.delay:.0f}"
+    return [
+        name,
+        pct(t.far),
+        pct(t.mar),
+        f"{t.f1:.2f}",
+        f"{t.ba:.3f}",
+        f"{t.detected}/{t.segments}",
+        delay,
+        f"{t.fa_per_10k:.1f}",
+    ]
+
+
+def brief(t: Tally) -> str:
+    return f"{t.ba:.3f} ({pct(t.far)} / {pct(t.mar)})"
+
+
+def detectors(ds: Dataset, models: Models) -> dict[str, list[np.ndarray]]:
+    """Per detector, per run: its decisions on the evaluated rows."""
+    out: dict[str, list[np.ndarray]] = {}
+    defaults = models.all(ds)
+    meta = defaults[0].meta
+    rule = f"{meta['alarm']['above']} of {meta['alarm']['of']}"
+    out[f"smocsd defaults (window {meta['window_size']}, threshold.fit, {rule})"] = [
+        rows_alarmed(m.end, m.alarm, run) for m, run in zip(defaults, ds.runs, strict=True)
+    ]
+    old = models.all(ds, OLD_DEFAULTS)
+    out["smocsd old defaults (window 50, p99 of validation, 1 of 1)"] = [
+        rows_alarmed(m.end, m.score > np.percentile(m.val_scores, 99), run)
+        for m, run in zip(old, ds.runs, strict=True)
+    ]
+    w = defaults[0].meta["window_size"]
+    rule, far = defaults[0].rule, defaults[0].meta["threshold_fit"]["false_alarm_rate"]
+    for kind, label in (("pca", "PCA 95 % variance"), ("iforest", "Isolation Forest")):
+        scores = [baseline_scores(kind, run, w) for run in ds.runs]
+        out[f"{label}, p99 of training"] = [
+            rows_alarmed(s.end, s.score > np.percentile(s.train, 99), run)
+            for s, run in zip(scores, ds.runs, strict=True)
+        ]
+        out[f"{label}, threshold.fit + 2 of 3"] = [
+            rows_alarmed(
+                s.end, rule.apply(s.score > threshold.fit(s.train, w, 1, far).threshold), run
+            )
+            for s, run in zip(scores, ds.runs, strict=True)
+        ]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="skip the architecture grid")
+    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated names")
+    args = p.parse_args()
+    logging.getLogger("smocsd").setLevel(logging.ERROR)  # per-cycle warnings are expected here
+    started = time.monotonic()
+    datasets = [DATASETS[name]() for name in args.datasets.split(",")]
+    models = Models()
+
+    print("## Datasets\n")
+    for ds in datasets:
+        print(f"- {ds.describe()}")
+
+    print("\n## Detection quality\n")
+    header = ["dataset", "detector", "FAR %", "MAR %", "F1", "BA", "events", "delay", "FA/10k"]
+    rows = []
+    for ds in datasets:
+        for name, decisions in detectors(ds, models).items():
+            rows.append([ds.name, *quality_row(name, tally(decisions, ds.runs))])
+    print(markdown(header, rows))
+    print(
+        "\nFAR, MAR: % of normal / anomalous rows; events: labelled segments with an alarmed row; "
+        "delay: median rows from a segment's start to its first alarm; FA/10k: false alarm "
+        "events per 10,000 normal rows."
+    )
+
+    print("\n## Backends: the defaults trained with numpy vs ort\n")
+    rows = []
+    for ds in datasets:
+        # "auto" is ort where onnxruntime-training imports: reuse those models.
+        auto = models.all(ds)
+        other = "numpy" if auto[0].meta["backend"] == "ort" else "ort"
+        by_backend = {auto[0].meta["backend"]: auto, other: models.all(ds, {"backend": other})}
+        ort, npy = (
+            [rows_alarmed(m.end, m.alarm, run) for m, run in zip(ms, ds.runs, strict=True)]
+            for ms in (by_backend["ort"], by_backend["numpy"])
+        )
+        same = np.concatenate([a == b for a, b in zip(ort, npy, strict=True)])
+        rows.append(
+            [ds.name, brief(tally(ort, ds.runs)), brief(tally(npy, ds.runs)), f"{same.mean():.4f}"]
+        )
+    print(markdown(["dataset", "ort BA (FAR / MAR)", "numpy BA (FAR / MAR)", "same"], rows))
+
+    print("\n## Threshold methods on the default models' scores (alarm rule 2 of 3)\n")
+    rows = []
+    for name, method in THRESHOLD_METHODS.items():
+        row = [name]
+        for ds in datasets:
+            decisions = []
+            for m, run in zip(models.all(ds), ds.runs, strict=True):
+                thr = method(m.train_scores, m.val_scores, m.meta["window_size"])
+                decisions.append(rows_alarmed(m.end, m.rule.apply(m.score > thr), run))
+            row.append(brief(tally(decisions, ds.runs)))
+        rows.append(row)
+    print(markdown(["method", *(f"{ds.name} BA (FAR / MAR)" for ds in datasets)], rows))
+
+    grid = [ds for ds in datasets if ds.name in GRID_DATASETS]
+    if not args.quick and grid:
+        print("\n## Window size, hidden layers, epochs (threshold.fit, 2 of 3)\n")
+        rows, d = [], TrainingConfig()
+        for w in (10, 20, 50):
+            for hidden in ((32, 8), (64, 16)):
+                for epochs in (20, 50):
+                    overrides = {"window_size": w, "hidden": hidden, "epochs": epochs}
+                    if (w, hidden, epochs) == (d.window_size, d.hidden, d.epochs):
+                        overrides = {}  # the defaults' models, already trained
+                    row = [str(w), str(list(hidden)), str(epochs)]
+                    for ds in grid:
+                        decisions = [
+                            rows_alarmed(m.end, m.alarm, run)
+                            for m, run in zip(models.all(ds, overrides), ds.runs, strict=True)
+                        ]
+                        row.append(brief(tally(decisions, ds.runs)))
+                    rows.append(row)
+        header = ["window", "hidden", "epochs", *(f"{ds.name} BA (FAR / MAR)" for ds in grid)]
+        print(markdown(header, rows))
+
+    print(
+        f"\n{models.cycles} training cycles, {time.monotonic() - started:.0f} s, "
+        f"Python {sys.version.split()[0]}"
+    )
+
+
+if __name__ == "__main__":
+    main()
