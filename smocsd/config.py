@@ -328,7 +328,7 @@ _SECTIONS = {
 # Keys of earlier releases that an upgraded gateway's edited file may still hold: a
 # warning, not an error, so a package upgrade never stops the service with exit 78.
 DEPRECATED = {
-    "model.threshold_percentile": "ignored since 0.2: the threshold is fitted to "
+    "model.threshold_percentile": "ignored: the threshold is now fitted to "
     "model.false_alarm_rate (see the README's 'Detection quality'); remove the key",
 }
 
