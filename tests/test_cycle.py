@@ -51,6 +51,16 @@ def cycle(cfg, force=False):
         src.close()
 
 
+def trained_on_demo(plant, more_rows: int) -> tuple[Path, dict]:
+    """`plant` with `more_rows` demo rows more, trained on them all: (current's dir, metadata)."""
+    state, path = plant
+    demo.write(state / "readings.db", more_rows)
+    cfg = load(path, training={"max_rows": 3000 + more_rows, "epochs": 8})
+    assert cycle(cfg, force=True)["outcome"] == "promoted"
+    model_dir = state / "models/autoencoder/current"
+    return model_dir, json.loads((model_dir / "metadata.json").read_text())
+
+
 def recording_job(tmp_path, state, **options) -> Path:
     """A config running tests/userjob.py's RecordingJob, which logs its hooks to `hooks.jsonl`."""
     return write_config(
@@ -199,12 +209,7 @@ def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant):
     """Scores unseen plant data using only metadata.json, model.onnx and onnxruntime."""
     import onnxruntime as ort
 
-    state, path = plant
-    demo.write(state / "readings.db", 27000)
-    cfg = load(path, training={"max_rows": 30000, "epochs": 8})
-    assert cycle(cfg, force=True)["outcome"] == "promoted"
-    model_dir = state / "models/autoencoder/current"
-    meta = json.loads((model_dir / "metadata.json").read_text())
+    model_dir, meta = trained_on_demo(plant, 27000)
 
     fresh = demo.simulate(20000, start_index=40000, seed=99, dropouts=False, gaps=False)
     x = np.column_stack([fresh[c] for c in meta["channels"]])
@@ -358,12 +363,7 @@ def test_scoring_with_the_model_alone_finds_anomalies_and_their_channels(tmp_pat
     """smocsd.scoring.Model is the README's recipe: threshold, alarm rule and channel shares."""
     from smocsd.scoring import Model, shares
 
-    state, path = plant
-    demo.write(state / "readings.db", 17000)
-    cfg = load(path, training={"max_rows": 20000, "epochs": 8})
-    assert cycle(cfg, force=True)["outcome"] == "promoted"
-    model_dir = state / "models/autoencoder/current"
-    model = Model(model_dir, json.loads((model_dir / "metadata.json").read_text()))
+    model = Model(*trained_on_demo(plant, 17000))
     fresh = demo.simulate(24000, start_index=40000, seed=99, regimes=False)
     x = np.column_stack([fresh[c] for c in model.channels])
     scored = model.score(x, fresh["ts"])
