@@ -333,14 +333,11 @@ DEPRECATED = {
 }
 
 
-def _has_key(doc: dict[str, Any], dotted: str) -> bool:
-    section, _, key = dotted.partition(".")
-    table = doc.get(section)
-    return isinstance(table, dict) and key in table
-
-
-def _load_section(cls: type, table: Any, prefix: str, problems: list[str]) -> Any:
-    """Builds `cls` from a TOML table, collecting one problem per bad or unknown key."""
+def _load_section(
+    cls: type, table: Any, prefix: str, problems: list[str], warnings: list[str]
+) -> Any:
+    """Builds `cls` from a TOML table, collecting one problem per bad or unknown key and
+    one warning per deprecated key."""
     if not isinstance(table, dict):
         problems.append(f"{prefix}: expected a table, got {_type_name(table)}")
         return cls()
@@ -349,12 +346,12 @@ def _load_section(cls: type, table: Any, prefix: str, problems: list[str]) -> An
     for key, value in table.items():
         f = known.get(key)
         if f is None and f"{prefix}.{key}" in DEPRECATED:
-            continue
-        if f is None:
+            warnings.append(f"{prefix}.{key}: {DEPRECATED[f'{prefix}.{key}']}")
+        elif f is None:
             problems.append(f"{prefix}.{key}: unknown key")
         elif "parse" not in f.metadata:  # a nested table
             nested = type(f.default_factory())
-            kwargs[key] = _load_section(nested, value, f"{prefix}.{key}", problems)
+            kwargs[key] = _load_section(nested, value, f"{prefix}.{key}", problems, warnings)
         else:
             try:
                 kwargs[key] = f.metadata["parse"](value)
@@ -420,8 +417,9 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{where}invalid TOML: {exc}"]) from None
     problems: list[str] = []
+    warnings: list[str] = []
     sections = {
-        name: _load_section(cls, doc.get(name, {}), name, problems)
+        name: _load_section(cls, doc.get(name, {}), name, problems, warnings)
         for name, cls in _SECTIONS.items()
     }
     job_options = doc.get("job", {})
@@ -453,9 +451,7 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         publish=publish,
         job_options=job_options,
         path=path,
-        warnings=tuple(
-            f"{where}{key}: {why}" for key, why in DEPRECATED.items() if _has_key(doc, key)
-        ),
+        warnings=tuple(where + w for w in warnings),
     )
     _check(cfg, problems)
     if problems:
