@@ -130,9 +130,8 @@ class AutoencoderJob(TrainingJob):
                 column,
             )
             return
-        if check.disorder:
-            step = np.diff(readings.time)
-            first = int(readings.order[1:][step <= 0][0])
+        if check.first_disorder is not None:
+            first = int(readings.order[check.first_disorder])
             self.logger.warning(
                 "time column %r goes backwards %d times and repeats %d times (first at order "
                 "value %d): no window spans those rows",

@@ -78,10 +78,7 @@ class TimeCheck:
     backwards: int  # steps where time goes back (rows out of order)
     duplicates: int  # steps with the same time twice
     no_time: int  # rows whose time is NULL or unparseable
-
-    @property
-    def disorder(self) -> int:
-        return self.backwards + self.duplicates
+    first_disorder: int | None = None  # index of the first row stepping back or repeating
 
     def to_meta(self) -> dict:
         return {
@@ -119,6 +116,7 @@ def check_time(time: np.ndarray, max_gap: float | None) -> tuple[np.ndarray, Tim
     with np.errstate(invalid="ignore"):
         gap, back, same = step > max_gap, step < 0, step == 0
     breaks[1:] = gap | back | same
+    disorder = np.flatnonzero(back | same)
     breaks |= missing
     breaks[1:] |= missing[:-1]
     check = TimeCheck(
@@ -128,6 +126,7 @@ def check_time(time: np.ndarray, max_gap: float | None) -> tuple[np.ndarray, Tim
         backwards=int(back.sum()),
         duplicates=int(same.sum()),
         no_time=int(missing.sum()),
+        first_disorder=int(disorder[0]) + 1 if len(disorder) else None,
     )
     return breaks, check
 
