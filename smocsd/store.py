@@ -20,11 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import modelfile
+
 if TYPE_CHECKING:
     from .config import Config
 
 _VERSION = re.compile(r"^v(\d{6,})$")
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 
 
 class StoreError(Exception):
@@ -46,20 +48,26 @@ def fsync_path(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replaces `path` with `data` so that a crash leaves the old or the new content."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk or a stop must not leave the temp file behind to fill it further.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_path(path.parent)
 
 
 class ModelStore:
     def __init__(self, root: Path, keep_versions: int):
+        # Created by the first allocate(), not here: reading commands create nothing.
         self.root = root
         self.keep_versions = keep_versions
-        self.root.mkdir(parents=True, exist_ok=True)
 
     @classmethod
     def of(cls, cfg: Config) -> ModelStore:
@@ -78,6 +86,8 @@ class ModelStore:
     # --- reading
 
     def versions(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
         found = (_VERSION.match(p.name) for p in self.root.iterdir() if p.is_dir())
         return sorted(int(m[1]) for m in found if m)
 
@@ -93,19 +103,35 @@ class ModelStore:
         return int(m[1]) if m and self.path(int(m[1])).is_dir() else None
 
     def metadata(self, version: int) -> dict[str, Any]:
+        path = self.path(version) / "metadata.json"
         try:
-            return json.loads((self.path(version) / "metadata.json").read_text())
+            meta = json.loads(path.read_text())
         except FileNotFoundError:
             raise StoreError(f"model version {version} does not exist") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{path}: not JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise StoreError(f"{path}: not a JSON object")
+        return meta
+
+    def check(self, version: int) -> str | None:
+        """None if the version is whole and usable, else one line saying what is damaged.
+
+        Called before a version is used as champion, warm start or rollback target: a
+        disk that lies or a hand-edited file must cost one rejected use, not every cycle.
+        """
+        return modelfile.check(self.path(version))
 
     # --- writing
 
     def recover(self) -> list[str]:
         """Removes what a crash can leave behind: half-built versions and temp links."""
-        removed = []
+        removed: list[str] = []
+        if not self.root.is_dir():
+            return removed
         with self.lock():
             for p in self.root.iterdir():
-                if p.name.startswith(_TMP_PREFIX):
+                if p.name.startswith(TMP_PREFIX):
                     if p.is_dir() and not p.is_symlink():
                         shutil.rmtree(p)
                     else:
@@ -115,12 +141,13 @@ class ModelStore:
 
     def allocate(self) -> tuple[int, Path]:
         """A new version number and an empty directory to build it in."""
+        self.root.mkdir(parents=True, exist_ok=True)
         with self.lock():
             counter = self.root / ".last_version"
             last = int(counter.read_text()) if counter.exists() else 0
             version = max([last, *self.versions()]) + 1
             write_atomic(counter, f"{version}\n".encode())
-        staging = self.root / f"{_TMP_PREFIX}{version_name(version)}"
+        staging = self.root / f"{TMP_PREFIX}{version_name(version)}"
         staging.mkdir()
         return version, staging
 
@@ -154,16 +181,20 @@ class ModelStore:
             kept = self.versions()
             if version is None:
                 older = [v for v in kept if current is None or v < current]
-                if not older:
-                    raise StoreError("no older kept version to roll back to")
-                version = older[-1]
+                whole = [v for v in older if self.check(v) is None]
+                if not whole:
+                    damaged = f" ({len(older)} damaged)" if older else ""
+                    raise StoreError(f"no older kept version to roll back to{damaged}")
+                version = whole[-1]
             elif version not in kept:
                 raise StoreError(f"model version {version} is not kept (kept: {kept})")
+            elif problem := self.check(version):
+                raise StoreError(f"refusing to roll back to a damaged version: {problem}")
             self._point_current(version)
         return version
 
     def _point_current(self, version: int) -> None:
-        tmp = self.root / f"{_TMP_PREFIX}current"
+        tmp = self.root / f"{TMP_PREFIX}current"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(version_name(version), tmp)
@@ -177,6 +208,6 @@ class ModelStore:
             if version != current:
                 # Renamed first, so a crash mid-delete leaves a .tmp- leftover, not a
                 # half-deleted version under a valid name.
-                doomed = self.root / f"{_TMP_PREFIX}{version_name(version)}-deleted"
+                doomed = self.root / f"{TMP_PREFIX}{version_name(version)}-deleted"
                 os.rename(self.path(version), doomed)
                 shutil.rmtree(doomed)
