@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
+import numpy as np
 import pytest
+from onnx import helper, numpy_helper
 
 from smocsd.store import ModelStore, StoreError
 
+# The smallest version modelfile.check() accepts: one finite initializer, and metadata
+# that lists the file with its hash.
+MODEL = helper.make_model(
+    helper.make_graph([], "g", [], [], [numpy_helper.from_array(np.ones(2, np.float32), "w")])
+).SerializeToString()
 
-def build(store: ModelStore, promote: bool = True, payload: bytes = b"m") -> int:
+
+def build(store: ModelStore, promote: bool = True, payload: bytes = MODEL) -> int:
     version, staging = store.allocate()
     (staging / "model.onnx").write_bytes(payload)
+    meta = {
+        "files": {
+            "model.onnx": {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+        },
+        "threshold": 1.0,
+        "normalization": {"mean": [0.0], "scale": [1.0]},
+    }
+    (staging / "metadata.json").write_text(json.dumps(meta))
     store.commit(version, staging, promote=promote)
     return version
 
@@ -22,7 +40,7 @@ def test_versions_grow_and_current_moves(tmp_path):
     assert [build(store) for _ in range(3)] == [1, 2, 3]
     assert store.current() == 3
     assert os.readlink(tmp_path / "m" / "current") == "v000003"
-    assert (tmp_path / "m" / "current" / "model.onnx").read_bytes() == b"m"
+    assert (tmp_path / "m" / "current" / "model.onnx").read_bytes() == MODEL
 
 
 def test_a_rejected_version_is_kept_but_not_current(tmp_path):
@@ -57,6 +75,23 @@ def test_rollback(tmp_path):
     store.rollback(1)
     with pytest.raises(StoreError, match="no older"):
         store.rollback()
+
+
+def test_rollback_refuses_a_damaged_version_and_skips_it_by_default(tmp_path):
+    store = ModelStore(tmp_path / "m", keep_versions=5)
+    for _ in range(3):
+        build(store)
+    (store.path(2) / "model.onnx").write_bytes(MODEL[:-3])
+    with pytest.raises(StoreError, match="refusing to roll back to a damaged version: v000002/"):
+        store.rollback(2)
+    assert store.current() == 3
+    assert store.rollback() == 1  # the previous whole one
+
+
+def test_reading_creates_nothing(tmp_path):
+    store = ModelStore(tmp_path / "missing", keep_versions=5)
+    assert store.versions() == [] and store.current() is None and store.recover() == []
+    assert not (tmp_path / "missing").exists()
 
 
 def test_recover_removes_what_a_crash_leaves(tmp_path):
