@@ -13,6 +13,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -47,7 +48,7 @@ class Sink(Protocol):
 
 
 class Publisher:
-    """Sends results down `publish.order`; see deliver()."""
+    """Sends results down `publish.order`; see attempt()."""
 
     def __init__(self, cfg: PublishConfig, device_id: str) -> None:
         sinks: dict[str, Sink] = {
@@ -56,31 +57,49 @@ class Publisher:
         }
         self.sinks = [sinks[name] for name in cfg.order]
 
-    def deliver(self, messages: list[dict]) -> list[str | None]:
-        """The fallback chain: per message (oldest first), the name of the sink that
-        acknowledged it, or None if none did.
+    def attempt(self) -> Callable[[list[dict]], list[str | None]]:
+        """A deliver function for one flush of the outbox: the fallback chain, which
+        skips in later calls every sink that failed a message in an earlier one. A
+        backlog with Kafka down so costs one Kafka timeout, not one per batch, and MQTT
+        takes the rest; the next flush tries every sink again."""
+        failed: set[str] = set()
 
-        Each sink is tried once per call, with every message the sinks before it did not
-        take, so an outage costs one bounded attempt, not one per message. Never raises:
-        an undelivered result simply stays in the outbox.
-        """
-        taken: list[str | None] = [None] * len(messages)
-        for sink in self.sinks:
-            todo = [i for i, name in enumerate(taken) if name is None]
-            if not todo:
-                break
-            try:
-                acked = sink.send([messages[i] for i in todo])
-            except ConfigError as exc:  # an unreadable or unsafe secret file
-                log.error("%s: not sending: %s", sink.name, exc)
-                continue
-            except Exception:
-                log.exception("%s: unexpected error while sending", sink.name)
-                continue
-            for i, ok in zip(todo, acked, strict=True):
-                if ok:
-                    taken[i] = sink.name
-        return taken
+        def deliver(messages: list[dict]) -> list[str | None]:
+            """Per message (oldest first), the name of the sink that acknowledged it, or
+            None if none did.
+
+            Each sink is tried once per call, with every message the sinks before it did
+            not take, so an outage costs one bounded attempt, not one per message. Never
+            raises: an undelivered result simply stays in the outbox.
+            """
+            taken: list[str | None] = [None] * len(messages)
+            for sink in self.sinks:
+                todo = [i for i, name in enumerate(taken) if name is None]
+                if not todo:
+                    break
+                if sink.name in failed:
+                    log.debug("%s: not tried again in this flush", sink.name)
+                    continue
+                try:
+                    acked = sink.send([messages[i] for i in todo])
+                except ConfigError as exc:  # an unreadable or unsafe secret file
+                    log.error("%s: not sending: %s", sink.name, exc)
+                    acked = [False] * len(todo)
+                except Exception:
+                    log.exception("%s: unexpected error while sending", sink.name)
+                    acked = [False] * len(todo)
+                if not all(acked):
+                    failed.add(sink.name)
+                for i, ok in zip(todo, acked, strict=True):
+                    if ok:
+                        taken[i] = sink.name
+            return taken
+
+        return deliver
+
+    def deliver(self, messages: list[dict]) -> list[str | None]:
+        """One call of a fresh attempt(): every sink is tried."""
+        return self.attempt()(messages)
 
     def close(self) -> None:
         """Nothing to release: each deliver() closes the connections it opened. Kept so
@@ -282,29 +301,45 @@ class MqttSink:
                     connack[0] if refused else "no CONNACK before the timeout",
                 )
                 return [False] * len(messages)
-            infos = [
-                client.publish(
-                    cfg.topic.replace("{device_id}", m["device_id"]), _payload(m), qos=cfg.qos
-                )
-                for m in messages
-            ]
-            while not all(_published(i) for i in infos) and time.monotonic() < deadline and pump():
+            infos = [self._publish(client, m, where) for m in messages]
+            queued = [i for i in infos if i is not None]
+            while not all(_published(i) for i in queued) and time.monotonic() < deadline and pump():
                 pass
-            acked = [_published(i) for i in infos]
-            if not all(acked):
+            acked = [i is not None and _published(i) for i in infos]
+            unacked = sum(not _published(i) for i in queued)
+            if unacked:
                 log.warning(
                     "mqtt %s: %d of %d result(s) not acknowledged before the timeout "
                     "or the connection was lost",
                     where,
-                    acked.count(False),
+                    unacked,
                     len(acked),
                 )
             return acked
         finally:
             client.disconnect()
 
+    def _publish(
+        self, client: mqtt.Client, message: dict, where: str
+    ) -> mqtt.MQTTMessageInfo | None:
+        """Queues `message` on its device's topic; None, logged, if paho refuses it. The
+        device_id comes from the stored result, out of reach of the config's checks, and
+        one such result must not fail the others of the call."""
+        topic = self.cfg.topic.replace("{device_id}", str(message["device_id"]))
+        try:
+            return client.publish(topic, _payload(message), qos=self.cfg.qos)
+        except ValueError as exc:  # a wildcard (+, #) in the topic, or it is empty
+            log.error(
+                "mqtt %s: result %s not sent to topic %r: %s",
+                where,
+                message["message_id"],
+                topic,
+                exc,
+            )
+            return None
 
-def _published(info: Any) -> bool:
+
+def _published(info: mqtt.MQTTMessageInfo) -> bool:
     """Whether the broker acknowledged (QoS 1: PUBACK) the message behind `info`."""
     try:
         return bool(info.is_published())

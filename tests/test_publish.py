@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ import pytest
 from services import CertificateAuthority, Kafka, Mosquitto
 
 from smocsd.config import KafkaConfig, MqttConfig, PublishConfig
-from smocsd.outbox import Outbox
+from smocsd.outbox import FLUSH_BATCH, Outbox
 from smocsd.publish import Publisher
 
 DEVICE = "gw-test"
@@ -356,8 +357,6 @@ def test_silent_brokers_cost_one_bounded_attempt_each(
 ) -> None:
     """Brokers that accept TCP connections but never answer (a hung host) make
     deliver() give up after each sink's timeout, once per call however many results."""
-    import socket
-
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(100)
@@ -412,3 +411,100 @@ def test_missing_ca_files_are_reported_not_raised(
     assert [r.getMessage().split()[0] for r in caplog.records] == ["kafka", "mqtt"]
     assert all("ca" in r.getMessage() for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records)
+
+
+# ---------------------------------------------------------------- one flush, one attempt per sink
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_backlog_with_kafka_down_costs_one_kafka_attempt_and_goes_by_mqtt(
+    mosquitto: Mosquitto, topic: str, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = PublishConfig(
+        order=("kafka", "mqtt"),
+        kafka=KafkaConfig(
+            bootstrap_servers=f"127.0.0.1:{closed_port()}", topic=topic, timeout=TIMEOUT
+        ),
+        mqtt=MqttConfig(host="127.0.0.1", port=mosquitto.port, topic=MQTT_TOPIC, timeout=TIMEOUT),
+    )
+    messages = [result(i) for i in range(250)]
+    for m in messages:
+        outbox.put(m)
+    with (
+        mosquitto.subscriber("smocsd/+/training-results") as sub,
+        caplog.at_level(logging.WARNING, logger="smocsd.publish"),
+    ):
+        assert outbox.flush(Publisher(cfg, DEVICE).attempt()) == 250
+        received = sub.messages(has_all(ids(messages)))
+    kafka_lines = [r for r in caplog.records if r.getMessage().startswith("kafka ")]
+    assert len(kafka_lines) == 1, [r.getMessage() for r in kafka_lines]
+    assert f"{FLUSH_BATCH} of {FLUSH_BATCH}" in kafka_lines[0].getMessage()  # the first batch
+    assert sorted(ids([p for _t, p in received])) == sorted(ids(messages))
+    assert len(outbox) == 0
+
+
+class FakeSink:
+    """A sink that acknowledges what `ack` says, or raises once `broken`; remembers how
+    many messages each call sent."""
+
+    def __init__(self, name: str, ack: Callable[[dict], bool]) -> None:
+        self.name = name
+        self.ack = ack
+        self.broken = False
+        self.calls: list[int] = []
+
+    def send(self, messages: list[dict]) -> list[bool]:
+        self.calls.append(len(messages))
+        if self.broken:
+            raise RuntimeError("a bug in the sink")
+        return [self.ack(m) for m in messages]
+
+
+def test_attempt_skips_for_the_rest_of_a_flush_a_sink_that_failed() -> None:
+    publisher = Publisher(PublishConfig(order=("kafka", "mqtt")), DEVICE)
+    kafka = FakeSink("kafka", lambda m: m["version"] != 2)
+    mqtt = FakeSink("mqtt", lambda _m: True)
+    publisher.sinks = [kafka, mqtt]
+    deliver = publisher.attempt()
+    batch = [result(i) for i in range(3)]  # versions 1, 2, 3
+    assert deliver(batch) == ["kafka", "mqtt", "kafka"]
+    assert deliver(batch) == ["mqtt"] * 3  # kafka failed one: not tried again
+    assert (kafka.calls, mqtt.calls) == ([3], [1, 3])
+    assert publisher.attempt()(batch) == ["kafka", "mqtt", "kafka"]  # the next flush tries it
+    assert publisher.deliver(batch) == ["kafka", "mqtt", "kafka"]
+
+    kafka.broken = True
+    deliver = publisher.attempt()
+    assert deliver(batch) == ["mqtt"] * 3  # a raising sink counts as failed
+    kafka.broken = False
+    assert deliver(batch) == ["mqtt"] * 3
+    assert kafka.calls == [3, 3, 3, 3]
+
+
+def test_mqtt_topic_paho_refuses_fails_that_result_only(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored result whose device_id makes a wildcard topic does not hold back the
+    others, nor make them wait for the timeout."""
+    cfg = PublishConfig(
+        order=("mqtt",),
+        mqtt=MqttConfig(host="127.0.0.1", port=mosquitto.port, topic=MQTT_TOPIC, timeout=10),
+    )
+    bad = {**result(1), "device_id": "gw/+"}
+    messages = [result(0), bad, result(2)]
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
+        assert Publisher(cfg, DEVICE).deliver(messages) == ["mqtt", None, "mqtt"]
+    assert time.monotonic() - started < 5
+    [line] = caplog.records
+    assert line.levelno == logging.ERROR
+    assert (
+        bad["message_id"] in line.getMessage()
+        and "smocsd/gw/+/training-results" in line.getMessage()
+    )
