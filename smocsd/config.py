@@ -6,8 +6,11 @@ so an operator fixes a bad file in one edit instead of one restart per typo.
 
 from __future__ import annotations
 
+import math
 import os
+import pwd
 import re
+import shlex
 import socket
 import stat
 import sys
@@ -60,14 +63,20 @@ def _bool(value: Any) -> bool:
     return value
 
 
-def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
+# TOML integers are unbounded in Python; every one must fit a signed 64-bit integer,
+# because SQLite's LIMIT and PostgreSQL's int8 (and numpy's int64) take no more.
+_INT64_MAX = 2**63 - 1
+
+
+def _int(minimum: int = -_INT64_MAX - 1, maximum: int = _INT64_MAX) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer, got {_type_name(value)}")
-        if minimum is not None and value < minimum:
+        if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise ValueError(f"must be <= {maximum}, got {value}")
+        if value > maximum:
+            limit = " (the largest signed 64-bit integer)" if maximum == _INT64_MAX else ""
+            raise ValueError(f"must be <= {maximum}{limit}, got {value}")
         return value
 
     return parse
@@ -78,9 +87,11 @@ def _float(low: float, high: float, *, low_open: bool = False, high_open: bool =
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {_type_name(value)}")
         value = float(value)
+        if math.isnan(value):
+            raise ValueError("must be a number, got nan")
         too_low = value <= low if low_open else value < low
         too_high = value >= high if high_open else value > high
-        if too_low or too_high or value != value:
+        if too_low or too_high:
             left, right = "(" if low_open else "[", ")" if high_open else "]"
             raise ValueError(f"must be in {left}{low:g}, {high:g}{right}, got {value:g}")
         return value
@@ -99,10 +110,28 @@ def _choice(*options: str) -> Callable[[Any], str]:
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# No interval a gateway needs is longer than a year; far beyond, time.sleep() and
+# datetime arithmetic on the deadline overflow.
+MAX_DURATION = 366 * 86400.0
+# SQLite's busy timeout and PostgreSQL's statement_timeout are C ints of milliseconds:
+# beyond 2**31 - 1 ms (24.8 days) SQLite silently waits not at all, PostgreSQL refuses.
+_MAX_DB_TIMEOUT = 24 * 86400.0
+# librdkafka's request.timeout.ms takes at most 15 minutes; MQTT's keepalive (twice the
+# timeout) a 16-bit count of seconds. Longer would stall the daemon's tick anyway.
+_MAX_SEND_TIMEOUT = 15 * 60.0
 
 
-def parse_duration(value: Any) -> float:
-    """'90s', '10m', '24h', '1d', '250ms' or plain seconds -> seconds."""
+def _duration_text(seconds: float) -> str:
+    """Seconds as the largest whole unit: 86400.0 -> '1d'."""
+    for unit in ("d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def parse_duration(value: Any, maximum: float = MAX_DURATION) -> float:
+    """'90s', '10m', '24h', '1d', '250ms' or plain seconds -> seconds, finite and at most
+    `maximum`."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like '90s', '10m' or '24h'")
     if isinstance(value, (int, float)):
@@ -112,32 +141,40 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"expected a duration like '90s', '10m' or '24h', got {value!r}")
         seconds = float(match[1]) * _UNITS[match[2] or "s"]
+    if math.isnan(seconds):
+        raise ValueError(f"must be a number of seconds, got {value!r}")
     if seconds < 0:
         raise ValueError(f"must not be negative, got {value!r}")
+    if seconds > maximum:
+        raise ValueError(f"must be at most {_duration_text(maximum)}, got {value!r}")
     return seconds
 
 
-def _positive_duration(value: Any) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"must be longer than zero, got {value!r}")
-    return seconds
+def _positive_duration(maximum: float = MAX_DURATION) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value, maximum)
+        if seconds <= 0:
+            raise ValueError(f"must be longer than zero, got {value!r}")
+        return seconds
+
+    return parse
 
 
 def _max_gap(value: Any) -> float | None:
     """'auto' (None: three median sampling intervals) or a duration."""
-    return None if value == "auto" else _positive_duration(value)
+    return None if value == "auto" else _positive_duration()(value)
 
 
 def _path(value: Any) -> Path:
     return Path(_nonempty_str(value))
 
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# fullmatch, not match with ^...$: "$" also matches before a trailing newline.
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _identifier(value: Any) -> str:
-    if not _IDENT.match(_str(value)):
+    if not _IDENT.fullmatch(_str(value)):
         raise ValueError(f"{value!r} is not a plain SQL identifier (letters, digits, _)")
     return value
 
@@ -191,11 +228,67 @@ def _list_of(item: Callable[[Any], Any], *, nonempty: bool = True, unique: bool 
     return parse
 
 
-_JOB = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+def _control_free(value: Any) -> str:
+    """A name that also goes into log lines: a newline there forges a line, NUL ends the
+    C strings of librdkafka and the brokers."""
+    if any(unicodedata.category(ch) == "Cc" for ch in _str(value)):
+        raise ValueError(f"{value!r} contains a control character")
+    return value
+
+
+def _device_id(value: Any) -> str:
+    """The gateway's name in the MQTT topic, the Kafka key, client ids and log lines.
+
+    Refused besides control characters: the MQTT wildcards '#' and '+' (a broker drops a
+    PUBLISH whose topic holds them), and '/': the id is one level of the MQTT topic, which
+    subscribers match with '+', and the Kafka key '<device_id>/<model>' splits at its
+    only '/'.
+    """
+    _control_free(_nonempty_str(value))
+    bad = sorted(set(value) & set("#+/"))
+    if bad:
+        raise ValueError(f"{value!r} contains {', '.join(map(repr, bad))}")
+    return value
+
+
+# The one placeholder of publish.mqtt.topic; any other brace is a typo of it.
+DEVICE_ID_PLACEHOLDER = "{device_id}"
+MQTT_TOPIC_MAX_BYTES = 65535  # MQTT's length prefix is 16 bits, of UTF-8
+
+
+def _mqtt_topic(value: Any) -> str:
+    """A topic to publish to: no wildcards, not a '$' topic (reserved for the broker's own,
+    like $SYS), no control characters (the spec forbids NUL, brokers may drop U+0001-
+    U+009F); its length is checked once device_id is substituted."""
+    _control_free(_nonempty_str(value))
+    bad = sorted(set(value) & set("#+"))
+    if bad:
+        raise ValueError(f"{value!r} contains the MQTT wildcard {', '.join(map(repr, bad))}")
+    if value.startswith("$"):
+        raise ValueError(f"{value!r} starts with '$', reserved for the broker's own topics")
+    if set(value.replace(DEVICE_ID_PLACEHOLDER, "")) & set("{}"):
+        raise ValueError(f"{value!r}: {DEVICE_ID_PLACEHOLDER} is the only placeholder")
+    return value
+
+
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _kafka_topic(value: Any) -> str:
+    """A topic name as Kafka accepts it: 1-249 of [A-Za-z0-9._-], not '.' or '..'."""
+    if not _KAFKA_TOPIC.fullmatch(_str(value)) or value in (".", ".."):
+        raise ValueError(
+            f"{value!r} is not a Kafka topic name (1 to 249 ASCII letters, digits, '.', '_' "
+            "or '-', not '.' or '..')"
+        )
+    return value
+
+
+_JOB = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 def _job(value: Any) -> str:
-    if _str(value) != "autoencoder" and not _JOB.match(value):
+    if _str(value) != "autoencoder" and not _JOB.fullmatch(value):
         raise ValueError(f"expected 'autoencoder' or 'package.module:ClassName', got {value!r}")
     return value
 
@@ -209,9 +302,9 @@ def _opt(default: Any, parse: Callable[[Any], Any]) -> Any:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    device_id: str = _opt("", _nonempty_str)
+    device_id: str = _opt("", _device_id)
     state_dir: Path = _opt(None, _path)
-    check_interval: float = _opt(60.0, _positive_duration)
+    check_interval: float = _opt(60.0, _positive_duration())
     log_level: str = _opt("info", _choice("debug", "info", "warning", "error"))
 
 
@@ -227,9 +320,9 @@ class SourceConfig:
     channels: tuple[str, ...] = _opt(
         ("temperature", "vibration", "current"), _list_of(_column, unique=True)
     )
-    busy_timeout: float = _opt(10.0, _positive_duration)  # sqlite lock wait
-    statement_timeout: float = _opt(60.0, _positive_duration)  # postgres
-    connect_timeout: float = _opt(10.0, _positive_duration)  # postgres
+    busy_timeout: float = _opt(10.0, _positive_duration(_MAX_DB_TIMEOUT))  # sqlite lock wait
+    statement_timeout: float = _opt(60.0, _positive_duration(_MAX_DB_TIMEOUT))  # postgres
+    connect_timeout: float = _opt(10.0, _positive_duration())  # postgres
 
 
 @dataclass(frozen=True)
@@ -242,6 +335,9 @@ class TrainingConfig:
     min_training_samples: int = _opt(10000, _int(1))
     min_new_samples: int = _opt(1000, _int(1))
     min_interval: float = _opt(600.0, parse_duration)
+    # The training child must report progress at least this often, or it is killed and
+    # the cycle fails: reading max_rows rows or building the graph is one silent step.
+    stall_timeout: float = _opt(300.0, _positive_duration())
     max_rows: int = _opt(200000, _int(2))
     learning_rate: float = _opt(0.001, _float(0.0, 1.0, low_open=True))
     batch_size: int = _opt(32, _int(1))
@@ -266,7 +362,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = _opt("localhost:9092", _nonempty_str)  # $KAFKA_BROKER_URL overrides
-    topic: str = _opt("training-results", _nonempty_str)
+    topic: str = _opt("training-results", _kafka_topic)
     security_protocol: str | None = _opt(
         None, _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
     )
@@ -274,20 +370,20 @@ class KafkaConfig:
     sasl_username: str | None = _opt(None, _nonempty_str)
     sasl_password_file: Path | None = _opt(None, _path)
     ssl_ca_location: Path | None = _opt(None, _path)
-    timeout: float = _opt(10.0, _positive_duration)  # bound on one delivery attempt
+    timeout: float = _opt(10.0, _positive_duration(_MAX_SEND_TIMEOUT))  # one delivery attempt
 
 
 @dataclass(frozen=True)
 class MqttConfig:
     host: str = _opt("localhost", _nonempty_str)
     port: int = _opt(1883, _int(1, 65535))
-    topic: str = _opt("smocsd/{device_id}/training-results", _nonempty_str)
+    topic: str = _opt("smocsd/{device_id}/training-results", _mqtt_topic)
     qos: int = _opt(1, _int(0, 2))
     tls: bool = _opt(False, _bool)
     ca_file: Path | None = _opt(None, _path)
     username: str | None = _opt(None, _nonempty_str)
     password_file: Path | None = _opt(None, _path)
-    timeout: float = _opt(10.0, _positive_duration)
+    timeout: float = _opt(10.0, _positive_duration(_MAX_SEND_TIMEOUT))
 
 
 @dataclass(frozen=True)
@@ -400,6 +496,12 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append("publish.mqtt.ca_file: set tls = true to use it")
     if m.password_file and not m.username:
         problems.append("publish.mqtt.password_file: needs username")
+    size = len(m.topic.replace(DEVICE_ID_PLACEHOLDER, cfg.daemon.device_id).encode())
+    if size > MQTT_TOPIC_MAX_BYTES:
+        problems.append(
+            f"publish.mqtt.topic: {size} bytes with device_id filled in, "
+            f"MQTT allows {MQTT_TOPIC_MAX_BYTES}"
+        )
 
 
 def _defaults(env: dict[str, str]) -> tuple[str, Path]:
@@ -414,7 +516,7 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
     where = f"{path}: " if path else ""
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of over 4300 digits
         raise ConfigError([f"{where}invalid TOML: {exc}"]) from None
     problems: list[str] = []
     warnings: list[str] = []
@@ -430,6 +532,11 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
 
     host, state_dir = _defaults(env)
     daemon = sections["daemon"]
+    if not daemon.device_id:
+        try:
+            _device_id(host)
+        except ValueError as exc:
+            problems.append(f"daemon.device_id: not set, and the host name cannot serve: {exc}")
     daemon = replace(
         daemon,
         device_id=daemon.device_id or host,
@@ -466,13 +573,76 @@ def config_path(cli_value: str | None, env: dict[str, str] | None = None) -> Pat
 
 
 def load(path: Path, env: dict[str, str] | None = None) -> Config:
+    """The file at `path` -> Config, or ConfigError listing every problem."""
     try:
+        # Checked before opening: opening a FIFO blocks until a writer comes, and opening
+        # a device can act on it (a watchdog device arms).
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError([f"{path}: not a regular file"])
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from None
     return parse(text, path=path, env=env)
+
+
+# The keys naming files the daemon reads: secrets, which must be owner-only, and CA files.
+SECRET_FILE_KEYS = (
+    "source.password_file",
+    "publish.kafka.sasl_password_file",
+    "publish.mqtt.password_file",
+)
+CA_FILE_KEYS = ("publish.kafka.ssl_ca_location", "publish.mqtt.ca_file")
+
+
+def _user_name(uid: int) -> str:
+    """The user's name, else the number (chown takes either)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _file_problem(path: Path, *, secret: bool, reader: int) -> str | None:
+    """What keeps uid `reader` from using `path` as a CA or secret file, or None."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path}: not a regular file"
+    if not secret:
+        return None
+    quoted = shlex.quote(str(path))
+    if st.st_mode & 0o077:
+        return f"{path}: accessible by group or others (chmod go-rwx {quoted})"
+    # Owner-only, so only the owner (and root) can read it.
+    if reader != 0 and st.st_uid != reader:
+        owner, user = _user_name(st.st_uid), _user_name(reader)
+        return f"{path}: owned by {owner}, so {user} cannot read it (chown {user} {quoted})"
+    if reader != 0 and not st.st_mode & stat.S_IRUSR:
+        return f"{path}: not readable by its owner (chmod u+r {quoted})"
+    return None
+
+
+def file_problems(cfg: Config, reader: int) -> list[str]:
+    """The configured secret and CA files that uid `reader` (the daemon's user) could not
+    use: one line each, naming the file and the key.
+
+    A CA file must be a regular file; a secret file also owner-only (no group or other
+    permission bits) and owned by `reader`, since only its owner can then read it.
+    """
+    where = f"{cfg.path}: " if cfg.path else ""
+    problems = []
+    for key in SECRET_FILE_KEYS + CA_FILE_KEYS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        problem = value and _file_problem(value, secret=key in SECRET_FILE_KEYS, reader=reader)
+        if problem:
+            problems.append(f"{where}{key}: {problem}")
+    return problems
 
 
 def read_secret(path: Path | None, credential: str) -> str | None:

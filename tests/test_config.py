@@ -197,3 +197,245 @@ def test_a_job_that_cannot_be_loaded_is_a_config_error(tmp_path):
 def test_usage_errors_exit_2():
     assert smocsd("frobnicate").returncode == 2
     assert os.EX_CONFIG == 78
+
+
+HUGE = "99999999999999999999"  # beyond a signed 64-bit integer
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "fragment"),
+    [
+        ("[daemon]\ncheck_interval = nan", "daemon.check_interval", "number of seconds"),
+        ("[daemon]\ncheck_interval = inf", "daemon.check_interval", "at most 366d"),
+        ("[daemon]\ncheck_interval = -inf", "daemon.check_interval", "negative"),
+        ("[daemon]\ncheck_interval = '367d'", "daemon.check_interval", "at most 366d"),
+        (f"[daemon]\ncheck_interval = '{'9' * 400}s'", "daemon.check_interval", "at most 366d"),
+        (f"[daemon]\ncheck_interval = {HUGE}", "daemon.check_interval", "at most 366d"),
+        ("[training]\nmin_interval = nan", "training.min_interval", "number of seconds"),
+        ("[training]\nmin_interval = 1e300", "training.min_interval", "at most 366d"),
+        ("[training]\nmax_gap = inf", "training.max_gap", "at most 366d"),
+        ("[source]\nbusy_timeout = '25d'", "source.busy_timeout", "at most 24d"),
+        ("[source]\nstatement_timeout = 1e9", "source.statement_timeout", "at most 24d"),
+        ("[source]\nconnect_timeout = -inf", "source.connect_timeout", "negative"),
+        ("[publish.kafka]\ntimeout = '16m'", "publish.kafka.timeout", "at most 15m"),
+        ("[publish.mqtt]\ntimeout = nan", "publish.mqtt.timeout", "number of seconds"),
+        (f"[training]\nmax_rows = {HUGE}", "training.max_rows", "<= 9223372036854775807"),
+        (f"[training]\nepochs = {HUGE}", "training.epochs", "signed 64-bit"),
+        (f"[training]\nhidden = [8, {HUGE}]", "training.hidden", "item 2: must be <="),
+        (f"[training]\nseed = -{HUGE}", "training.seed", ">= 0"),
+        ("[model]\nkeep_versions = 9223372036854775808", "model.keep_versions", "<= 9223"),
+        (f"[publish]\noutbox_max = {HUGE}", "publish.outbox_max", "signed 64-bit"),
+        ("[training]\nlearning_rate = nan", "training.learning_rate", "a number, got nan"),
+        ("[training]\nlearning_rate = inf", "training.learning_rate", "(0, 1]"),
+        ("[training]\nvalidation_fraction = -inf", "training.validation_fraction", "(0, 1)"),
+        ("[model]\nfalse_alarm_rate = nan", "model.false_alarm_rate", "got nan"),
+    ],
+)
+def test_numbers_must_be_finite_and_in_range(toml, key, fragment):
+    (line,) = problems(toml)
+    assert line.startswith(f"c.toml: {key}: "), line
+    assert fragment in line, line
+
+
+def test_the_largest_values_still_accepted():
+    cfg = parse(
+        "[daemon]\ncheck_interval = '366d'\n[source]\nbusy_timeout = '24d'\n"
+        "[publish.kafka]\ntimeout = '15m'\n"
+        "[training]\nmax_rows = 9223372036854775807\nmin_training_samples = 9223372036854775807\n",
+        env=ENV,
+    )
+    assert cfg.daemon.check_interval == 366 * 86400 and cfg.source.busy_timeout == 24 * 86400
+    assert cfg.training.max_rows == 2**63 - 1
+
+
+def test_an_integer_too_long_for_python_is_one_line():
+    (line,) = problems(f"[training]\nmax_rows = 1{'0' * 5000}")
+    assert line.startswith("c.toml: invalid TOML") and len(line) < 300
+
+
+@pytest.mark.parametrize(
+    ("device_id", "fragment"),
+    [
+        ("gw#1", "'#'"),
+        ("gw+1", "'+'"),
+        ("plant/gw-1", "'/'"),
+        ("gw-1\nsmocsd: forged line", "control character"),
+        ("gw\u0000", "control character"),
+        ("gw\u009b", "control character"),
+        ("", "empty"),
+        ("   ", "empty"),
+    ],
+)
+def test_device_id_is_one_topic_level_without_wildcards_or_controls(device_id, fragment):
+    (line,) = problems(f"[daemon]\ndevice_id = {json.dumps(device_id)}")
+    assert line.startswith("c.toml: daemon.device_id: ") and fragment in line, line
+
+
+def test_a_host_name_that_cannot_be_a_device_id_must_be_replaced(monkeypatch):
+    monkeypatch.setattr(config.socket, "gethostname", lambda: "gw+1")
+    (line,) = problems("")
+    assert line.startswith("c.toml: daemon.device_id: not set, and the host name cannot serve")
+    assert parse("[daemon]\ndevice_id = 'gw-1'", env=ENV).daemon.device_id == "gw-1"
+
+
+@pytest.mark.parametrize(
+    ("topic", "fragment"),
+    [
+        ("smocsd/#", "wildcard '#'"),
+        ("smocsd/+/results", "wildcard '+'"),
+        ("$SYS/smocsd", "starts with '$'"),
+        ("", "empty"),
+        ("smocsd/{device_id}/\n", "control character"),
+        ("smocsd/\u0000", "control character"),
+        ("smocsd/{device}/results", "only placeholder"),
+        ("smocsd/{device_id/results", "only placeholder"),
+        ("smocsd/device_id}/results", "only placeholder"),
+        ("smocsd/{{device_id}}", "only placeholder"),
+    ],
+)
+def test_mqtt_topic(topic, fragment):
+    (line,) = problems(f"[publish.mqtt]\ntopic = {json.dumps(topic)}")
+    assert line.startswith("c.toml: publish.mqtt.topic: ") and fragment in line, line
+
+
+def test_mqtt_topic_length_counts_utf8_bytes_with_device_id_filled_in():
+    def topic_with(device_id: str) -> str:
+        return f"[daemon]\ndevice_id = '{device_id}'\n[publish.mqtt]\ntopic = 't/{{device_id}}'\n"
+
+    assert parse(topic_with("x" * 65533), env=ENV)  # 't/' + 65533 bytes: the limit
+    (line,) = problems(topic_with("x" * 65534))
+    assert (
+        line
+        == "c.toml: publish.mqtt.topic: 65536 bytes with device_id filled in, MQTT allows 65535"
+    )
+    (line,) = problems(topic_with("é" * 32767))  # 32769 characters, 65536 bytes
+    assert "65536 bytes" in line
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "",
+        ".",
+        "..",
+        "training results",
+        "smocsd/results",
+        "ergebnisse-ü",
+        "{device_id}",
+        "t" * 250,
+        "t\n",
+    ],
+)
+def test_kafka_topic_refused(topic):
+    (line,) = problems(f"[publish.kafka]\ntopic = {json.dumps(topic)}")
+    assert line.startswith("c.toml: publish.kafka.topic: ") and "not a Kafka topic name" in line
+
+
+@pytest.mark.parametrize("topic", ["training-results", "plant.gw_01.Results-2", "t" * 249, "..."])
+def test_kafka_topic_accepted(topic):
+    assert parse(f"[publish.kafka]\ntopic = '{topic}'", env=ENV).publish.kafka.topic == topic
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[model]\nname = "autoencoder\\n"', "model.name"),
+        ('[source]\ntable = "readings\\n"', "source.table"),
+        ('[training]\njob = "userjob:Job\\n"', "training.job"),
+    ],
+)
+def test_a_trailing_newline_does_not_slip_through_a_pattern(toml, key):
+    (line,) = problems(toml)
+    assert line.startswith(f"c.toml: {key}: ")
+
+
+def test_the_config_path_must_be_a_regular_file(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        config.load(tmp_path)
+    assert exc.value.problems == [f"{tmp_path}: not a regular file"]
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_as_config_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "smocsd.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as exc:
+        config.load(fifo)  # opening it would wait for a writer forever
+    assert exc.value.problems == [f"{fifo}: not a regular file"]
+    proc = smocsd("check-config", config=fifo, timeout=20)
+    assert proc.returncode == 78 and proc.stderr == f"{fifo}: not a regular file\n"
+
+
+def with_files(tmp_path: Path, **keys: Path) -> config.Config:
+    """A config naming the given files, keys spelled like source__password_file."""
+    tables: dict[str, list[str]] = {
+        "source": ["kind = 'postgres'", "order_column = 'id'"],
+        "publish.mqtt": ["username = 'gw'", "tls = true"],
+    }
+    for key, path in keys.items():
+        section, name = key.rsplit("__", 1)
+        tables.setdefault(section.replace("__", "."), []).append(f"{name} = '{path}'")
+    text = "\n".join(f"[{t}]\n" + "\n".join(lines) for t, lines in tables.items())
+    return parse(text, path=Path("c.toml"), env=ENV)
+
+
+def secret(tmp_path: Path, name: str, mode: int, uid: int = 0) -> Path:
+    path = tmp_path / name
+    path.write_text("s3cret\n")
+    path.chmod(mode)
+    os.chown(path, uid, -1)
+    return path
+
+
+def test_secret_and_ca_files_that_are_usable_pass(tmp_path):
+    cfg = with_files(
+        tmp_path,
+        source__password_file=secret(tmp_path, "pg", 0o600),
+        publish__kafka__sasl_password_file=secret(tmp_path, "kafka", 0o400),
+        publish__kafka__ssl_ca_location=secret(tmp_path, "ca.pem", 0o644),
+        publish__mqtt__password_file=secret(tmp_path, "mqtt", 0o600, uid=65534),
+        publish__mqtt__ca_file=secret(tmp_path, "ca2.pem", 0o644),
+    )
+    assert config.file_problems(cfg, reader=0) == []  # root reads whatever it owns or not
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_each_unusable_secret_or_ca_file_is_one_line_naming_file_and_key(tmp_path):
+    cfg = with_files(
+        tmp_path,
+        source__password_file=secret(tmp_path, "pg", 0o640, uid=65534),
+        publish__kafka__sasl_password_file=secret(tmp_path, "kafka", 0o600, uid=0),
+        publish__kafka__ssl_ca_location=tmp_path / "missing.pem",
+        publish__mqtt__password_file=secret(tmp_path, "mqtt", 0o200, uid=65534),
+        publish__mqtt__ca_file=tmp_path,
+    )
+    assert config.file_problems(cfg, reader=65534) == [
+        f"c.toml: source.password_file: {tmp_path}/pg: accessible by group or others "
+        f"(chmod go-rwx {tmp_path}/pg)",
+        f"c.toml: publish.kafka.sasl_password_file: {tmp_path}/kafka: owned by root, so nobody "
+        f"cannot read it (chown nobody {tmp_path}/kafka)",
+        f"c.toml: publish.mqtt.password_file: {tmp_path}/mqtt: not readable by its owner "
+        f"(chmod u+r {tmp_path}/mqtt)",
+        f"c.toml: publish.kafka.ssl_ca_location: {tmp_path}/missing.pem: No such file or directory",
+        f"c.toml: publish.mqtt.ca_file: {tmp_path}: not a regular file",
+    ]
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o601, 0o610])
+def test_a_secret_file_must_be_owner_only(tmp_path, mode):
+    cfg = with_files(tmp_path, publish__mqtt__password_file=secret(tmp_path, "pw", mode))
+    (line,) = config.file_problems(cfg, reader=0)
+    assert "publish.mqtt.password_file" in line and "accessible by group or others" in line
+
+
+def test_a_secret_file_must_be_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    cfg = with_files(
+        tmp_path,
+        source__password_file=tmp_path / "fifo",
+        publish__mqtt__password_file=tmp_path / "nope",
+    )
+    assert config.file_problems(cfg, reader=0) == [
+        f"c.toml: source.password_file: {tmp_path}/fifo: not a regular file",
+        f"c.toml: publish.mqtt.password_file: {tmp_path}/nope: No such file or directory",
+    ]
