@@ -9,7 +9,8 @@ own environment. A default run takes about a minute on 2 cores (250 training cyc
 
 smocsd is run through its real code path: each run's training rows go into a SQLite file,
 a config holding only the channels and `min_training_samples` is parsed, one forced
-`run_cycle` trains and promotes a model, and `smocsd.scoring.Model` scores the whole run
+`call_hooks` (the training child's work) trains and promotes a model, and
+`smocsd.scoring.Model` scores the whole run
 with the model's own threshold and alarm rule, as a consumer would. Only the rows after
 the training rows are evaluated; a row's decision is that of the window ending at it.
 
@@ -49,9 +50,9 @@ from scenarios import DATASETS, Dataset, Run, segments_of
 
 from smocsd import threshold
 from smocsd.config import TrainingConfig, parse
-from smocsd.job import run_cycle
+from smocsd.cycle import Outcome, call_hooks
+from smocsd.job import CycleProgress
 from smocsd.scoring import AlarmRule, Model, channel_errors, open_session
-from smocsd.sources import open_source
 from smocsd.windows import Normalization, WindowSet, check_time, split, valid_starts
 
 OLD_DEFAULTS = {"window_size": 50}
@@ -135,7 +136,7 @@ def rows_alarmed(end: np.ndarray, alarm: np.ndarray, run: Run) -> np.ndarray:
     return rows[run.n_train :]
 
 
-# --- smocsd, through run_cycle -----------------------------------------------------------
+# --- smocsd, through call_hooks -----------------------------------------------------------
 
 
 @dataclass
@@ -188,10 +189,10 @@ def train_smocsd(ds: Dataset, run: Run, overrides: dict[str, Any]) -> Trained:
             "[publish]\norder = []\n",
             env={"STATE_DIRECTORY": tmp},
         )
-        result = run_cycle(cfg, open_source(cfg.source), force=True)
-        if result["outcome"] != "promoted":
-            why = result.get("error") or result.get("reason")
-            raise RuntimeError(f"{ds.name}: cycle {result['outcome']}: {why}")
+        result = call_hooks(cfg, force=True, progress=CycleProgress(), job_state=None)
+        if result.outcome is not Outcome.PROMOTED:
+            why = result.error or result.reason
+            raise RuntimeError(f"{ds.name}: cycle {result.outcome.value}: {why}")
         current = state / "models" / "autoencoder" / "current"
         meta = json.loads((current / "metadata.json").read_text())
         model = Model(current, meta)

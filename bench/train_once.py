@@ -19,8 +19,8 @@ import numpy as np
 
 from smocsd import config, demo
 from smocsd.autoencoder import AutoencoderJob
-from smocsd.job import run_cycle
-from smocsd.sources import open_source
+from smocsd.cycle import Outcome, call_hooks
+from smocsd.job import CycleProgress
 
 
 class TimedJob(AutoencoderJob):
@@ -105,11 +105,12 @@ def main() -> None:
             f"backend = '{args.backend}'\n"
         )
         started = time.perf_counter()
-        result = run_cycle(cfg, open_source(cfg.source), force=True)
+        # In this process (not the daemon's child), so that TimedJob's times are here.
+        result = call_hooks(cfg, force=True, progress=CycleProgress(), job_state=None)
         total = time.perf_counter() - started
-    assert result["outcome"] == "promoted", result
+    assert result.outcome is Outcome.PROMOTED, result
     t = cfg.training
-    windows = result["model_meta"]["data"]["train_windows"]
+    windows = result.model_meta["data"]["train_windows"]
     steps = int(TimedJob.times.pop("epochs")) * -(-windows // t.batch_size)
     n_features = t.window_size * len(cfg.source.channels)
     floor = bare_ort_loop(n_features, t.hidden, steps, t.batch_size, t.threads)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__, threshold
-from .job import TrainingJob, utcnow
+from . import __version__, modelfile, threshold
+from .job import TrainingJob
 from .scoring import AlarmRule, channel_errors, open_session, shares
 from .sources import Readings
+from .state import utcnow
 from .store import ModelStore
 from .trainers import TrainSpec, make_trainer, onnxruntime_version
 from .windows import (
@@ -42,8 +45,41 @@ class TrainingData:
     time: TimeCheck
 
 
+# A trained_at this far ahead of the clock is a clock that was reset, not drift.
+CLOCK_SLACK = 60.0
+
+
+def _check_state(job: AutoencoderJob) -> None:
+    """Repairs state the world has moved under: a clock set back, a recreated database.
+
+    Both would otherwise block training for good (until the clock catches up, or until
+    the new ids pass the old ones); each is logged and the repaired state is saved.
+    """
+    now = time.time()
+    trained_at = job.state.get("trained_at", 0)
+    if trained_at > now + CLOCK_SLACK:
+        job.logger.warning(
+            "state: last training at %s is in the future (clock set back?): counting from now",
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(trained_at)),
+        )
+        job.state["trained_at"] = now
+    last_order = job.state.get("last_order")
+    if last_order is not None:
+        newest = job.db_manager.max_order()
+        if newest is None or newest < last_order:
+            job.logger.warning(
+                "order column %r went backwards (newest %s, last trained on %d): the "
+                "database was recreated? counting its rows from the start",
+                job.config.source.order_column or "rowid",
+                newest,
+                last_order,
+            )
+            job.state.pop("last_order")
+
+
 def _gate(job: AutoencoderJob) -> str | None:
     """Why this tick must not train (None: go ahead)."""
+    _check_state(job)
     t = job.config.training
     last_order = job.state.get("last_order")
     if last_order is None:
@@ -106,12 +142,17 @@ class AutoencoderJob(TrainingJob):
         breaks, time_check = check_time(readings.time, t.max_gap)
         self._report_time(readings, time_check)
         starts = valid_starts(bad, t.window_size, t.stride, breaks)
-        data = TrainingData(
-            readings=readings,
-            split=split(readings.values, starts, t.window_size, t.validation_fraction),
-            windows=len(starts),
-            time=time_check,
-        )
+        try:
+            sp = split(readings.values, starts, t.window_size, t.validation_fraction)
+        except DataError as exc:
+            # NULLs, gaps or time disorder every few rows leave no complete window: more
+            # rows will not help until they stop, so say so instead of training on nothing.
+            self.skip_reason = (
+                f"{exc}: {good} valid rows, but missing values, gaps or disordered times "
+                f"break them into runs shorter than window_size ({t.window_size})"
+            )
+            return None
+        data = TrainingData(readings=readings, split=sp, windows=len(starts), time=time_check)
         self.logger.info(
             "read %d rows (%d dropped): %d training and %d validation windows",
             len(bad),
@@ -156,7 +197,7 @@ class AutoencoderJob(TrainingJob):
         self.data = data
         self.version, self.staging = self.store.allocate()
         self.progress.label = f"training v{self.version}"
-        current = self.store.current()
+        current = self.champion = self._check_champion()
         try:
             fit = self.trainer.fit(
                 self.spec,
@@ -221,11 +262,26 @@ class AutoencoderJob(TrainingJob):
             "val_windows_over_threshold": float((scores > self.threshold_fit.threshold).mean()),
             "previous_version": previous[0] if previous else None,
             "previous_val_loss": previous[1] if previous else None,
+            "champion_problem": self.champion_problem,
         }
+
+    def _check_champion(self) -> int | None:
+        """The current version if it is whole; a damaged one is reported (in the log and
+        the result's eval) and the challenger is judged on its own checks."""
+        current = self.store.current()
+        self.champion_problem = None if current is None else self.store.check(current)
+        if self.champion_problem:
+            self.logger.error(
+                "current v%d is damaged, not used for warm start or comparison: %s",
+                current,
+                self.champion_problem,
+            )
+            return None
+        return current
 
     def _score_current(self, val: WindowSet, threads: int) -> tuple[int, float] | None:
         """The current model's loss on the same validation windows, in its own normalization."""
-        current = self.store.current()
+        current = self.champion
         if current is None:
             return None
         meta = self.store.metadata(current)
@@ -245,14 +301,19 @@ class AutoencoderJob(TrainingJob):
 
     def save_model(self, model_metrics: dict, eval_results: dict) -> dict:
         try:
+            self._check_finite(model_metrics)
             previous = eval_results["previous_val_loss"]
             promote = (
                 self.config.model.promote == "always"
                 or previous is None
                 or self.val_loss <= previous
             )
-            meta = self._metadata(model_metrics, eval_results)
-            (self.staging / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+            meta = self._metadata(model_metrics, eval_results, promote)
+            path = self.staging / "metadata.json"
+            path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+            problem = modelfile.check(self.staging)
+            if problem:  # non-finite weights: such a model must never be saved, let alone used
+                raise DataError(f"v{self.version} not saved: {problem}")
         except BaseException:
             self.store.discard(self.staging)
             raise
@@ -270,13 +331,28 @@ class AutoencoderJob(TrainingJob):
             )
         return {"version": self.version, "outcome": outcome, "model_meta": meta}
 
-    def _metadata(self, metrics: dict, eval_results: dict) -> dict[str, Any]:
+    def _check_finite(self, metrics: dict) -> None:
+        """Training that diverged (NaN or inf losses, threshold) fails the cycle: the model
+        would alarm on everything or nothing."""
+        values = {
+            **{k: v for k, v in metrics.items() if isinstance(v, float)},
+            "threshold": self.threshold_fit.threshold,
+        }
+        bad = [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise DataError(f"training diverged: {', '.join(bad)}; nothing saved")
+
+    def _metadata(self, metrics: dict, eval_results: dict, promote: bool) -> dict[str, Any]:
         cfg, readings, sp = self.config, self.data.readings, self.data.split
         files = {f.name: _file_entry(f) for f in sorted(self.staging.iterdir()) if f.is_file()}
         return {
             "format": "smocsd.model/1",
             "name": cfg.model.name,
             "version": self.version,
+            # What the cycle decided and the id of the result it publishes: the store
+            # alone can then rebuild a result that was lost before reaching the outbox.
+            "outcome": "promoted" if promote else "rejected",
+            "result_id": str(uuid.uuid4()),
             "created_at": utcnow(),
             "device_id": cfg.daemon.device_id,
             "backend": self.trainer.name,

@@ -1,7 +1,10 @@
-"""The daemon: composes config, source, job cycle, outbox and publisher on a timer.
+"""The daemon: a lean loop of timer, outbox, publishing and sd_notify; each training cycle
+runs in a child process (smocsd/cycle.py).
 
-Signals only set flags; the loop acts on them between batches or while idle, so a
-stop never interrupts the store's atomic save and a reload never races a cycle.
+Signals only set flags; the loop acts on them between steps, so a stop never interrupts
+the store's atomic save and a reload never races a cycle. Nothing raised in a tick ends
+the loop: it is logged once, and the next tick comes after a backoff, so a full or
+read-only disk is survived and recovered from without a restart.
 """
 
 from __future__ import annotations
@@ -10,88 +13,114 @@ import logging
 import random
 import signal
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from . import systemd
+from . import cycle, systemd
 from .config import Config, ConfigError
-from .job import CycleProgress, State, Stopped, cycle_lock, describe, run_cycle, utcnow
+from .cycle import CycleResult, Outcome
+from .job import Stopped
 from .outbox import Outbox
 from .publish import Publisher
-from .sources import Source, open_source
+from .state import State
 from .store import ModelStore
 
 log = logging.getLogger("smocsd")
 
+# Backoff after failed ticks: check_interval doubled per failure in a row, up to this
+# (or check_interval, if longer), so a broken disk neither storms the journal nor
+# delays recovery by more than ten minutes once it is fixed.
+MAX_BACKOFF = 600.0
 
-@dataclass
+
 class Parts:
-    """What one configuration builds; rebuilt on reload."""
+    """What one configuration builds; rebuilt on reload.
 
-    cfg: Config
-    source: Source
-    outbox: Outbox
-    publisher: Publisher
+    The outbox opens on first use, not here: a state directory that is read-only or
+    full at start must not stop the daemon, which retries at every tick.
+    """
 
-    @classmethod
-    def build(cls, cfg: Config) -> Parts:
-        prepare_state_dir(cfg)
-        return cls(
-            cfg=cfg,
-            source=open_source(cfg.source),
-            outbox=Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max),
-            publisher=Publisher(cfg.publish, cfg.daemon.device_id),
-        )
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.publisher = Publisher(cfg.publish, cfg.daemon.device_id)
+        self._outbox: Outbox | None = None
+
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            self._outbox = Outbox(self.cfg.state_dir / "outbox.db", self.cfg.publish.outbox_max)
+        return self._outbox
 
     def close(self) -> None:
-        self.source.close()
-        self.outbox.close()
+        if self._outbox is not None:
+            self._outbox.close()
         self.publisher.close()
 
-    def flush_outbox(self) -> None:
-        if len(self.outbox):
-            delivered = self.outbox.flush(self.publisher.deliver)
+    def flush(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        outbox = self.outbox
+        if len(outbox):
+            delivered = outbox.flush(self.publisher.attempt(), should_stop=should_stop)
             if delivered:
-                log.info("delivered %d result(s); %d waiting", delivered, len(self.outbox))
+                log.info("delivered %d result(s); %d waiting", delivered, len(outbox))
 
-    def cycle(self, *, force: bool = False, progress: CycleProgress | None = None) -> dict:
-        """A training cycle whose result is durable in the outbox before delivery is tried."""
-        self.flush_outbox()
-        result = run_cycle(self.cfg, self.source, force=force, progress=progress)
-        recorded = {k: result[k] for k in ("outcome", "reason", "error") if k in result}
-        State(self.cfg.state_dir).update(
-            last_cycle={"at": utcnow(), "version": result.get("version"), **recorded}
+    def cycle(
+        self,
+        *,
+        force: bool = False,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_alive: Callable[[], None] = lambda: None,
+        on_status: Callable[[str], None] = lambda text: None,
+    ) -> tuple[CycleResult, bool]:
+        """Results waiting go out first, lost ones are recovered from the store, then one
+        cycle, whose result is durable in the outbox before its delivery is tried."""
+        self.flush(should_stop)
+        if should_stop():  # asked mid-flush: no cycle to start
+            raise Stopped()
+        cycle.reconcile(self.cfg, self.outbox)
+        result, queued = cycle.run(
+            self.cfg,
+            self.outbox,
+            force=force,
+            should_stop=should_stop,
+            on_alive=on_alive,
+            on_status=on_status,
         )
-        log.log(logging.ERROR if result["outcome"] == "failed" else logging.INFO, describe(result))
-        if result["outcome"] != "skipped":
-            self.outbox.put(result)
-            self.flush_outbox()
-        return result
+        if result.outcome is not Outcome.SKIPPED:
+            self.flush(should_stop)
+        return result, queued
 
 
 def prepare_state_dir(cfg: Config) -> None:
     """Makes the state directory usable and removes what a crash left behind.
 
-    Only under the cycle lock: while another process (the daemon, or a manual
-    train-once) runs a cycle, its half-built version is work in progress, not a leftover.
+    Only under the cycle lock: while another process (a manual train-once) runs a
+    cycle, its half-built version is work in progress, not a leftover.
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    store = ModelStore.of(cfg)
-    with cycle_lock(cfg.state_dir) as locked:
-        for leftover in store.recover() if locked else ():
+    for leftover in State(cfg.state_dir).remove_leftovers():
+        log.warning("removed %s left by an interrupted write", leftover)
+    with cycle.cycle_lock(cfg.state_dir) as locked:
+        for leftover in ModelStore.of(cfg).recover() if locked else ():
             log.warning("removed %s left by an interrupted save", leftover)
 
 
 class Daemon:
     def __init__(self, config_path: Path, cfg: Config):
         self.config_path = config_path
-        self.parts = Parts.build(cfg)
+        self.parts = Parts(cfg)
         self.watchdog = systemd.Watchdog()
         self.stop_requested = False
         self.reload_requested = False
+        self.last: str = "no check yet"
+        # Failed results the outbox could not take (disk full); tried again every tick.
+        # A saved version's result needs no place here: reconcile() finds it in the store.
+        self.unsent: list[dict[str, Any]] = []
+        self.failures = 0  # ticks in a row that raised
+        self.last_error: str | None = None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGHUP:
@@ -105,53 +134,89 @@ class Daemon:
         cfg = self.parts.cfg
         log.info("smocsd started: device %s, state in %s", cfg.daemon.device_id, cfg.state_dir)
         systemd.notify("READY=1", "STATUS=starting first check")
+        self._guarded(lambda: prepare_state_dir(cfg))
         try:
             while not self.stop_requested:
                 if self.reload_requested:
                     self._reload()
-                self._tick()
+                self._guarded(self._tick)
                 self._idle()
         except Stopped:
-            log.info("stopped mid-training; nothing was promoted")
+            log.info("stopped mid-cycle; nothing partial was promoted")
         finally:
             systemd.notify("STOPPING=1", "STATUS=stopping")
             self.parts.close()
         log.info("smocsd stopped")
         return 0
 
-    def _tick(self) -> None:
-        progress = CycleProgress(
-            should_stop=lambda: self.stop_requested,
-            ping=self.watchdog.ping,
-            status=lambda text: systemd.notify(f"STATUS={text}"),
-        )
+    def _should_stop(self) -> bool:
+        """Asked between the steps of long work (batches of a flush, polls of the
+        training child), which is also where the watchdog is fed."""
+        self.watchdog.ping()
+        return self.stop_requested
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Runs a step of the loop; an exception is logged once (again only when it
+        changes) and counted for the backoff, never raised."""
         try:
-            self.last = self.parts.cycle(progress=progress)
+            step()
         except Stopped:
             raise
-        except Exception as exc:  # the outbox or state dir failing must not kill the loop
-            log.exception("cycle aborted: %s", exc)
-            self.last = {"outcome": "failed", "error": str(exc)}
+        except Exception as exc:
+            self.failures += 1
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if error != self.last_error:
+                log.error("%s (retrying with a backoff)", error)
+                log.debug("traceback", exc_info=True)
+            self.last_error = error
+            self.last = f"error: {error}"
+        else:
+            if self.last_error is not None:
+                log.info("recovered from: %s", self.last_error)
+            self.failures = 0
+            self.last_error = None
+
+    def _tick(self) -> None:
+        outbox = self.parts.outbox
+        while self.unsent:
+            outbox.put(self.unsent[0])
+            self.unsent.pop(0)
+        result, queued = self.parts.cycle(
+            should_stop=self._should_stop,
+            on_alive=self.watchdog.ping,
+            on_status=lambda text: systemd.notify(f"STATUS={text}"),
+        )
+        if not queued and result.version is None:
+            self.unsent.append(result.message(self.parts.cfg))
+        self.last = result.reason or result.describe()
+
+    def _wait(self) -> float:
+        interval = self.parts.cfg.daemon.check_interval
+        if self.failures:
+            interval = min(interval * 2 ** (self.failures - 1), max(interval, MAX_BACKOFF))
+        return interval * random.uniform(0.9, 1.1)
 
     def _idle(self) -> None:
-        cfg = self.parts.cfg
-        interval = cfg.daemon.check_interval * random.uniform(0.9, 1.1)
-        deadline = time.time() + interval
-        when = datetime.fromtimestamp(deadline).strftime("%H:%M:%S")
-        State(cfg.state_dir).update(next_check=datetime.fromtimestamp(deadline).isoformat())
-        outbox = len(self.parts.outbox)
-        status = f"idle: next check {when}, {self.last.get('reason') or describe(self.last)}"
-        systemd.notify(f"STATUS={status}{f', {outbox} result(s) in outbox' if outbox else ''}")
-        while not (self.stop_requested or self.reload_requested) and time.time() < deadline:
+        # The monotonic clock: a wall-clock jump (NTP after boot, a reset RTC) neither
+        # stalls the timer nor makes it fire in a storm.
+        wait = self._wait()
+        deadline = time.monotonic() + wait
+        when = datetime.now() + timedelta(seconds=wait)
+        self._guarded(lambda: State(self.parts.cfg.state_dir).update(next_check=when.isoformat()))
+        waiting = f", {len(self.unsent)} result(s) not yet in the outbox" if self.unsent else ""
+        status = f"idle: next check {when:%H:%M:%S}, {self.last}{waiting}"
+        systemd.notify(f"STATUS={status}")
+        while not (self.stop_requested or self.reload_requested) and time.monotonic() < deadline:
             self.watchdog.ping()
-            time.sleep(min(1.0, max(0.0, deadline - time.time())))
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _reload(self) -> None:
         self.reload_requested = False
         systemd.notify("RELOADING=1")
         try:
             cfg = config_mod.load(self.config_path)
-            parts = Parts.build(cfg)
+            parts = Parts(cfg)
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused, keeping the running config: %s", problem)

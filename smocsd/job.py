@@ -1,29 +1,21 @@
-"""The TrainingJob extension point and the cycle that calls its five hooks.
+"""The public extension API: TrainingJob and its five hooks, and the progress it reports.
 
 smocsd owns scheduling, the database handle, publishing, the lifecycle and error
-recovery; a job only says how to build, feed, train, evaluate and save its model.
+recovery (smocsd/cycle.py); a job only says how to build, feed, train, evaluate and
+save its model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import importlib
-import json
 import logging
-import time
-import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Config
-from .sources import Source
-from .store import write_atomic
-
-RESULT_SCHEMA = "smocsd.training-result/1"
+if TYPE_CHECKING:  # the daemon imports this module and must not load numpy through sources
+    from .config import Config
+    from .sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +25,6 @@ class Stopped(BaseException):
 
     A BaseException, so a job's own `except Exception` cannot swallow a stop request.
     """
-
-
-def utcnow() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class CycleProgress:
@@ -64,30 +52,6 @@ class CycleProgress:
         self.status(text)
 
 
-class State:
-    """state_dir/state.json: what smocsd remembers between cycles and shows in `status`."""
-
-    def __init__(self, state_dir: Path):
-        self.path = state_dir / "state.json"
-
-    def read(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError:
-            log.error("%s: unreadable, starting from empty state", self.path)
-            return {}
-
-    def update(self, **changes: Any) -> None:
-        """Read-modify-write under a lock: the daemon and a manual command may both write."""
-        with open(self.path.with_name("state.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            data = self.read()
-            data.update(changes)
-            write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
-
-
 class TrainingJob(ABC):
     """Base class of a training job; subclass it and name it in `training.job`.
 
@@ -99,9 +63,13 @@ class TrainingJob(ABC):
     Given to the job: `config` (the whole Config; `config.job_options` is the free-form
     `[job]` table), `db_manager` (the readings source), `state_dir`, `logger`,
     `progress` (call `progress.between_batches()` in long loops: it honours stop
-    requests and keeps the systemd watchdog fed), `force` (train-once --force) and
-    `state` (persistent per-job dict, saved only after a successful save_model).
-    Set `skip_reason` before returning None from get_training_data.
+    requests and shows the daemon that training is alive), `force` (train-once
+    --force) and `state` (persistent per-job dict, saved after a successful save_model
+    or a skip, never after a failure). Set `skip_reason` before returning None from
+    get_training_data.
+
+    The hooks run in a child process of the daemon, one per cycle: a crash, an OOM kill
+    or a hang there is a `failed` result, and the daemon keeps running.
     """
 
     def __init__(
@@ -144,118 +112,3 @@ class TrainingJob(ABC):
     def save_model(self, model_metrics: dict, eval_results: dict) -> dict | None:
         """Persists the model. May return {"version", "outcome" ("promoted"|"rejected"),
         "model_meta"}; None means promoted without a version number."""
-
-
-def load_job_class(spec: str) -> type[TrainingJob]:
-    """'autoencoder' or 'package.module:ClassName' -> the TrainingJob subclass."""
-    if spec == "autoencoder":
-        from .autoencoder import AutoencoderJob
-
-        return AutoencoderJob
-    module_name, _, class_name = spec.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except ImportError as exc:
-        raise ValueError(f"training.job: cannot import {module_name!r}: {exc}") from None
-    except AttributeError:
-        raise ValueError(f"training.job: {module_name!r} has no {class_name!r}") from None
-    if not (isinstance(cls, type) and issubclass(cls, TrainingJob)):
-        raise ValueError(f"training.job: {spec!r} is not a TrainingJob subclass")
-    return cls
-
-
-def result_message(cfg: Config, outcome: str, **fields: Any) -> dict[str, Any]:
-    """The object published for a cycle (and printed by train-once)."""
-    message = {
-        "schema": RESULT_SCHEMA,
-        "message_id": str(uuid.uuid4()),
-        "device_id": cfg.daemon.device_id,
-        "model": cfg.model.name,
-        "version": None,
-        "outcome": outcome,
-        "timestamp": utcnow(),
-        "metrics": {},
-        "eval": {},
-        "model_meta": {},
-    }
-    message.update(fields)
-    return message
-
-
-@contextlib.contextmanager
-def cycle_lock(state_dir: Path) -> Iterator[bool]:
-    """One cycle at a time per state_dir (the daemon and a manual train-once may race)."""
-    with open(state_dir / "cycle.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def run_cycle(
-    cfg: Config,
-    source: Source,
-    *,
-    force: bool = False,
-    progress: CycleProgress | None = None,
-) -> dict[str, Any]:
-    """One training cycle: the five hooks, in order, in this one place.
-
-    Returns the result to publish, or {"outcome": "skipped", "reason": ...}. Any
-    exception from a hook becomes a `failed` result; only Stopped propagates.
-    """
-    with cycle_lock(cfg.state_dir) as locked:
-        if not locked:
-            return {"outcome": "skipped", "reason": "another training cycle is running"}
-        state = State(cfg.state_dir)
-        jobs = state.read().get("jobs", {})
-        job: TrainingJob | None = None
-        started = time.monotonic()
-        try:
-            job_class = load_job_class(cfg.training.job)
-            job = job_class(
-                cfg,
-                source,
-                cfg.state_dir,
-                logging.getLogger(f"smocsd.job.{cfg.model.name}"),
-                progress=progress,
-                force=force,
-                state=jobs.get(cfg.model.name),
-            )
-            data = job.get_training_data()
-            if data is None:
-                return {"outcome": "skipped", "reason": job.skip_reason}
-            metrics = job.train_model(data)
-            del data  # the job may still hold what eval needs; the cycle holds nothing
-            eval_results = job.eval_model()
-            saved = job.save_model(metrics, eval_results) or {}
-            jobs[cfg.model.name] = job.state
-            state.update(jobs=jobs)
-            return result_message(
-                cfg,
-                saved.get("outcome", "promoted"),
-                version=saved.get("version"),
-                metrics=metrics,
-                eval=eval_results,
-                model_meta=saved.get("model_meta", {}),
-            )
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            log.debug("cycle failed after %.1fs", time.monotonic() - started, exc_info=True)
-            return result_message(cfg, "failed", error=error, version=getattr(job, "version", None))
-
-
-def describe(result: dict[str, Any]) -> str:
-    """One log line for a cycle's result."""
-    if result["outcome"] == "skipped":
-        return f"skipped: {result['reason']}"
-    version = f" v{result['version']}" if result.get("version") is not None else ""
-    detail = result.get("error") or ", ".join(
-        f"{k} {v:.4g}" for k, v in result.get("metrics", {}).items() if isinstance(v, float)
-    )
-    return f"{result['outcome']}{version}: {detail}" if detail else result["outcome"]

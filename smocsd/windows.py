@@ -162,6 +162,8 @@ def split(values: np.ndarray, starts: np.ndarray, size: int, validation_fraction
     validation row is ever seen in training; the normalization is fitted on the rows
     of training windows only.
     """
+    if len(starts) < 2:
+        raise DataError(f"too few valid windows to train on ({len(starts)} in all)")
     n_val = max(1, round(len(starts) * validation_fraction))
     val_starts = starts[-n_val:]
     train_starts = starts[:-n_val]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # Small enough to train in a second or two, large enough to learn something.
@@ -66,3 +68,35 @@ def smocsd(
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+class Running:
+    """A `smocsd run` subprocess whose stderr is collected in a file."""
+
+    def __init__(self, config: Path, log: Path):
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "smocsd", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, fragment: str, timeout: float = 60, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while self.text().count(fragment) < count:
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no {fragment!r} in:\n{self.text()}"
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -67,48 +67,53 @@ def test_kill_9_at_random_instants_of_train_once(plant):
     assert assert_current_is_whole(models) is not None
 
 
+# sitecustomize for the training child, which saves the version: a fresh interpreter,
+# so the counting wrappers are installed at start-up and count in that process only.
 CRASH_AT = """
-import os, sys
+import multiprocessing, os, shutil
 import smocsd.store as store
-from smocsd.cli import main
 calls = {"n": 0}
 crash_at = int(os.environ["CRASH_AT"])
 def counted(fn):
     def wrapper(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == crash_at:
-            os._exit(137)  # as abrupt as kill -9: no cleanup, no flush
+        if multiprocessing.current_process().name == "smocsd-cycle":
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                os._exit(137)  # as abrupt as kill -9: no cleanup, no flush
         return fn(*a, **kw)
     return wrapper
 store.fsync_path = counted(store.fsync_path)
 store.os.rename = counted(os.rename)
 store.os.replace = counted(os.replace)
 store.os.symlink = counted(os.symlink)
-store.shutil.rmtree = counted(store.shutil.rmtree)
-sys.exit(main())
+store.shutil.rmtree = counted(shutil.rmtree)
 """
 
 
-def test_a_crash_at_every_step_of_the_save_protocol(plant):
+def test_a_crash_at_every_step_of_the_save_protocol(tmp_path, plant):
     """Dies right before each fsync, rename, symlink and delete of a save, in turn."""
     state, cfg = plant
     models = state / "models" / "autoencoder"
     cfg.write_text(cfg.read_text() + "\n[model]\nkeep_versions = 1\npromote = 'always'\n")
     smocsd("train-once", "--force", config=cfg, check=True)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CRASH_AT)
     step = 1
     while True:
         before = assert_current_is_whole(models)
-        proc = subprocess.run(
-            [sys.executable, "-c", CRASH_AT, "train-once", "--force", "--config", str(cfg)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "CRASH_AT": str(step)},
+        proc = smocsd(
+            "train-once",
+            "--force",
+            config=cfg,
+            env={"CRASH_AT": str(step), "PYTHONPATH": f"{site}:{Path(__file__).parent}"},
         )
         after = assert_current_is_whole(models)
         allocated = int((models / ".last_version").read_text())
         assert after in (before, allocated), (step, before, after)
         if proc.returncode == 0:
             break  # past the last step: the save completed
-        assert proc.returncode == 137, proc.stderr
+        error = json.loads(proc.stdout)["error"]
+        assert error == "training process exited with status 137", proc.stderr
         step += 1
     assert step > 8  # every fsync, both renames, the symlink swap and the prune were crossed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 from helpers import smocsd, write_config
 
 from smocsd import TrainingJob, config, demo
-from smocsd.job import run_cycle
-from smocsd.sources import open_source
+from smocsd import cycle as cycle_mod
+from smocsd.outbox import Outbox
 from smocsd.store import ModelStore
 
 
@@ -43,12 +44,15 @@ def load(path, **sections):
     return cfg
 
 
-def cycle(cfg, force=False):
-    src = open_source(cfg.source)
+def cycle(cfg, force=False) -> dict:
+    """One real cycle (its hooks in a child process); the message it queued or its skip."""
+    outbox = Outbox(cfg.state_dir / "outbox.db")
     try:
-        return run_cycle(cfg, src, force=force)
+        result, queued = cycle_mod.run(cfg, outbox, force=force)
     finally:
-        src.close()
+        outbox.close()
+    assert queued
+    return result.message(cfg)
 
 
 def trained_on_demo(plant, more_rows: int) -> tuple[Path, dict]:
@@ -147,7 +151,7 @@ def test_gating_first_training_new_rows_and_interval(tmp_path, plant):
     assert cycle(cfg)["outcome"] == "promoted"
     assert cycle(cfg)["reason"] == "0 new rows of 500 needed"
     demo.write(state / "readings.db", 500)
-    assert cycle(cfg)["reason"].startswith("last training 0s ago, min_interval is 3600s")
+    assert re.fullmatch(r"last training \d+s ago, min_interval is 3600s", cycle(cfg)["reason"])
     cfg = load(path)  # min_interval 0
     assert cycle(cfg)["outcome"] in ("promoted", "rejected")
     demo.write(state / "readings.db", 499)
@@ -263,7 +267,7 @@ def test_if_better_rejects_a_worse_model_and_keeps_current(tmp_path, plant):
     assert store.current() == 3
 
 
-def test_bad_rows_never_reach_training_and_are_reported(tmp_path, clean_plant, caplog):
+def test_bad_rows_never_reach_training_and_are_reported(tmp_path, clean_plant, capfd):
     state, path = clean_plant
     conn = sqlite3.connect(state / "readings.db")
     conn.execute("UPDATE readings SET temperature = NULL WHERE id % 100 = 0")
@@ -273,7 +277,7 @@ def test_bad_rows_never_reach_training_and_are_reported(tmp_path, clean_plant, c
     result = cycle(load(path))
     assert result["outcome"] == "promoted"
     assert result["model_meta"]["data"]["dropped_rows"] == 31
-    assert "31 of 3000 rows have NULL, NaN, inf or non-numeric values" in caplog.text
+    assert "31 of 3000 rows have NULL, NaN, inf or non-numeric values" in capfd.readouterr().err
     assert np.isfinite(result["metrics"]["val_loss"])
 
 
@@ -288,11 +292,15 @@ def test_a_channel_without_values_fails_with_a_clear_error(tmp_path, plant):
     assert result["error"] == "DataError: channel(s) current have no valid value in the rows read"
 
 
-def test_a_missing_database_fails_the_cycle_with_one_line(tmp_path):
+def test_a_missing_table_fails_the_cycle_with_one_line(tmp_path):
     path = write_config(tmp_path / "c.toml", tmp_path / "state")
+    (tmp_path / "state").mkdir()
+    sqlite3.connect(tmp_path / "state/readings.db").execute("CREATE TABLE other (x)").close()
     proc = smocsd("train-once", config=path)
     assert proc.returncode == 1
-    assert json.loads(proc.stdout)["error"].endswith("readings.db: no such database file")
+    assert json.loads(proc.stdout)["error"].endswith(
+        "readings.db: no such table readings (source.table)"
+    )
 
 
 def test_training_job_is_exported_with_the_five_hooks():
@@ -300,7 +308,7 @@ def test_training_job_is_exported_with_the_five_hooks():
     assert TrainingJob.__abstractmethods__ == hooks
 
 
-def test_gaps_and_disordered_times_are_reported_and_never_windowed(tmp_path, clean_plant, caplog):
+def test_gaps_and_disordered_times_are_reported_and_never_windowed(tmp_path, clean_plant, capfd):
     state, path = clean_plant
     conn = sqlite3.connect(state / "readings.db")
     conn.execute("UPDATE readings SET ts = ts + 3600 WHERE id > 1000")  # an hour offline
@@ -322,8 +330,9 @@ def test_gaps_and_disordered_times_are_reported_and_never_windowed(tmp_path, cle
     # 2991 windows of 10 rows, less 9 across the hour, 10 across the steps before and
     # after the row set back, 10 across the row without a time.
     assert meta["data"]["windows"] == 2991 - 9 - 10 - 10
-    assert "goes backwards 1 times and repeats 0 times (first at order value 2000)" in caplog.text
-    assert "1 rows have no usable 'ts' value" in caplog.text
+    log = capfd.readouterr().err  # the training child's log
+    assert "goes backwards 1 times and repeats 0 times (first at order value 2000)" in log
+    assert "1 rows have no usable 'ts' value" in log
 
 
 def test_iso_text_times_are_read(tmp_path):

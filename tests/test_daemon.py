@@ -3,49 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-from helpers import smocsd, write_config
+from helpers import Running, smocsd, write_config
 
 from smocsd import demo
-
-
-class Running:
-    """A `smocsd run` subprocess whose stderr is collected in a file."""
-
-    def __init__(self, config: Path, log: Path):
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smocsd", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("w"),
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-        )
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, fragment: str, timeout: float = 60, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while self.text().count(fragment) < count:
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.text()}"
-            assert time.monotonic() < deadline, f"no {fragment!r} in:\n{self.text()}"
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 10) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -65,7 +31,9 @@ def test_a_failing_cycle_never_kills_the_daemon(tmp_path, running):
     state = tmp_path / "state"
     cfg = write_config(tmp_path / "c.toml", state, daemon={"check_interval": "0.3s"})
     d = running(cfg, tmp_path / "log")
-    d.wait_for("no such database file", count=2)  # the database is not there yet: failed, twice
+    d.wait_for("no such database file", count=2)  # not there yet: the daemon waits, idle
+    sqlite3.connect(state / "readings.db").execute("CREATE TABLE other (x)").close()
+    d.wait_for("no such table readings", count=2)  # there, but not what it needs: failed
     demo.write(state / "readings.db", 3000)  # ... and then it is
     d.wait_for("promoted v1")
     assert d.stop() == 0
@@ -74,6 +42,7 @@ def test_a_failing_cycle_never_kills_the_daemon(tmp_path, running):
         for m in json.loads(smocsd("outbox", "list", "--json", config=cfg, check=True).stdout)
     ]
     assert outcomes.count("failed") >= 2 and outcomes[-1] == "promoted"
+    assert "skipped" not in outcomes
     status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
     assert status["current_version"] == 1 and status["outbox_depth"] == len(outcomes)
 
@@ -95,7 +64,7 @@ def test_sigterm_mid_training_exits_cleanly_and_promotes_nothing(endless_trainin
     started = time.monotonic()
     assert d.stop() == 0
     assert time.monotonic() - started < 5
-    assert "stopped mid-training; nothing was promoted" in d.text()
+    assert "stopped mid-cycle; nothing partial was promoted" in d.text()
     models = state / "models" / "autoencoder"
     assert sorted(p.name for p in models.iterdir()) == [".last_version", ".lock"]
     assert json.loads(smocsd("outbox", "list", "--json", config=cfg).stdout) == []

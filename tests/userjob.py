@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 from smocsd import TrainingJob
@@ -33,9 +36,18 @@ class RecordingJob(TrainingJob):
 
     def train_model(self, data) -> dict:
         self._record("train_model", n=len(data))
-        if self.config.job_options.get("fail") == "train":
+        fail = self.config.job_options.get("fail")
+        if fail == "train":
             raise RuntimeError("boom in train_model")
+        if fail in ("SIGSEGV", "SIGKILL"):  # a crash in native code; the OOM killer
+            os.kill(os.getpid(), getattr(signal, fail))
+        if fail == "exit":
+            os._exit(3)
+        if fail == "hang":  # e.g. a dead NFS mount: no progress, no exception
+            time.sleep(3600)
         self.trained = len(data)
+        if fail == "nan":
+            return {"n": self.trained, "loss": float("nan"), "peak": float("inf")}
         return {"n": self.trained}
 
     def eval_model(self) -> dict:
@@ -45,4 +57,5 @@ class RecordingJob(TrainingJob):
     def save_model(self, model_metrics: dict, eval_results: dict):
         self._record("save_model", metrics=model_metrics, eval=eval_results)
         self.state["seen"] = self.trained
-        return {"version": 7, "outcome": "promoted", "model_meta": {"kind": "recording"}}
+        outcome = self.config.job_options.get("outcome", "promoted")
+        return {"version": 7, "outcome": outcome, "model_meta": {"kind": "recording"}}

@@ -1,0 +1,474 @@
+"""One training cycle, end to end: the cycle lock, a child process that calls the five
+hooks, cleanup of a half-built version, the job's state, and the result in the outbox.
+
+The daemon never imports numpy, ONNX Runtime or a user's job: the hooks run in a child
+process started per cycle (multiprocessing "spawn": a fresh interpreter that inherits no
+lock, thread or socket of the daemon). A crash, an OOM kill or a hang there becomes a
+`failed` result naming the cause, never a dead daemon, and the memory training needed
+goes back to the system when the child exits. `train-once` runs the very same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .job import CycleProgress, Stopped, TrainingJob
+from .outbox import Outbox
+from .state import State, utcnow
+from .store import ModelStore, StoreError
+
+RESULT_SCHEMA = "smocsd.training-result/1"
+# The child reports that it is alive at most this often (it is called every batch).
+ALIVE_EVERY = 1.0
+# After SIGTERM the child stops at its next batch; one that does not (stuck in a long
+# read) is killed after this, well inside the unit's TimeoutStopSec=30s.
+STOP_GRACE = 15.0
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(str, Enum):
+    PROMOTED = "promoted"
+    REJECTED = "rejected"  # trained and saved, but not better than the current model
+    FAILED = "failed"
+    SKIPPED = "skipped"  # nothing to do this tick; never published
+
+
+@dataclass
+class CycleResult:
+    outcome: Outcome
+    version: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    model_meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # failed: one line naming the cause
+    reason: str | None = None  # skipped
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    timestamp: str = field(default_factory=utcnow)
+    recovered: bool = False  # enqueued from the model store after the original was lost
+    job_state: dict[str, Any] | None = None  # to commit; None keeps the previous state
+
+    def message(self, cfg: Config) -> dict[str, Any]:
+        """The object published (and printed by train-once)."""
+        if self.outcome is Outcome.SKIPPED:
+            return {"outcome": self.outcome.value, "reason": self.reason}
+        message: dict[str, Any] = {
+            "schema": RESULT_SCHEMA,
+            "message_id": self.message_id,
+            "device_id": cfg.daemon.device_id,
+            "model": cfg.model.name,
+            "version": self.version,
+            "outcome": self.outcome.value,
+            "timestamp": self.timestamp,
+            "metrics": self.metrics,
+            "eval": self.eval,
+            "model_meta": self.model_meta,
+        }
+        if self.error is not None:
+            message["error"] = self.error
+        if self.recovered:
+            message["recovered"] = True
+        return message
+
+    def describe(self) -> str:
+        """One log line."""
+        if self.outcome is Outcome.SKIPPED:
+            return f"skipped: {self.reason}"
+        version = f" v{self.version}" if self.version is not None else ""
+        detail = self.error or ", ".join(
+            f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, float)
+        )
+        return f"{self.outcome.value}{version}: {detail}" if detail else self.outcome.value
+
+
+def _first_line(exc: BaseException) -> str:
+    return (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def cycle_lock(state_dir: Path) -> Iterator[bool]:
+    """One cycle at a time per state_dir (the daemon and a manual train-once may race)."""
+    with open(state_dir / "cycle.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- the hooks (in the child)
+
+
+def load_job_class(spec: str) -> type[TrainingJob]:
+    """'autoencoder' or 'package.module:ClassName' -> the TrainingJob subclass."""
+    if spec == "autoencoder":
+        from .autoencoder import AutoencoderJob
+
+        return AutoencoderJob
+    module_name, _, class_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as exc:
+        raise ValueError(f"training.job: cannot import {module_name!r}: {exc}") from None
+    except AttributeError:
+        raise ValueError(f"training.job: {module_name!r} has no {class_name!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, TrainingJob)):
+        raise ValueError(f"training.job: {spec!r} is not a TrainingJob subclass")
+    return cls
+
+
+def _job_problem(spec: str) -> str | None:
+    try:
+        load_job_class(spec)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def job_problem(spec: str) -> str | None:
+    """Why `training.job` cannot be loaded (None: it can). Tried in a child process, so
+    that the daemon checks its config at start without importing the job's libraries."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_job_problem, (spec,))
+
+
+class HookError(Exception):
+    """A hook returned something the cycle cannot publish."""
+
+
+def _mapping(value: Any, hook: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise HookError(f"{hook}() returned {type(value).__name__}, not a dict with str keys")
+    return value
+
+
+def _saved(value: Any) -> tuple[Outcome, int | None, dict[str, Any]]:
+    """save_model's return value, checked: None, or {"version", "outcome", "model_meta"}."""
+    if value is None:
+        return Outcome.PROMOTED, None, {}
+    saved = _mapping(value, "save_model")
+    unknown = set(saved) - {"version", "outcome", "model_meta"}
+    if unknown:
+        raise HookError(f"save_model() returned unknown key(s) {', '.join(sorted(unknown))}")
+    outcome = saved.get("outcome", "promoted")
+    if outcome not in (Outcome.PROMOTED.value, Outcome.REJECTED.value):
+        raise HookError(f"save_model() returned outcome {outcome!r}: 'promoted' or 'rejected'")
+    version = saved.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise HookError(f"save_model() returned version {version!r}, not an integer")
+    return Outcome(outcome), version, _mapping(saved.get("model_meta", {}), "save_model meta")
+
+
+def call_hooks(
+    cfg: Config, *, force: bool, progress: CycleProgress, job_state: dict[str, Any] | None
+) -> CycleResult:
+    """The five hooks in order, in this process; any exception is a `failed` result and
+    only Stopped propagates. This is the child's work; bench/ calls it directly."""
+    from .sources import NoDatabase, open_source  # numpy: the child's import, not the daemon's
+
+    source = open_source(cfg.source)
+    job: TrainingJob | None = None
+    try:
+        job_class = load_job_class(cfg.training.job)
+        job = job_class(
+            cfg,
+            source,
+            cfg.state_dir,
+            logging.getLogger(f"smocsd.job.{cfg.model.name}"),
+            progress=progress,
+            force=force,
+            state=job_state,
+        )
+        progress.ping()
+        data = job.get_training_data()
+        if data is None:
+            return CycleResult(Outcome.SKIPPED, reason=job.skip_reason, job_state=job.state)
+        progress.ping()
+        metrics = _mapping(job.train_model(data), "train_model")
+        del data  # the job may still hold what eval needs; the cycle holds nothing
+        progress.ping()
+        eval_results = _mapping(job.eval_model(), "eval_model")
+        progress.ping()
+        outcome, version, model_meta = _saved(job.save_model(metrics, eval_results))
+        return CycleResult(
+            outcome,
+            version,
+            metrics,
+            eval_results,
+            model_meta,
+            # The built-in job records its result's id in metadata.json, so a result
+            # enqueued again from the store (reconcile) carries the same message_id.
+            message_id=model_meta.get("result_id") or str(uuid.uuid4()),
+            job_state=job.state,
+        )
+    except NoDatabase as exc:
+        return CycleResult(Outcome.SKIPPED, reason=str(exc))
+    except Exception as exc:
+        log.debug("cycle failed", exc_info=True)
+        return CycleResult(Outcome.FAILED, getattr(job, "version", None), error=_first_line(exc))
+    finally:
+        source.close()
+
+
+def _die_with(parent: int) -> None:
+    """Has the kernel SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG).
+
+    The cycle lock dies with the parent, so an orphan must not go on building a version
+    beside the next cycle; a kill at any instant is safe for the store's save protocol.
+    """
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os._exit(1)
+
+
+def _child(
+    cfg: Config,
+    force: bool,
+    job_state: dict[str, Any] | None,
+    conn: Connection,
+    parent: int,
+) -> None:
+    """The child process: runs the hooks and sends ("alive" | "status" | "result" |
+    "stopped", value) messages to the daemon."""
+    from .systemd import configure_logging
+
+    _die_with(parent)
+    stop: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, _frame: stop.append(signum))
+    configure_logging(cfg.daemon.log_level)
+    last = [0.0]
+
+    def alive() -> None:
+        now = time.monotonic()
+        if now - last[0] >= ALIVE_EVERY:
+            last[0] = now
+            conn.send(("alive", None))
+
+    progress = CycleProgress(
+        should_stop=lambda: bool(stop),
+        ping=alive,
+        status=lambda text: conn.send(("status", text)),
+    )
+    try:
+        result = call_hooks(cfg, force=force, progress=progress, job_state=job_state)
+    except Stopped:
+        conn.send(("stopped", None))
+        return
+    conn.send(("result", result))
+
+
+def _exit_cause(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (out of memory? see `journalctl -k`)" if exitcode == -signal.SIGKILL else ""
+        return f"training process was killed by {name}{hint}"
+    if exitcode:
+        return f"training process exited with status {exitcode}"
+    return "training process ended without a result"
+
+
+def _in_child(
+    cfg: Config,
+    force: bool,
+    job_state: dict[str, Any] | None,
+    should_stop: Callable[[], bool],
+    on_alive: Callable[[], None],
+    on_status: Callable[[str], None],
+) -> CycleResult:
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=_child,
+        args=(cfg, force, job_state, sender, os.getpid()),
+        name="smocsd-cycle",
+        daemon=True,
+    )
+    child.start()
+    sender.close()  # so that recv() sees EOF once the child is gone
+    stall = cfg.training.stall_timeout
+    result: CycleResult | None = None
+    heard = time.monotonic()
+    stop_sent: float | None = None
+    stalled = False
+    while True:
+        # The daemon's loop is alive while it waits here, so it feeds the watchdog on
+        # every turn; the child is watched by the stall timeout, which kills it.
+        on_alive()
+        try:
+            if receiver.poll(0.5):
+                kind, value = receiver.recv()
+                heard = time.monotonic()
+                if kind == "status":
+                    on_status(value)
+                elif kind == "result":
+                    result = value
+            elif not child.is_alive():
+                break
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # train-once at a terminal: stop as on SIGTERM
+            stop_sent = stop_sent or _terminate(child)
+        now = time.monotonic()
+        if stop_sent is None and should_stop():
+            stop_sent = _terminate(child)
+        elif stop_sent is not None and now - stop_sent > STOP_GRACE:
+            child.kill()
+        elif not stalled and stop_sent is None and now - heard > stall:
+            log.error("training made no progress for %.0fs (training.stall_timeout)", stall)
+            child.kill()
+            stalled = True
+    child.join()
+    receiver.close()
+    if result is not None:  # a result that was saved counts, even if a stop came after
+        return result
+    if stop_sent is not None:
+        raise Stopped()
+    if stalled:
+        error = f"training made no progress for {stall:.0f}s (training.stall_timeout): killed"
+    else:
+        error = _exit_cause(child.exitcode)
+    return CycleResult(Outcome.FAILED, error=error)
+
+
+def _terminate(child: multiprocessing.process.BaseProcess) -> float:
+    """Asks the child to stop at its next batch; returns when it was asked."""
+    child.terminate()
+    return time.monotonic()
+
+
+# --- the cycle (in the daemon, or in train-once)
+
+
+def _record(cfg: Config, outbox: Outbox, result: CycleResult) -> bool:
+    """Result to the outbox first, then the job's state: a crash in between retrains on
+    the same rows, which is harmless, while the other order could lose a result.
+
+    Returns whether the result is durable; a full or read-only disk is logged, not raised,
+    and reconcile() enqueues a saved version's result once the disk takes it again.
+    """
+    queued = True
+    if result.outcome is not Outcome.SKIPPED:
+        try:
+            outbox.put(result.message(cfg))
+        except Exception as exc:
+            log.error("result not queued: %s", exc)
+            queued = False
+    changes: dict[str, Any] = {
+        "last_cycle": {
+            "at": utcnow(),
+            "outcome": result.outcome.value,
+            "version": result.version,
+            **({"reason": result.reason} if result.reason else {}),
+            **({"error": result.error} if result.error else {}),
+        }
+    }
+    state = State(cfg.state_dir)
+    try:
+        if result.job_state is not None:
+            jobs = state.read().get("jobs", {})
+            changes["jobs"] = {**jobs, cfg.model.name: result.job_state}
+        state.update(**changes)
+    except OSError as exc:
+        log.error("state not saved: %s", exc)
+    return queued
+
+
+def run(
+    cfg: Config,
+    outbox: Outbox,
+    *,
+    force: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_alive: Callable[[], None] = lambda: None,
+    on_status: Callable[[str], None] = lambda text: None,
+) -> tuple[CycleResult, bool]:
+    """One cycle: (its result, whether the result is durable in the outbox).
+
+    Raises Stopped when `should_stop` turned true (or Ctrl-C came) before a result.
+    """
+    with cycle_lock(cfg.state_dir) as locked:
+        if not locked:
+            return CycleResult(Outcome.SKIPPED, reason="another training cycle is running"), True
+        jobs = State(cfg.state_dir).read().get("jobs", {})
+        result: CycleResult | None = None
+        try:
+            result = _in_child(
+                cfg, force, jobs.get(cfg.model.name), should_stop, on_alive, on_status
+            )
+        finally:
+            if result is None or result.outcome is Outcome.FAILED:
+                # The child died or failed mid-build: its half-built version goes now,
+                # under the cycle lock that no other cycle holds.
+                for leftover in ModelStore.of(cfg).recover():
+                    log.info("removed %s left by the failed cycle", leftover)
+        level = logging.ERROR if result.outcome is Outcome.FAILED else logging.INFO
+        log.log(level, "%s", result.describe())
+        return result, _record(cfg, outbox, result)
+
+
+def _recovered(cfg: Config, store: ModelStore, version: int) -> CycleResult | None:
+    """The result of a saved version, rebuilt from its metadata.json (None: saved by a
+    release that did not record result ids, so its result went out then)."""
+    try:
+        meta = store.metadata(version)
+    except StoreError as exc:
+        return CycleResult(Outcome.FAILED, version, error=str(exc), recovered=True)
+    if not meta.get("result_id") or meta.get("outcome") not in ("promoted", "rejected"):
+        return None
+    return CycleResult(
+        Outcome(meta["outcome"]),
+        version,
+        meta.get("metrics", {}),
+        meta.get("eval", {}),
+        meta,
+        message_id=meta["result_id"],
+        timestamp=meta.get("created_at") or utcnow(),
+        recovered=True,
+    )
+
+
+def reconcile(cfg: Config, outbox: Outbox) -> int:
+    """The model store is the truth: enqueues the result of every kept version that has
+    none in the outbox (a crash or a full disk between save and enqueue). Returns how
+    many; under the cycle lock, so a running cycle's own result is never doubled."""
+    store = ModelStore.of(cfg)
+    enqueued = 0
+    with cycle_lock(cfg.state_dir) as locked:
+        if not locked:
+            return 0
+        reported = outbox.reported(cfg.model.name)
+        for version in store.versions():
+            if version in reported:
+                continue
+            result = _recovered(cfg, store, version)
+            if result is None:
+                continue
+            outbox.put(result.message(cfg))
+            enqueued += 1
+            log.warning(
+                "v%d had no result in the outbox (lost between save and enqueue): enqueued it",
+                version,
+            )
+    return enqueued
