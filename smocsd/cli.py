@@ -9,20 +9,39 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import pwd
+import re
+import shlex
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__, demo
+from . import __version__
 from . import config as config_mod
 from .config import Config, ConfigError
+from .outbox import Outbox, OutboxError
 from .store import ModelStore, StoreError, version_name
 from .systemd import configure_logging
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
 log = logging.getLogger("smocsd")
+
+# (command, action) pairs that write into the state directory; all others only read it.
+_WRITERS = {
+    ("run", None),
+    ("train-once", None),
+    ("demo", None),
+    ("models", "rollback"),
+    ("outbox", "flush"),
+}
+
+
+class Failure(Exception):
+    """A runtime failure the operator can act on: one line, exit 1."""
 
 
 def _print_json(obj: Any) -> None:
@@ -36,48 +55,111 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_train_once(cfg: Config, args: argparse.Namespace) -> int:
-    from .daemon import Parts
+    from .cycle import Outcome
+    from .daemon import Parts, prepare_state_dir
+    from .outbox import json_safe
 
-    parts = Parts.build(cfg)
+    prepare_state_dir(cfg)
+    parts = Parts(cfg)
     try:
-        result = parts.cycle(force=args.force)
+        result, queued = parts.cycle(force=args.force)
     finally:
         parts.close()
-    _print_json(result)
-    return EX_FAIL if result["outcome"] == "failed" else EX_OK
+    _print_json(json_safe(result.message(cfg)))
+    return EX_FAIL if result.outcome is Outcome.FAILED or not queued else EX_OK
+
+
+# A SourceError naming a source.* key is the configuration's fault (no such table or
+# column, a directory as source.path); any other means the database could not be reached
+# or read now, which is no fault of the file.
+_SOURCE_KEY = re.compile(r" ?\((source\.\w+)\)")
+
+
+def _check_source(cfg: Config) -> tuple[list[str], str | None]:
+    """(problems, note): the configured table and columns checked against the database
+    when it can be reached, else a note saying why it was not checked."""
+    from .sources import NoDatabase, SourceError, open_source  # numpy: not in the daemon
+
+    source = open_source(cfg.source)
+    try:
+        source.check()
+    except NoDatabase as exc:
+        return [], str(exc)
+    except SourceError as exc:
+        key = _SOURCE_KEY.search(str(exc))
+        if key is None:
+            return [], str(exc)
+        return [f"{cfg.path}: {key[1]}: {_SOURCE_KEY.sub('', str(exc), count=1)}"], None
+    except ConfigError as exc:
+        # A refused password_file is among file_problems already; a systemd credential
+        # is not.
+        return ([] if cfg.source.password_file else exc.problems), None
+    finally:
+        source.close()
+    return [], None
 
 
 def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
-    print(f"{args.config_path}: ok")
+    """Besides the file itself: the secret and CA files it names, and the table and
+    columns when the database can be reached."""
+    # Run by root (README.Debian says `sudo smocsd check-config`), it judges the files for
+    # the user a writing command would switch to: the state directory's owner.
+    reader = os.geteuid() or _state_dir_owner(cfg) or 0
+    problems = config_mod.file_problems(cfg, reader)
+    source_problems, note = _check_source(cfg)
+    problems += source_problems
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if note:
+        print(f"{args.config_path}: source not checked: {note}", file=sys.stderr)
+    if problems:
+        return EX_CONFIG
+    if not note:
+        print(f"{args.config_path}: ok")
     return EX_OK
 
 
 def _check_job(cfg: Config, path: Path) -> None:
     """A training.job that cannot be loaded is a configuration error, found before running."""
-    from .job import load_job_class
+    from .cycle import job_problem
 
-    try:
-        load_job_class(cfg.training.job)
-    except ValueError as exc:
-        raise ConfigError([f"{path}: {exc}"]) from None
+    problem = job_problem(cfg.training.job)
+    if problem:
+        raise ConfigError([f"{path}: {problem}"])
+
+
+def _require_state_dir(cfg: Config) -> None:
+    """Commands that look into the state directory report it missing (a typo in
+    daemon.state_dir, or the daemon never ran) instead of creating it."""
+    if not cfg.state_dir.exists():
+        raise Failure(f"state directory {cfg.state_dir} does not exist (daemon.state_dir)")
+
+
+def _outbox_readonly(cfg: Config) -> Outbox | None:
+    """The outbox for reading, None when there is none yet (nothing waiting)."""
+    path = cfg.state_dir / "outbox.db"
+    return Outbox.open_readonly(path) if path.exists() else None
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    from .job import State
-    from .outbox import Outbox
+    from .state import State
 
+    _require_state_dir(cfg)
     store = ModelStore.of(cfg)
+    current = store.current()
     state = State(cfg.state_dir).read()
-    outbox_path = cfg.state_dir / "outbox.db"
+    outbox = _outbox_readonly(cfg)
     depth = 0
-    if outbox_path.exists():
-        outbox = Outbox(outbox_path, cfg.publish.outbox_max)
-        depth = len(outbox)
-        outbox.close()
+    if outbox is not None:
+        try:
+            depth = len(outbox)
+        finally:
+            outbox.close()
     status = {
         "device_id": cfg.daemon.device_id,
         "model": cfg.model.name,
-        "current_version": store.current(),
+        "current_version": current,
+        "current_problem": store.check(current) if current else None,
         "versions": store.versions(),
         "last_cycle": state.get("last_cycle"),
         "next_check": state.get("next_check"),
@@ -87,10 +169,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return EX_OK
-    current = status["current_version"]
     last = status["last_cycle"] or {}
+    damaged = f" DAMAGED: {status['current_problem']}" if status["current_problem"] else ""
     print(f"model:       {cfg.model.name} (device {cfg.daemon.device_id})")
-    print(f"current:     {version_name(current) if current else 'none'}")
+    print(f"current:     {version_name(current) if current else 'none'}{damaged}")
     print(f"kept:        {', '.join(map(version_name, status['versions'])) or 'none'}")
     detail = last.get("reason") or last.get("error") or ""
     version = f" v{last['version']}" if last.get("version") else ""
@@ -100,71 +182,87 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _model_rows(store: ModelStore) -> list[dict[str, Any]]:
+    """One row per kept version; `problem` says what is damaged, None when whole."""
+    current = store.current()
+    rows = []
+    for v in store.versions():
+        problem = store.check(v)
+        try:
+            meta = store.metadata(v)
+        except StoreError:  # an unreadable metadata.json, which `problem` names
+            meta = {}
+        rows.append(
+            {
+                "version": v,
+                "current": v == current,
+                "created_at": meta.get("created_at"),
+                "backend": meta.get("backend"),
+                "val_loss": meta.get("metrics", {}).get("val_loss"),
+                "threshold": meta.get("threshold"),
+                "problem": problem,
+            }
+        )
+    return rows
+
+
 def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
+    _require_state_dir(cfg)
     store = ModelStore.of(cfg)
     if args.models_command == "show":
         _print_json(store.metadata(args.version))
     elif args.models_command == "rollback":
         version = store.rollback(args.version)
         print(f"current -> {version_name(version)}")
+    elif args.json:
+        _print_json(_model_rows(store))
     else:
-        current = store.current()
-        rows = []
-        for v in store.versions():
-            meta = store.metadata(v)
-            rows.append(
-                {
-                    "version": v,
-                    "current": v == current,
-                    "created_at": meta.get("created_at"),
-                    "backend": meta.get("backend"),
-                    "val_loss": meta.get("metrics", {}).get("val_loss"),
-                    "threshold": meta.get("threshold"),
-                }
-            )
-        if args.json:
-            _print_json(rows)
-        else:
+        # '*' marks current, '!' a damaged version, whose problem follows on its own line.
+        print(
+            f"{'':2}{'version':<9}{'created_at':<22}{'backend':<8}{'val_loss':>10}{'threshold':>11}"
+        )
+        for r in _model_rows(store):
+            marks = ("*" if r["current"] else " ") + ("!" if r["problem"] else " ")
             print(
-                f"{'':2}{'version':<9}{'created_at':<22}{'backend':<8}{'val_loss':>10}{'threshold':>11}"
+                f"{marks}{version_name(r['version']):<9}"
+                f"{r['created_at'] or '':<22}{r['backend'] or '':<8}"
+                f"{r['val_loss'] or float('nan'):>10.4g}{r['threshold'] or float('nan'):>11.4g}"
             )
-            for r in rows:
-                print(
-                    f"{'*' if r['current'] else ' ':2}{version_name(r['version']):<9}"
-                    f"{r['created_at'] or '':<22}{r['backend'] or '':<8}"
-                    f"{r['val_loss'] or float('nan'):>10.4g}{r['threshold'] or float('nan'):>11.4g}"
-                )
+            if r["problem"]:
+                print(f"    {r['problem']}")
     return EX_OK
 
 
 def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
-    from .outbox import Outbox
+    _require_state_dir(cfg)
+    if args.outbox_command == "flush":
+        from .publish import Publisher
 
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max)
-    try:
-        if args.outbox_command == "flush":
-            from .publish import Publisher
-
-            publisher = Publisher(cfg.publish, cfg.daemon.device_id)
-            try:
-                delivered = outbox.flush(publisher.deliver)
-            finally:
-                publisher.close()
-            print(f"delivered {delivered}, {len(outbox)} waiting")
-            return EX_OK if not len(outbox) else EX_FAIL
-        messages = outbox.pending()
-        if args.json:
-            _print_json(messages)
-        else:
-            for m in messages:
-                print(
-                    f"{m['timestamp']}  {m['message_id']}  {m['model']} v{m['version']}  "
-                    f"{m['outcome']}"
-                )
-            print(f"{len(messages)} result(s) waiting")
-    finally:
-        outbox.close()
+        outbox = Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max)
+        publisher = Publisher(cfg.publish, cfg.daemon.device_id)
+        try:
+            delivered = outbox.flush(publisher.attempt())
+            waiting = len(outbox)
+        finally:
+            publisher.close()
+            outbox.close()
+        print(f"delivered {delivered}, {waiting} waiting")
+        return EX_FAIL if waiting else EX_OK
+    outbox = _outbox_readonly(cfg)
+    messages = []
+    if outbox is not None:
+        try:
+            messages = outbox.pending()
+        finally:
+            outbox.close()
+    if args.json:
+        _print_json(messages)
+    else:
+        for m in messages:
+            print(
+                f"{m['timestamp']}  {m['message_id']}  {m['model']} v{m['version']}  {m['outcome']}"
+            )
+        print(f"{len(messages)} result(s) waiting")
     return EX_OK
 
 
@@ -172,7 +270,12 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     path = Path(args.db) if args.db else cfg.source.path
     if path is None:
         raise ConfigError(["demo: source.kind is not 'sqlite'; give --db PATH"])
-    total = demo.write(path, args.rows, seed=args.seed, table=cfg.source.table)
+    try:
+        from . import demo  # numpy: imported by this command only, never by the daemon
+
+        total = demo.write(path, args.rows, seed=args.seed, table=cfg.source.table)
+    except sqlite3.Error as exc:  # SQLite's messages do not name the file
+        raise Failure(f"{path}: {exc}") from None
     print(f"{path}: wrote {args.rows} rows, {total} in all")
     return EX_OK
 
@@ -239,9 +342,59 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _state_dir_owner(cfg: Config) -> int | None:
+    try:
+        return cfg.state_dir.stat().st_uid
+    except OSError:
+        return None
+
+
+def _become_owner(cfg: Config, argv: list[str]) -> None:
+    """Run by root on a state directory another user owns, a writing command first becomes
+    that user, so that it leaves no root-owned file the daemon cannot replace or prune.
+
+    Raises Failure, naming the sudo command to run instead, when that is not possible.
+    """
+    if os.geteuid() != 0:
+        return
+    uid = _state_dir_owner(cfg)
+    if not uid:  # no state directory yet, or root's own
+        return
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        instead = shlex.join(["sudo", "-u", f"#{uid}", "smocsd", *argv])
+        raise Failure(
+            f"{cfg.state_dir} is owned by uid {uid}, which has no user entry to switch to; "
+            f"run instead: {instead}"
+        ) from None
+    try:
+        # initgroups and setgid need root, so setuid comes last.
+        os.initgroups(user.pw_name, user.pw_gid)
+        os.setgid(user.pw_gid)
+        os.setuid(uid)
+    except OSError as exc:
+        instead = shlex.join(["sudo", "-u", user.pw_name, "smocsd", *argv])
+        raise Failure(
+            f"cannot switch to {user.pw_name}, the owner of {cfg.state_dir}: {exc.strerror}; "
+            f"run instead: {instead}"
+        ) from None
+    log.info("running as %s, the owner of %s", user.pw_name, cfg.state_dir)
+
+
+def _os_error_text(exc: OSError) -> str:
+    """'<path>: <reason>', naming the file(s) the error is about when it has them."""
+    if exc.filename is None:
+        return str(exc)
+    names = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+    return f"{names}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     args.config_path = config_mod.config_path(getattr(args, "config", None))
+    action = getattr(args, "models_command", None) or getattr(args, "outbox_command", None)
     try:
         if args.command == "demo" and not args.config_path.exists():
             cfg = config_mod.parse("")  # demo works before any config is written
@@ -250,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(cfg.daemon.log_level)
         for warning in cfg.warnings:
             log.warning("%s", warning)
+        if (args.command, action) in _WRITERS:
+            _become_owner(cfg, argv)
         if args.command in ("run", "train-once", "check-config"):
             _check_job(cfg, args.config_path)
         return args.func(cfg, args)
@@ -257,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EX_CONFIG
-    except StoreError as exc:
+    except (Failure, StoreError, OutboxError) as exc:  # each names its file
         print(f"smocsd: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except OSError as exc:
+        print(f"smocsd: {_os_error_text(exc)}", file=sys.stderr)
         return EX_FAIL
     except KeyboardInterrupt:
         return EX_FAIL

@@ -176,6 +176,8 @@ class ModelStore:
 
     def rollback(self, version: int | None = None) -> int:
         """Points `current` at `version`, or at the newest kept version older than current."""
+        if not self.root.is_dir():
+            raise StoreError(f"no model versions in {self.root}")
         with self.lock():
             current = self.current()
             kept = self.versions()

@@ -1,0 +1,344 @@
+"""The command line around the parts: check-config beyond parsing, reading commands that
+create nothing, the switch to the state directory's owner, errors that name their file."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import smocsd, write_config
+
+from smocsd import demo
+from smocsd.cli import main
+from smocsd.store import ModelStore
+
+NOBODY = 65534
+UNNAMED = 54321  # a uid with no passwd entry
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+READERS = [
+    ("status",),
+    ("status", "--json"),
+    ("models", "list"),
+    ("models", "list", "--json"),
+    ("models", "show", "1"),
+    ("outbox", "list"),
+    ("outbox", "list", "--json"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state directory with one trained version (v000001, current) whose result waits
+    in the outbox (publish.order is empty)."""
+    root = tmp_path_factory.mktemp("trained")
+    state = root / "state"
+    demo.write(state / "readings.db", 3000)
+    smocsd("train-once", "--force", config=write_config(root / "c.toml", state), check=True)
+    return state
+
+
+def listing(root: Path) -> list[str]:
+    """Every entry under `root` with its type, mode, owner, size and mtime."""
+    out = subprocess.run(
+        ["find", str(root), "-printf", r"%p %y %m %U:%G %s %T@\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sorted(out.splitlines())
+
+
+def chown_tree(root: Path, uid: int) -> None:
+    subprocess.run(["chown", "-R", f"{uid}:{uid}", str(root)], check=True)
+
+
+# --- check-config
+
+
+def test_check_config_checks_the_table_and_columns(tmp_path):
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 100)
+    good = write_config(tmp_path / "good.toml", state)
+    proc = smocsd("check-config", config=good)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{good}: ok\n", "")
+
+    typo = write_config(tmp_path / "typo.toml", state, source={"channels": ["temperature", "vib"]})
+    proc = smocsd("check-config", config=typo)
+    assert (proc.returncode, proc.stdout) == (78, "")
+    assert proc.stderr == (
+        f'{typo}: source.channels: {state}/readings.db: no such column "vib" in table readings\n'
+    )
+
+    table = write_config(tmp_path / "table.toml", state, source={"table": "reading"})
+    proc = smocsd("check-config", config=table)
+    assert proc.returncode == 78
+    assert proc.stderr.startswith(f"{table}: source.table: {state}/readings.db: no such table")
+
+
+def test_check_config_notes_a_database_it_cannot_reach_without_failing(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = write_config(tmp_path / "c.toml", state)
+    proc = smocsd("check-config", config=cfg)
+    assert (proc.returncode, proc.stdout) == (0, "")  # "ok" only when everything was checked
+    assert proc.stderr.startswith(
+        f"{cfg}: source not checked: {state}/readings.db: no such database file"
+    )
+
+    source = {"kind": "postgres", "dsn": "postgresql://smocsd@127.0.0.1:1/plant"}
+    pg = write_config(tmp_path / "pg.toml", state, source={**source, "order_column": "id"})
+    proc = smocsd("check-config", config=pg)
+    assert (proc.returncode, proc.stdout) == (0, "")
+    assert proc.stderr.startswith(f"{pg}: source not checked: postgres: cannot connect")
+
+
+def test_check_config_reports_secrets_ca_files_and_columns_at_once(tmp_path):
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 100)
+    secret = tmp_path / "mqtt.pass"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o640)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state,
+        source={"channels": ["temperature", "vib"]},
+        publish={"order": ["mqtt"]},
+        **{
+            "publish.mqtt": {
+                "username": "gw",
+                "password_file": str(secret),
+                "tls": True,
+                "ca_file": str(tmp_path / "ca.pem"),
+            },
+            "publish.kafka": {"sasl_password_file": str(tmp_path)},
+        },
+    )
+    proc = smocsd("check-config", config=cfg)
+    assert (proc.returncode, proc.stdout) == (78, "")
+    assert proc.stderr.splitlines() == [
+        f"{cfg}: publish.kafka.sasl_password_file: {tmp_path}: not a regular file",
+        f"{cfg}: publish.mqtt.password_file: {secret}: accessible by group or others "
+        f"(chmod go-rwx {secret})",
+        f"{cfg}: publish.mqtt.ca_file: {tmp_path}/ca.pem: No such file or directory",
+        f'{cfg}: source.channels: {state}/readings.db: no such column "vib" in table readings',
+    ]
+    secret.chmod(0o600)
+    (tmp_path / "ca.pem").write_text("a certificate\n")
+    fixed = write_config(
+        tmp_path / "fixed.toml",
+        state,
+        **{"publish.mqtt": {"username": "gw", "password_file": str(secret)}},
+    )
+    proc = smocsd("check-config", config=fixed)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{fixed}: ok\n", "")
+
+
+@needs_root
+def test_check_config_run_by_root_judges_secrets_for_the_state_dirs_owner(tmp_path):
+    """`sudo smocsd check-config`: a root-owned secret is one the daemon cannot read."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 100)
+    os.chown(state, NOBODY, NOBODY)
+    secret = tmp_path / "mqtt.pass"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    cfg = write_config(
+        tmp_path / "c.toml", state, **{"publish.mqtt": {"username": "gw", "password_file": secret}}
+    )
+    proc = smocsd("check-config", config=cfg)
+    assert proc.returncode == 78
+    assert proc.stderr == (
+        f"{cfg}: publish.mqtt.password_file: {secret}: owned by root, so nobody cannot read it "
+        f"(chown nobody {secret})\n"
+    )
+    os.chown(secret, NOBODY, -1)
+    assert smocsd("check-config", config=cfg).returncode == 0
+
+
+# --- reading commands read only
+
+
+@pytest.mark.parametrize("command", [*READERS, ("models", "rollback"), ("outbox", "flush")])
+def test_a_missing_state_dir_is_reported_not_created(tmp_path, command):
+    state = tmp_path / "stat"  # a typo of "state"
+    proc = smocsd(*command, config=write_config(tmp_path / "c.toml", state))
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"smocsd: state directory {state} does not exist (daemon.state_dir)\n"
+    assert not state.exists()
+
+
+@pytest.mark.parametrize("populated", [False, True], ids=["empty", "trained"])
+def test_reading_commands_create_nothing_in_another_users_state_dir(tmp_path, trained, populated):
+    state = tmp_path / "state"
+    if populated:
+        shutil.copytree(trained, state, symlinks=True)
+    else:
+        state.mkdir()
+    if os.geteuid() == 0:
+        chown_tree(state, NOBODY)
+    cfg = write_config(tmp_path / "c.toml", state)
+    before = listing(state)
+    for command in READERS:
+        proc = smocsd(*command, config=cfg)
+        if command[:2] == ("models", "show") and not populated:
+            assert proc.stderr == "smocsd: model version 1 does not exist\n"
+        else:
+            assert proc.returncode == 0, (command, proc.stderr)
+            assert "running as" not in proc.stderr  # reading needs no switch
+    assert listing(state) == before
+    status = json.loads(smocsd("status", "--json", config=cfg).stdout)
+    assert (status["current_version"], status["outbox_depth"]) == (
+        (1, 1) if populated else (None, 0)
+    )
+
+
+@pytest.fixture
+def readonly_state(tmp_path: Path, trained: Path) -> Iterator[Path]:
+    """A copy of `trained` on a tmpfs mounted read-only: root ignores file modes, not that."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    state = tmp_path / "state"
+    state.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "smocsd-test", str(state)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mount.stderr.strip()}")
+    try:
+        shutil.copytree(trained, state, symlinks=True, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+        yield state
+    finally:
+        subprocess.run(["umount", str(state)], check=True)
+
+
+def test_reading_commands_work_on_a_read_only_state_dir(tmp_path, readonly_state):
+    state = readonly_state
+    cfg = write_config(tmp_path / "c.toml", state)
+    before = listing(state)
+    for command in READERS:
+        proc = smocsd(*command, config=cfg)
+        assert proc.returncode == 0, (command, proc.stderr)
+    status = json.loads(smocsd("status", "--json", config=cfg).stdout)
+    assert (status["current_version"], status["current_problem"]) == (1, None)
+    assert status["outbox_depth"] == 1
+    models = json.loads(smocsd("models", "list", "--json", config=cfg).stdout)
+    assert [(m["version"], m["current"], m["problem"]) for m in models] == [(1, True, None)]
+    assert json.loads(smocsd("models", "show", "1", config=cfg).stdout)["version"] == 1
+    (waiting,) = json.loads(smocsd("outbox", "list", "--json", config=cfg).stdout)
+    assert waiting["outcome"] == "promoted"
+    assert listing(state) == before
+
+    # A writing command cannot, and says which file it could not write.
+    proc = smocsd("outbox", "flush", config=cfg)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"smocsd: {state}/outbox.db: "), proc.stderr
+    proc = smocsd("demo", "--rows", "10", config=cfg)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"smocsd: {state}/readings.db: "), proc.stderr
+
+
+def test_a_damaged_version_is_marked_in_status_and_models_list(tmp_path, trained):
+    state = tmp_path / "state"
+    shutil.copytree(trained, state, symlinks=True)
+    cfg = write_config(tmp_path / "c.toml", state)
+    model = state / "models" / "autoencoder" / "v000001" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    problem = ModelStore(model.parents[1], 5).check(1)
+    assert problem and problem.startswith("v000001/model.onnx: ")
+
+    status = smocsd("status", config=cfg, check=True).stdout.splitlines()
+    assert f"current:     v000001 DAMAGED: {problem}" in status
+    assert json.loads(smocsd("status", "--json", config=cfg).stdout)["current_problem"] == problem
+    (row,) = json.loads(smocsd("models", "list", "--json", config=cfg).stdout)
+    assert (row["version"], row["problem"]) == (1, problem)
+    text = smocsd("models", "list", config=cfg, check=True).stdout.splitlines()
+    assert text[1].startswith("*!v000001") and text[2] == f"    {problem}"
+
+
+# --- writing commands run by root become the state directory's owner
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory other users can reach: pytest's tmp_path is under a root-only one."""
+    path = Path(tempfile.mkdtemp(prefix="smocsd-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@needs_root
+def test_a_writing_command_run_by_root_becomes_the_state_dirs_owner(shared_dir, capfd):
+    """Run in a forked child rather than a fresh interpreter: this one may live where
+    `nobody` cannot read (a pyenv under /root), so it imports everything beforehand."""
+    state = shared_dir / "state"
+    state.mkdir()
+    os.chown(state, NOBODY, NOBODY)
+    cfg = write_config(shared_dir / "c.toml", state)
+    db = state / "readings.db"
+    demo.write(shared_dir / "warm-up.db", 10)  # what demo imports on first use
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = main(["demo", "--rows", "100", "--db", str(db), "--config", str(cfg)])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, wait_status = os.waitpid(pid, 0)
+    out, err = capfd.readouterr()
+    assert os.waitstatus_to_exitcode(wait_status) == 0, err
+    assert f"INFO smocsd: running as nobody, the owner of {state}\n" in err
+    assert out == f"{db}: wrote 100 rows, 100 in all\n"
+    nogroup = pwd.getpwuid(NOBODY).pw_gid
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in state.iterdir()} == {(NOBODY, nogroup)}
+
+
+@needs_root
+def test_an_owner_without_a_user_entry_is_refused_with_the_command_to_run(tmp_path):
+    with pytest.raises(KeyError):
+        pwd.getpwuid(UNNAMED)
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, UNNAMED, UNNAMED)
+    cfg = write_config(tmp_path / "c.toml", state)
+    db = state / "readings.db"
+    proc = smocsd("demo", "--rows", "100", "--db", str(db), config=cfg)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (
+        f"smocsd: {state} is owned by uid {UNNAMED}, which has no user entry to switch to; "
+        f"run instead: sudo -u '#{UNNAMED}' smocsd demo --rows 100 --db {db} --config {cfg}\n"
+    )
+    assert list(state.iterdir()) == []
+
+
+# --- errors name their file
+
+
+def test_os_errors_name_the_file(tmp_path):
+    env = {"STATE_DIRECTORY": str(tmp_path)}  # no config file: demo runs on the defaults
+    proc = smocsd("demo", "--rows", "10", "--db", str(tmp_path), env=env)
+    assert proc.returncode == 1
+    assert proc.stderr == f"smocsd: {tmp_path}: unable to open database file\n"
+
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("")
+    proc = smocsd("status", config=write_config(tmp_path / "c.toml", not_a_dir))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"smocsd: {not_a_dir}/") and "Not a directory" in proc.stderr
