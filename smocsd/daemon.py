@@ -120,7 +120,7 @@ class Daemon:
         # A saved version's result needs no place here: reconcile() finds it in the store.
         self.unsent: list[dict[str, Any]] = []
         self.failures = 0  # ticks in a row that raised
-        self.last_error: str | None = None
+        self.errors: dict[str, str] = {}  # the error each step of the loop last logged
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGHUP:
@@ -134,12 +134,12 @@ class Daemon:
         cfg = self.parts.cfg
         log.info("smocsd started: device %s, state in %s", cfg.daemon.device_id, cfg.state_dir)
         systemd.notify("READY=1", "STATUS=starting first check")
-        self._guarded(lambda: prepare_state_dir(cfg))
+        self._guarded("start", lambda: prepare_state_dir(cfg))
         try:
             while not self.stop_requested:
                 if self.reload_requested:
                     self._reload()
-                self._guarded(self._tick)
+                self._guarded("tick", self._tick)
                 self._idle()
         except Stopped:
             log.info("stopped mid-cycle; nothing partial was promoted")
@@ -155,26 +155,27 @@ class Daemon:
         self.watchdog.ping()
         return self.stop_requested
 
-    def _guarded(self, step: Callable[[], None]) -> None:
+    def _guarded(self, name: str, step: Callable[[], None]) -> None:
         """Runs a step of the loop; an exception is logged once (again only when it
-        changes) and counted for the backoff, never raised."""
+        changes), never raised. A failed tick counts for the backoff."""
         try:
             step()
         except Stopped:
             raise
         except Exception as exc:
-            self.failures += 1
             error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if error != self.last_error:
-                log.error("%s (retrying with a backoff)", error)
+            if self.errors.get(name) != error:
+                log.error("%s: %s (retrying with a backoff)", name, error)
                 log.debug("traceback", exc_info=True)
-            self.last_error = error
-            self.last = f"error: {error}"
+            self.errors[name] = error
+            if name == "tick":
+                self.failures += 1
+                self.last = f"error: {error}"
         else:
-            if self.last_error is not None:
-                log.info("recovered from: %s", self.last_error)
-            self.failures = 0
-            self.last_error = None
+            if name in self.errors:
+                log.info("%s: recovered from: %s", name, self.errors.pop(name))
+            if name == "tick":
+                self.failures = 0
 
     def _tick(self) -> None:
         outbox = self.parts.outbox
@@ -202,7 +203,8 @@ class Daemon:
         wait = self._wait()
         deadline = time.monotonic() + wait
         when = datetime.now() + timedelta(seconds=wait)
-        self._guarded(lambda: State(self.parts.cfg.state_dir).update(next_check=when.isoformat()))
+        state = State(self.parts.cfg.state_dir)
+        self._guarded("next check", lambda: state.update(next_check=when.isoformat()))
         waiting = f", {len(self.unsent)} result(s) not yet in the outbox" if self.unsent else ""
         status = f"idle: next check {when:%H:%M:%S}, {self.last}{waiting}"
         systemd.notify(f"STATUS={status}")

@@ -55,10 +55,12 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # A full disk or a stop must not leave the temp file behind to fill it further.
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:  # write() names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     fsync_path(path.parent)
 
