@@ -34,6 +34,7 @@ PACKAGES = {
     "arm64": ("python3", "libpq5"),
 }
 QEMU = Path("/usr/bin/qemu-aarch64-static")
+BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SYSTEMD_PAGER": ""}
 
 
@@ -59,6 +60,10 @@ def missing_tools(arch: str) -> list[str]:
     missing = [f"{tool} ({pkg})" for tool, pkg in tools.items() if not shutil.which(tool)]
     if os.geteuid() != 0:
         missing.append("root")
+    if arch != "amd64" and not BINFMT.exists():
+        # smocsd runs each training cycle in a child process: its exec of an arm64 python3
+        # reaches qemu only through binfmt_misc (tests/provision registers it).
+        missing.append(f"{BINFMT} (binfmt_misc registration of qemu-user-static)")
     return missing
 
 
@@ -155,8 +160,38 @@ def overlay(lower: Path) -> Iterator[Path]:
             subprocess.run(["umount", "--lazy", str(merged)], check=False)
 
 
+# Where systemd looks for the system's units, /etc first: a unit masked there wins.
+UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+
+
+def mask_timers(root: Path) -> list[str]:
+    """Masks every timer unit of the rootfs at root (a link to /dev/null in /etc), and
+    returns their names.
+
+    The tests diff the container's files before the package's install and after its purge,
+    and a timer that fires in between writes files of its own: Debian's
+    dpkg-db-backup.timer fires at midnight and writes /var/backups, apt-daily and
+    apt-daily-upgrade refresh the package lists, systemd-tmpfiles-clean deletes, fstrim
+    and e2scrub_all touch the disks... So a test that crosses midnight would fail. The
+    masks are written into root, which should be the test's overlay (they go away with
+    it); they are in place before the first snapshot, so they are not in the diff.
+    """
+    etc = root / UNIT_DIRS[0]
+    etc.mkdir(parents=True, exist_ok=True)
+    names = sorted({p.name for d in UNIT_DIRS for p in (root / d).glob("*.timer")})
+    for name in names:
+        unit = etc / name
+        if unit.is_symlink() or unit.exists():
+            unit.unlink()
+        unit.symlink_to("/dev/null")
+    return names
+
+
 class Container:
-    """A booted systemd in a rootfs, without network, driven by nsenter."""
+    """A booted systemd in a rootfs, without network, driven by nsenter.
+
+    Every timer unit of the rootfs is masked first (see mask_timers), and the boot checks
+    that no timer is active, so no scheduled job writes into a test's file system."""
 
     def __init__(self, root: Path, log: Path) -> None:
         self.root = root
@@ -165,6 +200,7 @@ class Container:
         self.pid = 0
 
     def __enter__(self) -> Container:
+        mask_timers(self.root)
         with self.log.open("wb") as out:
             self._proc = subprocess.Popen(
                 [
@@ -186,6 +222,8 @@ class Container:
         try:
             self.pid = self._init_pid()
             self._wait_booted()
+            timers = self.active_timers()
+            assert not timers, f"timers active in the test container: {timers}"
         except BaseException:
             self.__exit__()
             raise
@@ -220,6 +258,13 @@ class Container:
             f"container did not boot (state {state!r}): "
             f"{self.log.read_text(errors='replace')[-3000:]}"
         )
+
+    def active_timers(self) -> list[str]:
+        """The timer units that systemd in the container has active (waiting to fire)."""
+        out = self.run(
+            "systemctl", "list-units", "--type=timer", "--state=active", "--no-legend", "--plain"
+        ).stdout
+        return [line.split()[0] for line in out.splitlines() if line.strip()]
 
     def run(
         self, *cmd: str, check: bool = True, input: str | None = None, timeout: float = 300

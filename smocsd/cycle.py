@@ -136,19 +136,31 @@ def load_job_class(spec: str) -> type[TrainingJob]:
     return cls
 
 
-def _job_problem(spec: str) -> str | None:
+def _job_problem(spec: str, conn: Connection) -> None:
     try:
         load_job_class(spec)
     except ValueError as exc:
-        return str(exc)
-    return None
+        conn.send(str(exc))
+    else:
+        conn.send(None)
 
 
 def job_problem(spec: str) -> str | None:
     """Why `training.job` cannot be loaded (None: it can). Tried in a child process, so
     that the daemon checks its config at start without importing the job's libraries."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_job_problem, (spec,))
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_job_problem, args=(spec, sender), name="smocsd-check-job")
+    child.start()
+    sender.close()
+    try:
+        return receiver.recv()
+    except EOFError:  # it died importing (a crash in a native extension)
+        child.join()
+        return f"training.job: importing {spec!r} ended the process (exit {child.exitcode})"
+    finally:
+        child.join()
+        receiver.close()
 
 
 class HookError(Exception):
