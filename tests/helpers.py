@@ -73,13 +73,13 @@ def smocsd(
 class Running:
     """A `smocsd run` subprocess whose stderr is collected in a file."""
 
-    def __init__(self, config: Path, log: Path):
+    def __init__(self, config: Path, log: Path, env: dict | None = None):
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smocsd", "run", "--config", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=log.open("w"),
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+            env={**(env or os.environ), "PYTHONPATH": str(Path(__file__).parent)},
         )
 
     def text(self) -> str:
