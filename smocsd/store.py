@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 _VERSION = re.compile(r"^v(\d{6,})$")
 TMP_PREFIX = ".tmp-"
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -213,5 +216,10 @@ class ModelStore:
                 # Renamed first, so a crash mid-delete leaves a .tmp- leftover, not a
                 # half-deleted version under a valid name.
                 doomed = self.root / f"{TMP_PREFIX}{version_name(version)}-deleted"
-                os.rename(self.path(version), doomed)
-                shutil.rmtree(doomed)
+                try:
+                    os.rename(self.path(version), doomed)
+                    shutil.rmtree(doomed)
+                except OSError as exc:
+                    # Housekeeping only (a version left root-owned by hand, say): the save
+                    # that pruned has succeeded and must be reported as such.
+                    log.warning("cannot remove old version %s: %s", version_name(version), exc)
