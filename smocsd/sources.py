@@ -4,19 +4,26 @@ Column names are what the plant historian chose (spaces, mixed case, non-ASCII),
 every name is quoted and every value is a bound parameter. The configured columns are
 checked against the table once per connection: a typo is one line naming its config
 key instead of an SQL error, and a daemon tick does not pay for the check.
+
+A database that does not exist yet is NoDatabase, not a failure: on a fresh install the
+daemon waits for the ingest software to create it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import re
 import sqlite3
+import stat
 import string
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +43,10 @@ def _ascii_lower(name: str) -> str:
 
 class SourceError(Exception):
     """The database cannot be read this cycle (down, locked, missing table, bad password)."""
+
+
+class NoDatabase(SourceError):
+    """The database does not exist yet; the cycle skips instead of failing."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,13 @@ class Source(ABC):
         self.schema, _, self.name = cfg.table.rpartition(".")
         self.table = ".".join(map(quote, cfg.table.split(".")))
         self.order = quote(cfg.order_column or "rowid")
+        self._max_sql = f"SELECT max({self.order}) FROM {self.table}"
         # The time_column expression; None until this connection's columns are checked.
         self._time: str | None = None
+
+    @abstractmethod
+    def _run(self, work: Callable[[Any], T]) -> T:
+        """`work(cursor)` on a connection whose columns are checked; errors -> SourceError."""
 
     @abstractmethod
     def count_after(self, last_order: int | None) -> int:
@@ -97,6 +113,17 @@ class Source(ABC):
     @abstractmethod
     def read_newest(self, max_rows: int) -> Readings:
         """At most `max_rows` newest rows by order_column, oldest first."""
+
+    def max_order(self) -> int | None:
+        """The largest order_column value; None when the table is empty."""
+        top = self._run(lambda db: db.execute(self._max_sql).fetchall()[0][0])
+        return None if top is None else int(top)
+
+    def check(self) -> None:
+        """Connects and checks the configured table and columns, even if this connection
+        was checked before; SourceError (NoDatabase) says what is wrong in one line."""
+        self._time = None
+        self._run(lambda db: None)
 
     def close(self) -> None:  # noqa: B027 - a source may hold nothing to release
         """Releases the connection; the next call reconnects."""
@@ -128,28 +155,162 @@ class Source(ABC):
         return SourceError(f"{self.where}: no such table {self.cfg.table} (source.table){hint}")
 
 
+# The file change counter (fileformat2: "incremented whenever the database file is
+# unlocked after having been modified") and the magic that opens a rollback journal.
+_COUNTER_AT = 24
+_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+class _LockFree:
+    """Runs a statement on a rollback-journal database without taking SQLite's lock.
+
+    A writer commits only when no reader holds SHARED, and one with busy timeout 0 fails
+    at once if one does, however short the read: no locking reader can spare it. So the
+    statement runs on a fresh connection that takes no lock (immutable=1, no page cache
+    from before) and counts only if the file cannot have changed meanwhile. SQLite
+    writes the database file only while the transaction's journal is live (it starts
+    with the magic; DELETE, TRUNCATE and PERSIST all remove that at commit), and every
+    commit increments the change counter. No live journal before and after, and the
+    same counter: the rows are a consistent snapshot. Otherwise it tries again.
+    """
+
+    pause = 0.0002  # between tries: a writer between commits leaves only moments free
+
+    def __init__(self, path: Path, fd: int, patience: float):
+        self.journal = path.with_name(path.name + "-journal")
+        self.uri = f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+        self.fd = fd  # open for the source's life: closing one would drop our POSIX locks
+        self.patience = patience
+
+    @staticmethod
+    def applies(fd: int) -> bool:
+        """Rollback-journal mode (header bytes 18-19 = 1); WAL readers never block a writer."""
+        return os.pread(fd, 2, 18) == b"\x01\x01"
+
+    def _journal_live(self) -> bool:
+        try:
+            with open(self.journal, "rb") as journal:
+                return journal.read(8) == _JOURNAL_MAGIC
+        except FileNotFoundError:
+            return False
+
+    def rows(self, sql: str, parameters: Any) -> list[tuple] | None:
+        """The statement's rows; None if the writer never paused for `patience` seconds."""
+        deadline = time.monotonic() + self.patience
+        while time.monotonic() < deadline:
+            if not self._journal_live():
+                before = os.pread(self.fd, 4, _COUNTER_AT)
+                try:
+                    conn = sqlite3.connect(self.uri, uri=True)
+                    try:
+                        rows = conn.execute(sql, parameters).fetchall()
+                    finally:
+                        conn.close()
+                except sqlite3.DatabaseError:  # a page read halfway through a commit
+                    rows = None
+                if (
+                    rows is not None
+                    and not self._journal_live()
+                    and os.pread(self.fd, 4, _COUNTER_AT) == before
+                ):
+                    return rows
+            time.sleep(self.pause)
+        return None
+
+
+class _Fetched(list):
+    """Rows already read, standing in for the cursor that execute() returns."""
+
+    def fetchall(self) -> list[tuple]:
+        return list(self)
+
+
+class _PollingConnection(sqlite3.Connection):
+    """Waits for a lock by trying again every `poll` seconds, for up to `patience`.
+
+    SQLite's own busy handler backs off to one try per 100 ms, while a writer committing
+    back to back in rollback-journal mode leaves the lock free only for moments between
+    its transactions: trying that seldom, a chunked read, which needs the lock once per
+    chunk, failed after busy_timeout in bench/sqlite_lock.py.
+    """
+
+    poll = 0.0005  # little CPU; at 2 ms such a read took 7 times as long as at 0.5 ms
+    patience = 0.0
+    lock_free: _LockFree | None = None  # tried first, where the journal mode allows
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        if self.lock_free is not None:
+            rows = self.lock_free.rows(sql, parameters)
+            if rows is not None:
+                return _Fetched(rows)
+        deadline = time.monotonic() + self.patience
+        while True:
+            try:  # a statement takes its lock in its first step, which execute() runs
+                return super().execute(sql, parameters)
+            except sqlite3.OperationalError as exc:
+                if str(exc) != "database is locked" or time.monotonic() >= deadline:
+                    raise
+            time.sleep(self.poll)
+
+
 class SQLiteSource(Source):
-    """Opened read-only: the ingest software owns the file and may be writing in WAL mode."""
+    """Opened read-only: the ingest software owns the file and may be writing in WAL mode.
+
+    In rollback-journal mode a writer needs an EXCLUSIVE lock to commit, and cannot get
+    it while any statement of ours runs and holds SHARED. So every statement first runs
+    without any lock (_LockFree), which even a writer with busy timeout 0 never notices.
+    Only if the writer never pauses for busy_timeout does it take the lock, in chunks of
+    at most `chunk_rows` rows (a few milliseconds), each one statement read to its end,
+    which releases SHARED, with a pause of `yield_ratio` times the chunk's read time
+    between them: a writer that waits a few milliseconds for its lock then never fails.
+    See bench/sqlite_lock.py.
+    """
+
+    chunk_rows = 2048
+    yield_ratio = 1.0
 
     def __init__(self, cfg: SourceConfig):
         super().__init__(cfg)
         self.path: Path = cfg.path  # type: ignore[assignment]
         self.where = str(self.path)
         self._conn: sqlite3.Connection | None = None
+        self._fd: int | None = None
+        self._keyset = True  # whether an index serves read_newest's chunks
+        self.lock_free = True  # on rollback-journal databases; off only to compare
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            if not self.path.exists():
-                raise SourceError(f"{self.path}: no such database file")
             try:
-                self._conn = sqlite3.connect(
-                    f"{self.path.absolute().as_uri()}?mode=ro",
-                    uri=True,
-                    timeout=self.cfg.busy_timeout,
-                    check_same_thread=False,
-                )
-            except sqlite3.Error as exc:
-                raise SourceError(f"{self.path}: cannot open: {exc}") from None
+                mode = os.stat(self.path).st_mode
+            except FileNotFoundError:
+                raise NoDatabase(
+                    f"{self.path}: no such database file (source.path); "
+                    "waiting for the ingest to create it"
+                ) from None
+            except OSError as exc:  # e.g. a directory on the way that we may not search
+                raise SourceError(
+                    f"{self.path}: unable to open database file: {exc.strerror}"
+                ) from None
+            if stat.S_ISDIR(mode):  # SQLite would say "disk I/O error"
+                raise SourceError(f"{self.path}: is a directory, not a database file (source.path)")
+            conn = sqlite3.connect(
+                f"{self.path.absolute().as_uri()}?mode=ro",
+                uri=True,
+                timeout=0,
+                factory=_PollingConnection,
+                check_same_thread=False,
+            )
+            conn.patience = self.cfg.busy_timeout
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                conn.close()
+                raise SourceError(
+                    f"{self.path}: unable to open database file: {exc.strerror}"
+                ) from None
+            if self.lock_free and _LockFree.applies(self._fd):
+                conn.lock_free = _LockFree(self.path, self._fd, self.cfg.busy_timeout)
+            self._conn = conn
         return self._conn
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -157,10 +318,21 @@ class SQLiteSource(Source):
             conn = self._connect()
             if self._time is None:
                 self._time = self._check(conn)
+                self._keyset = self._indexed(conn)
             return work(conn)
         except sqlite3.Error as exc:
             self.close()
-            raise SourceError(f"{self.path}: {exc}") from None
+            raise self._error(exc) from None
+
+    def _error(self, exc: sqlite3.Error) -> SourceError:
+        """`exc` naming the file; SQLite's "unable to open" gets the system's reason."""
+        message = str(exc)
+        if message == "unable to open database file":
+            try:
+                self.path.open("rb").close()
+            except OSError as why:
+                message += f": {why.strerror}"
+        return SourceError(f"{self.path}: {message}")
 
     def _check(self, conn: sqlite3.Connection) -> str:
         """Checks the configured columns; returns the time_column expression.
@@ -194,32 +366,80 @@ class SQLiteSource(Source):
             f"THEN round((julianday({t}) - 2440587.5) * 86400.0, 3) END END"
         )
 
-    def count_after(self, last_order: int | None) -> int:
-        sql, params = self._count_sql(last_order, "?")
-        return self._run(lambda conn: conn.execute(sql, params).fetchone()[0])
-
-    def read_newest(self, max_rows: int) -> Readings:
+    def _select(self) -> str:
+        """One chunk of read_newest: rows up to an order value, newest first."""
         # typeof() turns text or blobs in a numeric column into NULL (-> NaN) so one bad
         # row is dropped instead of failing the cycle; SQLite itself cannot hold NaN.
         cols = ", ".join(
             f"CASE WHEN typeof({quote(c)}) IN ('integer', 'real') THEN {quote(c)} END"
             for c in self.cfg.channels
         )
-        rows = self._run(
-            lambda conn: conn.execute(  # after the check, which sets self._time
-                f"SELECT * FROM (SELECT {self.order}, {self._time}, {cols} FROM {self.table} "
-                f"ORDER BY {self.order} DESC LIMIT ?) ORDER BY 1",
-                (max_rows,),
-            ).fetchall()
+        return (
+            f"SELECT {self.order}, {self._time}, {cols} FROM {self.table} "
+            f"WHERE {self.order} <= ? ORDER BY {self.order} DESC LIMIT ? OFFSET ?"
         )
-        return _readings(
-            np.array(rows, dtype=np.float64).reshape(len(rows), len(self.cfg.channels) + 2)
-        )
+
+    def _indexed(self, conn: sqlite3.Connection) -> bool:
+        """Whether an index serves the chunks. Without one every chunk would scan and sort
+        the whole table, so the read is one statement, and a warning says so."""
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {self._select()}", (0, 1, 0)).fetchall()
+        if any("TEMP B-TREE" in row[3] for row in plan):
+            log.warning(
+                "%s: no index on %s of table %s: each read holds the database's read lock "
+                "for a whole table scan, and a writer in rollback-journal mode cannot "
+                "commit meanwhile; index it (source.order_column)",
+                self.path,
+                self.order,
+                self.cfg.table,
+            )
+            return False
+        return True
+
+    def count_after(self, last_order: int | None) -> int:
+        sql, params = self._count_sql(last_order, "?")
+        # fetchall() runs each statement to its end, which releases SHARED at once.
+        return self._run(lambda conn: conn.execute(sql, params).fetchall()[0][0])
+
+    def read_newest(self, max_rows: int) -> Readings:
+        width = len(self.cfg.channels) + 2
+
+        def read(conn: sqlite3.Connection) -> list[np.ndarray]:
+            select = self._select()  # after the check, which sets self._time
+            chunk = self.chunk_rows if self._keyset else max_rows
+            # Keyset pagination down from the newest row as it is now: rows committed
+            # meanwhile are above `top` and stay out, as they would of one statement.
+            top = conn.execute(self._max_sql).fetchall()[0][0]
+            skip = 0  # rows already read whose order equals `top` (a non-unique column)
+            parts: list[np.ndarray] = []
+            left = max_rows
+            while top is not None and left > 0:
+                want = min(chunk, left)
+                started = time.monotonic()
+                rows = conn.execute(select, (top, want, skip)).fetchall()
+                took = time.monotonic() - started
+                parts.append(np.array(rows, dtype=np.float64).reshape(len(rows), width))
+                left -= len(rows)
+                if len(rows) < want or left == 0:
+                    break
+                last = rows[-1][0]
+                ties = len(rows) - next(i for i, row in enumerate(rows) if row[0] == last)
+                skip = skip + ties if last == top else ties
+                top = last
+                time.sleep(took * self.yield_ratio)
+            return parts
+
+        parts = self._run(read)
+        if not parts:
+            return _readings(np.empty((0, width)))
+        return _readings(np.concatenate([part[::-1] for part in reversed(parts)]))
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._time = None
 
 
@@ -290,6 +510,14 @@ class PostgresSource(Source):
                     autocommit=True,
                 )
             except psycopg.Error as exc:
+                # libpq keeps no SQLSTATE (3D000) for an error at connect, only the
+                # server's message, which is English unless its lc_messages says otherwise.
+                missing = re.search(r'database "(.*)" does not exist', str(exc))
+                if missing:
+                    raise NoDatabase(
+                        f'postgres: no such database "{missing[1]}" (source.dsn); '
+                        "waiting for the ingest to create it"
+                    ) from None
                 raise SourceError(f"postgres: cannot connect: {_first_line(exc)}") from None
         return self._conn
 

@@ -1,4 +1,5 @@
-"""The PostgreSQL source against a real server: read end to end, restarts, a wrong password."""
+"""The PostgreSQL source against a real server: read end to end, restarts, a wrong password,
+a database not created yet."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from test_daemon import running  # noqa: F401 - the fixture
 
 from smocsd import demo
 from smocsd.config import SourceConfig
-from smocsd.sources import PostgresSource, SourceError, quote
+from smocsd.sources import NoDatabase, PostgresSource, SourceError, quote
 
 CHANNELS = ("temperature", "vibration", "current")
 
@@ -196,6 +197,7 @@ def pg_source(postgres, table: str, **kw) -> PostgresSource:
 def test_any_column_name_in_a_schema_qualified_table(postgres, odd_table):
     src = pg_source(postgres, odd_table)
     assert src.count_after(1) == 2  # with a bound value and a % in the order column
+    assert src.max_order() == 3  # ... and with none
     got = src.read_newest(2)
     assert got.order.tolist() == [2, 3]
     assert got.values.tolist() == [[2.5, 2.0, 1.0], [3.5, 4.0, 1.0]]
@@ -272,4 +274,34 @@ def test_columns_are_checked_once_per_connection(postgres, odd_table):
     src.close()  # as after a failed query: the next connection checks again
     src.count_after(None)
     assert len(calls) == 2
+    src.close()
+
+
+def test_a_missing_database_is_no_database(postgres):
+    dsn = postgres.dsn.rpartition("/")[0] + "/not_yet"
+    src = PostgresSource(
+        SourceConfig(kind="postgres", dsn=f"{dsn}?password={postgres.password}", channels=("a",))
+    )
+    with pytest.raises(NoDatabase) as exc:
+        src.check()
+    assert str(exc.value) == (
+        'postgres: no such database "not_yet" (source.dsn); waiting for the ingest to create it'
+    )
+
+
+def test_check_and_max_order(postgres):
+    table = f"readings_{int(time.monotonic() * 1e6)}"
+    postgres.admin(
+        f"CREATE TABLE {table} (id int8, ts float8, a float8)",
+        f"GRANT SELECT ON {table} TO {postgres.user}",
+        dbname=postgres.dbname,
+    )
+    src = pg_source(postgres, table, time_column="ts", order_column="id", channels=("a",))
+    src.check()
+    assert src.max_order() is None
+    postgres.admin(f"INSERT INTO {table} VALUES (7, {T0}, 1), (3, {T0}, 2)", dbname=postgres.dbname)
+    assert src.max_order() == 7
+    with pytest.raises(SourceError) as exc:
+        pg_source(postgres, table, time_column="ts", order_column="id", channels=("b",)).check()
+    assert str(exc.value) == f'postgres: no such column "b" in table {table} (source.channels)'
     src.close()

@@ -1,15 +1,24 @@
 """The SQLite source: read-only, any column name quoted, bound values, bad rows as NaN,
-times as epoch seconds, configured columns checked once per connection."""
+times as epoch seconds, configured columns checked once per connection, reads in chunks
+that leave a rollback-journal writer room to commit."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from smocsd.config import SourceConfig
-from smocsd.sources import SourceError, SQLiteSource, quote
+from smocsd.sources import NoDatabase, Readings, SourceError, SQLiteSource, quote
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -77,8 +86,12 @@ def test_identifiers_are_quoted_and_values_bound(tmp_path):
 
 
 def test_missing_database_and_table_are_clear_errors(tmp_path):
-    with pytest.raises(SourceError, match="no such database file"):
-        source(tmp_path / "absent.db").count_after(None)
+    for absent in (tmp_path / "absent.db", tmp_path / "no-dir" / "r.db"):
+        with pytest.raises(NoDatabase) as missing:
+            source(absent).count_after(None)
+        assert str(missing.value) == (
+            f"{absent}: no such database file (source.path); waiting for the ingest to create it"
+        )
     make_db(tmp_path / "r.db", []).close()
     with pytest.raises(SourceError) as exc:
         source(tmp_path / "r.db", table="nope").count_after(None)
@@ -195,8 +208,261 @@ def test_columns_are_checked_once_per_connection(tmp_path):
     src._connect().set_trace_callback(statements.append)
     src.count_after(None)
     src.read_newest(10)
-    assert len(statements) == 2 and not any("pragma" in s for s in statements)
+    assert len(statements) == 3  # count, max(order), one chunk
+    assert not any("pragma" in s or "EXPLAIN" in s for s in statements)
     src.close()
     src._connect().set_trace_callback(statements.append)
     src.count_after(None)
-    assert "pragma_table_info" in statements[2]
+    assert "pragma_table_info" in statements[3]
+
+
+def test_max_order_is_the_newest_order_value(tmp_path):
+    db = tmp_path / "r.db"
+    conn = make_db(db, [])
+    assert source(db).max_order() is None
+    conn.executemany("INSERT INTO readings (ts, a, b) VALUES (?, ?, ?)", [(0, 1, 1)] * 3)
+    conn.execute("DELETE FROM readings WHERE id = 3")
+    conn.commit()
+    conn.close()
+    assert source(db).max_order() == 2
+    assert source(db, order_column="id").max_order() == 2
+
+
+def test_check_checks_the_table_and_columns_again(tmp_path):
+    db = tmp_path / "r.db"
+    make_db(db, [(0, 1.0, 1.0)]).close()
+    src = source(db)
+    src.count_after(None)
+    statements: list[str] = []
+    src._connect().set_trace_callback(statements.append)
+    src.check()
+    assert any("pragma_table_info" in s for s in statements)
+    with pytest.raises(SourceError) as exc:
+        source(db, channels=("a", "c")).check()
+    assert str(exc.value) == f'{db}: no such column "c" in table readings (source.channels)'
+    with pytest.raises(NoDatabase):
+        source(tmp_path / "absent.db").check()
+
+
+def child_error(src: SQLiteSource) -> str:
+    """src.check()'s error in a child process that is not root (root may read anything)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        message = "no error"
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)  # nogroup
+                os.setuid(65534)  # nobody
+            src.check()
+        except Exception as exc:
+            message = str(exc)
+        finally:
+            os.write(write, message.encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as result:
+        message = result.read()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_unreadable_paths_are_errors_naming_the_file(tmp_path):
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(SourceError) as exc:
+        source(tmp_path / "dir.db").check()
+    assert (
+        str(exc.value)
+        == f"{tmp_path / 'dir.db'}: is a directory, not a database file (source.path)"
+    )
+    shared = Path(tempfile.mkdtemp())  # not under tmp_path, which is root's alone
+    try:
+        shared.chmod(0o755)
+        make_db(shared / "locked.db", [(0, 1.0, 1.0)]).close()
+        (shared / "locked.db").chmod(0)
+        (shared / "private").mkdir(mode=0o700)
+        make_db(shared / "private" / "r.db", [(0, 1.0, 1.0)]).close()
+        for path in (shared / "locked.db", shared / "private" / "r.db"):
+            assert child_error(source(path)) == (
+                f"{path}: unable to open database file: Permission denied"
+            )
+    finally:
+        shutil.rmtree(shared)
+
+
+def one_statement(src: SQLiteSource, max_rows: int) -> np.ndarray:
+    """read_newest's rows as read before chunking, in one statement: order, time, channels."""
+    src.check()  # sets the time expression
+    cols = ", ".join(
+        f"CASE WHEN typeof({quote(c)}) IN ('integer', 'real') THEN {quote(c)} END"
+        for c in src.cfg.channels
+    )
+    rows = (
+        src._connect()
+        .execute(
+            f"SELECT * FROM (SELECT {src.order}, {src._time}, {cols} FROM {src.table} "
+            f"ORDER BY {src.order} DESC LIMIT ?) ORDER BY 1",
+            (max_rows,),
+        )
+        .fetchall()
+    )
+    return np.array(rows, dtype=np.float64).reshape(len(rows), len(src.cfg.channels) + 2)
+
+
+def assert_same(got, expected: np.ndarray) -> None:
+    np.testing.assert_array_equal(got.order, expected[:, 0])
+    time = expected[:, 1]
+    np.testing.assert_array_equal(got.time, np.where(np.isfinite(time), time, np.nan))
+    np.testing.assert_array_equal(got.values, expected[:, 2:])
+
+
+def test_chunked_reads_equal_the_one_statement_read(tmp_path):
+    """Any chunk size gives the rows one statement gave: newest, oldest first, NULLs and
+    non-numbers as NaN in scattered channels, times converted, gaps in the order column."""
+    db = tmp_path / "r.db"
+    times = (T0, int(T0 * 1000), "2026-01-01 00:00:01", None, "now", float("inf"))
+    values = (1.5, None, "oops", float("inf"), 7, b"\x00", -2.25)
+    rows = [(times[i % 6], values[i % 7], values[(i * 3 + 1) % 7]) for i in range(25)]
+    conn = make_db(db, rows, wal=False)
+    conn.execute("DELETE FROM readings WHERE id IN (5, 6, 24)")
+    conn.commit()
+    conn.close()
+    src = source(db)
+    src.yield_ratio = 0.0
+    for max_rows in (1, 4, 21, 22, 23, 30):
+        expected = one_statement(src, max_rows)
+        for chunk in (1, 2, 3, 5, 21, 22, 23, 1024):
+            src.chunk_rows = chunk
+            got = src.read_newest(max_rows)
+            assert_same(got, expected)
+    assert np.isnan(got.values).any(axis=1).sum() > 5 and not got.bad_rows.all()
+
+
+def test_a_non_unique_order_column_reads_each_row_once(tmp_path):
+    db = tmp_path / "r.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE readings (seq INTEGER, ts REAL, a REAL, b REAL)")
+    conn.execute("CREATE INDEX by_seq ON readings (seq)")
+    conn.executemany(
+        "INSERT INTO readings VALUES (?, ?, ?, ?)", [(i // 4, T0, i, None) for i in range(30)]
+    )
+    conn.commit()
+    conn.close()
+    src = source(db, order_column="seq")
+    src.yield_ratio = 0.0
+    for chunk in (1, 2, 3, 5, 8, 1024):
+        src.chunk_rows = chunk
+        for max_rows in (4, 12, 14, 30, 40):
+            got = src.read_newest(max_rows)
+            assert len(got.order) == min(max_rows, 30)
+            assert (np.diff(got.order) >= 0).all()
+            assert len(set(got.values[:, 0])) == len(got.order)  # no row twice
+            if max_rows % 4 == 0:  # no group of equal values cut: the rows are defined
+                assert sorted(got.values[:, 0]) == list(range(30 - min(max_rows, 30), 30))
+
+
+def test_without_an_index_on_the_order_column_the_read_is_one_statement(tmp_path, caplog):
+    db = tmp_path / "r.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE readings (seq INTEGER, ts REAL, a REAL, b REAL)")
+    conn.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)", [(i, T0, i, i) for i in range(9)])
+    conn.commit()
+    conn.close()
+    src = source(db, order_column="seq")
+    src.chunk_rows = 2
+    src.lock_free = False  # the statements as the locking reads run them, traced
+    with caplog.at_level(logging.WARNING, logger="smocsd.sources"):
+        src.check()
+    assert 'no index on "seq" of table readings' in caplog.text
+    statements: list[str] = []
+    src._connect().set_trace_callback(statements.append)
+    assert src.read_newest(5).order.tolist() == [4, 5, 6, 7, 8]
+    assert len(statements) == 2  # max(seq), then all five rows at once
+
+
+# An ingest: one row per transaction and a millisecond's pause, in rollback-journal mode,
+# waiting at most argv[2] seconds for its lock. On SIGTERM it prints its commits and its
+# "database is locked" errors.
+WRITER = """
+import signal, sqlite3, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+conn = sqlite3.connect(sys.argv[1], timeout=float(sys.argv[2]), isolation_level=None)
+conn.execute("PRAGMA journal_mode=DELETE")
+conn.execute("INSERT INTO readings (ts, a, b) VALUES (0, 1, 2)")
+print("ready", flush=True)
+commits = locked = 0
+while not stop:
+    try:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO readings (ts, a, b) VALUES (0, 1, 2)")
+        conn.execute("COMMIT")
+        commits += 1
+    except sqlite3.OperationalError as exc:
+        if "database is locked" not in str(exc):
+            raise
+        locked += 1
+        conn.execute("ROLLBACK")
+    time.sleep(0.001)
+print(commits, locked)
+"""
+
+
+def while_writing(db, timeout: float, read: Callable[[], Readings]) -> tuple[Readings, int, int]:
+    """read() while WRITER writes: its result, the writer's commits and locked errors."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db), str(timeout)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline() == "ready\n"
+        got = read()
+    finally:
+        writer.terminate()
+        out, _ = writer.communicate(timeout=60)
+    commits, locked = map(int, out.split())
+    return got, commits, locked
+
+
+def test_a_writer_that_never_waits_is_never_locked_out(tmp_path):
+    """A rollback-journal writer with busy timeout 0 fails whenever a reader holds SHARED
+    at its commit: smocsd's reads take no lock, and are still consistent snapshots."""
+    db = tmp_path / "r.db"
+    rows = ((T0 + i, i, None if i % 97 == 0 else i) for i in range(210_000))
+    make_db(db, rows, wal=False).close()
+    src = source(db)
+    src.check()
+    for _ in range(3):
+        got, commits, locked = while_writing(db, 0, lambda: src.read_newest(200_000))
+        assert (locked, commits > 0) == (0, True)
+        # The newest rows when the read began, the writer's first few among them, each once.
+        assert len(got.order) == 200_000 and (np.diff(got.order) == 1).all()
+        assert got.order[0] > 10_000 and got.bad_rows.sum() > 2000
+        made = got.order <= 210_000  # rows made above, not the writer's
+        assert (np.isnan(got.values[made, 1]) == ((got.order[made] - 1) % 97 == 0)).all()
+        assert src.count_after(None) >= 210_000 and src.max_order() >= 210_000
+    src.close()
+    locking = source(db)
+    locking.lock_free = False  # as before: SHARED held while reading
+    locking.chunk_rows = 200_000
+    _, _, locked = while_writing(db, 0, lambda: locking.read_newest(200_000))
+    assert locked > 0
+
+
+def test_a_chunked_read_never_keeps_a_rollback_journal_writer_waiting_long(tmp_path):
+    """Where the lock must be taken (a writer that never pauses), a writer that waits
+    50 ms for its lock never fails during a 200 000-row read, which as one statement
+    holds SHARED for longer and makes the same writer fail."""
+    db = tmp_path / "r.db"
+    rows = ((T0 + i, i, None if i % 97 == 0 else i) for i in range(210_000))
+    make_db(db, rows, wal=False).close()
+    src = source(db)
+    src.lock_free = False
+    src.check()
+    got, commits, locked = while_writing(db, 0.05, lambda: src.read_newest(200_000))
+    assert (locked, commits > 0) == (0, True)
+    # The newest rows when the read began, the writer's first few among them, each once.
+    assert len(got.order) == 200_000 and (np.diff(got.order) == 1).all()
+    assert got.order[0] > 10_000 and got.bad_rows.sum() > 2000
+    src.chunk_rows = 200_000  # one statement, as before chunking
+    _, _, locked = while_writing(db, 0.05, lambda: src.read_newest(200_000))
+    assert locked > 0
