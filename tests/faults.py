@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -109,9 +110,19 @@ def read_only(path: Path) -> Iterator[Path]:
     renamed through a path below it fails with a real EROFS, even for root; a file
     descriptor opened before still writes (as after `mount -o remount,ro` it could not;
     that remount refuses while files are open for writing, with EBUSY)."""
-    _mount("--bind", path, path)
+    # The kernel refuses the read-only remount (EBUSY) while a file is open for writing
+    # through the new bind mount, which a running daemon may have done in between:
+    # then the bind mount goes and the pair is tried again.
+    for _ in range(50):
+        _mount("--bind", path, path)
+        cmd = ["mount", "-o", "remount,bind,ro", str(path)]
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            break
+        _umount(path)
+        time.sleep(0.02)
+    else:
+        _mount("-o", "remount,bind,ro", path)  # fails the test with mount's message
     try:
-        _mount("-o", "remount,bind,ro", path)
         yield path
     finally:
         _umount(path)
