@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, modelfile, threshold
+from . import __version__, modelfile, report, threshold
 from .job import TrainingJob
 from .scoring import AlarmRule, channel_errors, open_session, shares
 from .sources import Readings
@@ -31,6 +31,27 @@ from .windows import (
     split,
     valid_starts,
 )
+
+
+class _EpochLog:
+    """The job's progress, passed on to the trainer, keeping each epoch's losses on the way
+    for metadata.json's `history` (non-finite losses as None: the JSON has no NaN)."""
+
+    def __init__(self, progress: Any):
+        self.progress = progress
+        self.train_loss: list[float | None] = []
+        self.val_loss: list[float | None] = []
+
+    def between_batches(self) -> None:
+        self.progress.between_batches()
+
+    def on_epoch(self, epoch: int, epochs: int, train_loss: float, val_loss: float) -> None:
+        for losses, value in ((self.train_loss, train_loss), (self.val_loss, val_loss)):
+            losses.append(float(value) if math.isfinite(value) else None)
+        self.progress.on_epoch(epoch, epochs, train_loss, val_loss)
+
+    def to_meta(self) -> dict:
+        return {"train_loss": self.train_loss, "val_loss": self.val_loss}
 
 
 def _file_entry(path: Path) -> dict:
@@ -198,13 +219,14 @@ class AutoencoderJob(TrainingJob):
         self.version, self.staging = self.store.allocate()
         self.progress.label = f"training v{self.version}"
         current = self.champion = self._check_champion()
+        self.epochs = _EpochLog(self.progress)
         try:
             fit = self.trainer.fit(
                 self.spec,
                 data.split.train,
                 data.split.val,
                 self.staging,
-                self.progress,
+                self.epochs,
                 warm_start=self.store.path(current) if current else None,
             )
         except BaseException:
@@ -344,8 +366,7 @@ class AutoencoderJob(TrainingJob):
 
     def _metadata(self, metrics: dict, eval_results: dict, promote: bool) -> dict[str, Any]:
         cfg, readings, sp = self.config, self.data.readings, self.data.split
-        files = {f.name: _file_entry(f) for f in sorted(self.staging.iterdir()) if f.is_file()}
-        return {
+        meta: dict[str, Any] = {
             "format": "smocsd.model/1",
             "name": cfg.model.name,
             "version": self.version,
@@ -370,6 +391,7 @@ class AutoencoderJob(TrainingJob):
             "time": self.data.time.to_meta(),
             "channel_error": self.channel_error,
             "metrics": metrics,
+            "history": self.epochs.to_meta(),
             "eval": eval_results,
             "data": {
                 "rows": len(readings.order),
@@ -380,10 +402,26 @@ class AutoencoderJob(TrainingJob):
                 "first_order": int(readings.order[0]),
                 "last_order": int(readings.order[-1]),
             },
-            "files": files,
+            "files": {},  # filled in below, once report.html is written
             "software": {
                 "smocsd": __version__,
                 "onnxruntime": onnxruntime_version(),
                 "python": platform.python_version(),
             },
         }
+        self._write_report(meta)
+        # After the report: it is listed (and so verified) like every other file of the
+        # version. It is rendered from everything but this list, which it does not show.
+        meta["files"] = {
+            f.name: _file_entry(f) for f in sorted(self.staging.iterdir()) if f.is_file()
+        }
+        return meta
+
+    def _write_report(self, meta: dict) -> None:
+        """report.html, for a person; a bug in it must not cost the cycle its model."""
+        try:
+            text = report.render(meta)
+        except Exception:
+            self.logger.exception("v%d: report.html not written", self.version)
+            return
+        (self.staging / "report.html").write_text(text, encoding="utf-8")
