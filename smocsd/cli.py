@@ -164,6 +164,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "last_cycle": state.get("last_cycle"),
         "next_check": state.get("next_check"),
         "outbox_depth": depth,
+        "scoring": _scoring_status(cfg, state.get("scoring")),
         "state_dir": str(cfg.state_dir),
     }
     if args.json:
@@ -179,7 +180,36 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     print(f"last cycle:  {last.get('at', 'never')} {last.get('outcome', '')}{version} {detail}")
     print(f"next check:  {status['next_check'] or 'not scheduled (daemon not running?)'}")
     print(f"outbox:      {depth} result(s) waiting")
+    scoring = status["scoring"]
+    if scoring:
+        event = scoring["open_alarm"]
+        alarm = f", ALARM open since order {event['start']['order']}" if event else ""
+        lag = "?" if scoring["lag_rows"] is None else scoring["lag_rows"]
+        where = f"row {scoring['last_order']} with v{scoring['version']}"
+        print(f"scoring:     {where}, {lag} rows behind{alarm}")
     return EX_OK
+
+
+def _scoring_status(cfg: Config, scoring: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where live scoring stands, how many rows it is behind, and the open alarm."""
+    if not scoring:
+        return None
+    from .sources import SourceError, open_source
+
+    source = open_source(cfg.source)
+    try:
+        lag = source.count_after(scoring.get("last_order"))
+    except SourceError:
+        lag = None
+    finally:
+        source.close()
+    return {
+        "last_order": scoring.get("last_order"),
+        "version": scoring.get("version"),
+        "at": scoring.get("at"),
+        "lag_rows": lag,
+        "open_alarm": scoring.get("event"),
+    }
 
 
 def _model_rows(store: ModelStore) -> list[dict[str, Any]]:
@@ -210,7 +240,43 @@ def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
     _require_state_dir(cfg)
     store = ModelStore.of(cfg)
     if args.models_command == "show":
-        _print_json(store.metadata(args.version))
+        meta = store.metadata(args.version)
+        if args.json:
+            _print_json(meta)
+            return EX_OK
+
+        def num(value: Any) -> str:
+            return f"{value:.4g}" if isinstance(value, (int, float)) else str(value or "-")
+
+        ev, data = meta.get("eval") or {}, meta.get("data") or {}
+        losses = [v for v in (meta.get("history") or {}).get("val_loss") or [] if v is not None]
+        lo, hi = min(losses, default=0.0), max(losses, default=0.0)
+        # a sparkline of the validation loss by epoch, lowest ▁ to highest █
+        steps = [round((v - lo) / (hi - lo) * 7) if hi > lo else 0 for v in losses]
+        bars = "".join("▁▂▃▄▅▆▇█"[i] for i in steps)
+        if ev.get("champion_problem"):
+            champion = f"not compared: v{ev.get('previous_version')} damaged"
+        elif ev.get("previous_val_loss") is None:
+            champion = "no champion to compare with"
+        else:
+            champion = f"v{ev['previous_version']}'s {num(ev['previous_val_loss'])}"
+        report = store.path(args.version) / "report.html"
+        for name, value in [
+            ("version", version_name(args.version)),
+            ("outcome", meta.get("outcome")),
+            ("created_at", meta.get("created_at")),
+            ("backend", meta.get("backend")),
+            ("val_loss", f"{num((meta.get('metrics') or {}).get('val_loss'))} ({champion})"),
+            ("by epoch", f"{bars} ({num(lo)} .. {num(hi)})" if losses else "not recorded"),
+            ("threshold", num(meta.get("threshold"))),
+            (
+                "data",
+                f"{data.get('rows')} rows, {data.get('dropped_rows')} dropped, "
+                f"{data.get('windows')} windows",
+            ),
+            ("report", report if report.is_file() else "none"),
+        ]:
+            print(f"{name + ':':<12}{value}")
     elif args.models_command == "rollback":
         version = store.rollback(args.version)
         print(f"current -> {version_name(version)}")
@@ -263,6 +329,48 @@ def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
                 f"{m['timestamp']}  {m['message_id']}  {m['model']} v{m['version']}  {m['outcome']}"
             )
         print(f"{len(messages)} result(s) waiting")
+    return EX_OK
+
+
+def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
+    """Scores a stored range with live scoring's own code (smocsd/live.py `decide`), so
+    the two agree row for row."""
+    from .live import decide  # numpy and onnxruntime: this command's imports only
+    from .scoring import Model
+    from .sources import SourceError, open_source
+
+    store = ModelStore.of(cfg)
+    version = args.version or store.current()
+    if version is None:
+        raise Failure("no current model to score with (train one first)")
+    problem = store.check(version)
+    if problem:
+        raise Failure(f"refusing to score with a damaged version: {problem}")
+    model = Model(store.path(version), store.metadata(version))
+    after = None if args.from_order is None else args.from_order - 1
+    # Rows before the range: a whole window for its first row, and the windows the alarm
+    # rule looks back on.
+    context = model.window_size - 1 + model.rule.of - 1
+    source = open_source(cfg.source)
+    try:
+        rows_wanted = source.count_after(after) + (context if after is not None else 0)
+        readings = source.read_newest(rows_wanted)
+    except SourceError as exc:
+        raise Failure(str(exc)) from None
+    finally:
+        source.close()
+    rows, _, _ = decide(model, readings, after, None)
+    rows = [r for r in rows if args.to_order is None or r.order <= args.to_order]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.to_json()))
+        return EX_OK
+    print(f"{'order':>10}  {'score':>10}  {'':9}  top channel  (v{version})")
+    for r in rows:
+        top = max(r.shares, key=r.shares.get)
+        flag = "ANOMALOUS" if r.anomalous else ("over" if r.over else "")
+        print(f"{r.order:>10}  {r.score:>10.4g}  {flag:9}  {top} {r.shares[top]:.0%}")
+    print(f"{len(rows)} windows, {sum(r.anomalous for r in rows)} anomalous")
     return EX_OK
 
 
@@ -319,9 +427,9 @@ def _parser() -> argparse.ArgumentParser:
     msub = sp.add_subparsers(dest="models_command", metavar="ACTION")
     ls = msub.add_parser("list", parents=[common], help="versions kept and their metrics")
     ls.add_argument("--json", action="store_true")
-    msub.add_parser("show", parents=[common], help="a version's metadata").add_argument(
-        "version", type=int
-    )
+    show = msub.add_parser("show", parents=[common], help="a version's essentials")
+    show.add_argument("version", type=int)
+    show.add_argument("--json", action="store_true", help="the whole metadata.json")
     msub.add_parser(
         "rollback", parents=[common], help="point current at VERSION (default: the previous one)"
     ).add_argument("version", type=int, nargs="?")
@@ -334,6 +442,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     osub.add_parser("flush", parents=[common], help="try to deliver waiting results now")
     sp.set_defaults(outbox_command="list", json=False)
+
+    sp = add("score", cmd_score, "score stored readings as live scoring does, one line per window")
+    sp.add_argument("--from", dest="from_order", type=int, help="first order value (default: all)")
+    sp.add_argument("--to", dest="to_order", type=int, help="last order value (default: newest)")
+    sp.add_argument("--version", type=int, help="model version (default: current)")
+    sp.add_argument("--json", action="store_true", help="JSON lines: order, time, score, ...")
 
     sp = add("demo", cmd_demo, "write a SQLite database of simulated sensor readings")
     sp.add_argument("--rows", type=int, default=30000, help="rows to add (default 30000)")

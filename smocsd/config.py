@@ -360,9 +360,21 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    """Live scoring of every new row by the current model, in the daemon (smocsd/live.py)."""
+
+    enabled: bool = _opt(False, _bool)
+    poll_interval: float = _opt(0.5, _positive_duration())  # how often new rows are looked for
+    # Windows below the alarm rule before an event closes: one long anomaly with a quiet
+    # moment inside stays one event.
+    close_after: int = _opt(10, _int(1, 1_000_000))
+
+
+@dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = _opt("localhost:9092", _nonempty_str)  # $KAFKA_BROKER_URL overrides
     topic: str = _opt("training-results", _kafka_topic)
+    alarm_topic: str = _opt("anomaly-alarms", _kafka_topic)  # live scoring's alarm events
     security_protocol: str | None = _opt(
         None, _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
     )
@@ -378,6 +390,7 @@ class MqttConfig:
     host: str = _opt("localhost", _nonempty_str)
     port: int = _opt(1883, _int(1, 65535))
     topic: str = _opt("smocsd/{device_id}/training-results", _mqtt_topic)
+    alarm_topic: str = _opt("smocsd/{device_id}/alarms", _mqtt_topic)
     qos: int = _opt(1, _int(0, 2))
     tls: bool = _opt(False, _bool)
     ca_file: Path | None = _opt(None, _path)
@@ -402,6 +415,7 @@ class Config:
     source: SourceConfig
     training: TrainingConfig
     model: ModelConfig
+    scoring: ScoringConfig
     publish: PublishConfig
     job_options: dict[str, Any]  # the free-form [job] table, handed to a user TrainingJob
     path: Path | None = None
@@ -417,6 +431,7 @@ _SECTIONS = {
     "source": SourceConfig,
     "training": TrainingConfig,
     "model": ModelConfig,
+    "scoring": ScoringConfig,
     "publish": PublishConfig,
 }
 
@@ -555,6 +570,7 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         source=source,
         training=sections["training"],
         model=sections["model"],
+        scoring=sections["scoring"],
         publish=publish,
         job_options=job_options,
         path=path,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
 from . import cycle, systemd
@@ -27,6 +27,9 @@ from .outbox import Outbox
 from .publish import Publisher
 from .state import State
 from .store import ModelStore
+
+if TYPE_CHECKING:  # numpy and onnxruntime: imported only when scoring is on
+    from .live import LiveScorer
 
 log = logging.getLogger("smocsd")
 
@@ -121,6 +124,36 @@ class Daemon:
         self.unsent: list[dict[str, Any]] = []
         self.failures = 0  # ticks in a row that raised
         self.errors: dict[str, str] = {}  # the error each step of the loop last logged
+        self.scorer = self._scorer(cfg)
+        self.scored_at = 0.0  # monotonic time of the last scoring step
+
+    @staticmethod
+    def _scorer(cfg: Config) -> LiveScorer | None:
+        """The live scorer, if scoring is on: only then does the daemon load numpy and
+        onnxruntime."""
+        if not cfg.scoring.enabled:
+            return None
+        from .live import LiveScorer
+
+        return LiveScorer(cfg)
+
+    def _score(self) -> None:
+        """A scoring step when one is due; alarm events go out at once."""
+        if self.scorer is None:
+            return
+        now = time.monotonic()
+        if now - self.scored_at < self.parts.cfg.scoring.poll_interval:
+            return
+        self.scored_at = now
+        _, alarms = self.scorer.step(self.parts.outbox)
+        if alarms:
+            self.parts.flush(self._should_stop)
+
+    def _alive(self) -> None:
+        """Called while a cycle's training child runs: the loop is alive, and scoring
+        goes on meanwhile, so an alarm does not wait for training to end."""
+        self.watchdog.ping()
+        self._guarded("scoring", self._score)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGHUP:
@@ -146,6 +179,8 @@ class Daemon:
         finally:
             systemd.notify("STOPPING=1", "STATUS=stopping")
             self.parts.close()
+            if self.scorer is not None:
+                self.scorer.close()
         log.info("smocsd stopped")
         return 0
 
@@ -184,7 +219,7 @@ class Daemon:
             self.unsent.pop(0)
         result, queued = self.parts.cycle(
             should_stop=self._should_stop,
-            on_alive=self.watchdog.ping,
+            on_alive=self._alive,
             on_status=lambda text: systemd.notify(f"STATUS={text}"),
         )
         if not queued and result.version is None:
@@ -208,9 +243,10 @@ class Daemon:
         waiting = f", {len(self.unsent)} result(s) not yet in the outbox" if self.unsent else ""
         status = f"idle: next check {when:%H:%M:%S}, {self.last}{waiting}"
         systemd.notify(f"STATUS={status}")
+        step = min(1.0, self.parts.cfg.scoring.poll_interval) if self.scorer else 1.0
         while not (self.stop_requested or self.reload_requested) and time.monotonic() < deadline:
-            self.watchdog.ping()
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            self._alive()
+            time.sleep(min(step, max(0.0, deadline - time.monotonic())))
 
     def _reload(self) -> None:
         self.reload_requested = False
@@ -227,6 +263,9 @@ class Daemon:
         else:
             self.parts.close()
             self.parts = parts
+            if self.scorer is not None:
+                self.scorer.close()
+            self.scorer = self._scorer(cfg)
             systemd.configure_logging(cfg.daemon.log_level)
             for warning in cfg.warnings:
                 log.warning("%s", warning)

@@ -349,7 +349,9 @@ class Outbox:
                 "INSERT INTO messages (message_id, body) VALUES (?, ?)",
                 (str(message["message_id"]), body),
             )
-            if message.get("version") is not None:
+            # A training result (it has an outcome) of a saved version; an alarm event
+            # names a version too, but says nothing about whether its result went out.
+            if message.get("version") is not None and "outcome" in message:
                 db.execute(
                     "INSERT OR IGNORE INTO reported (model, version) VALUES (?, ?)",
                     (message["model"], message["version"]),

@@ -35,6 +35,14 @@ _KAFKA_REFUSED = frozenset(
 )
 
 
+ALARM_SCHEMA = "smocsd.alarm/1"
+
+
+def is_alarm(message: dict) -> bool:
+    """Alarm events (smocsd/live.py) go to their own topics; training results to theirs."""
+    return message.get("schema") == ALARM_SCHEMA
+
+
 def _payload(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
@@ -185,7 +193,7 @@ class KafkaSink:
         for i, message in enumerate(messages):
             try:
                 producer.produce(
-                    self.cfg.topic,
+                    self.cfg.alarm_topic if is_alarm(message) else self.cfg.topic,
                     value=_payload(message),
                     key=f"{message['device_id']}/{message['model']}".encode(),
                     on_delivery=on_delivery(i),
@@ -325,7 +333,8 @@ class MqttSink:
         """Queues `message` on its device's topic; None, logged, if paho refuses it. The
         device_id comes from the stored result, out of reach of the config's checks, and
         one such result must not fail the others of the call."""
-        topic = self.cfg.topic.replace("{device_id}", str(message["device_id"]))
+        pattern = self.cfg.alarm_topic if is_alarm(message) else self.cfg.topic
+        topic = pattern.replace("{device_id}", str(message["device_id"]))
         try:
             return client.publish(topic, _payload(message), qos=self.cfg.qos)
         except ValueError as exc:  # a wildcard (+, #) in the topic, or it is empty

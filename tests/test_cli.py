@@ -236,7 +236,7 @@ def test_reading_commands_work_on_a_read_only_state_dir(tmp_path, readonly_state
     assert status["outbox_depth"] == 1
     models = json.loads(smocsd("models", "list", "--json", config=cfg).stdout)
     assert [(m["version"], m["current"], m["problem"]) for m in models] == [(1, True, None)]
-    assert json.loads(smocsd("models", "show", "1", config=cfg).stdout)["version"] == 1
+    assert json.loads(smocsd("models", "show", "1", "--json", config=cfg).stdout)["version"] == 1
     (waiting,) = json.loads(smocsd("outbox", "list", "--json", config=cfg).stdout)
     assert waiting["outcome"] == "promoted"
     assert listing(state) == before

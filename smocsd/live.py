@@ -1,0 +1,264 @@
+"""Live scoring: every new row scored by the `current` model as it lands, and alarm events.
+
+Runs in the daemon (training stays in its child), with plain onnxruntime and the model's
+own threshold and alarm rule from its metadata.json. An event opens when the rule fires
+and closes after `scoring.close_after` windows below it, so one long anomaly is one
+event; each goes out as an open and a closed message through the outbox. Where scoring
+stands (the last scored row, the last windows' decisions, an open event) is saved in
+state.json after every step, so no window is scored twice or skipped across a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .outbox import Outbox
+from .publish import ALARM_SCHEMA
+from .scoring import Model
+from .sources import Readings, Source, open_source
+from .state import State, utcnow
+from .store import ModelStore
+
+log = logging.getLogger(__name__)
+
+# Alarm events of one device and model share this namespace: an event's id is derived from
+# where it started, so an event re-opened after a crash carries the same id.
+_EVENTS = uuid.UUID("6f1d3c2e-4b6a-4f0e-9a51-5d0c8e7b2a90")
+TOP_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """The decision at the window ending at this row."""
+
+    order: int
+    time: float | None
+    score: float
+    over: bool  # the window alone is above the threshold
+    anomalous: bool  # the alarm rule fires
+    shares: dict[str, float]  # each channel's share of the window's error
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(
+    model: Model, readings: Readings, after: int | None, recent: list[bool] | None
+) -> tuple[list[ScoredRow], np.ndarray, list[bool]]:
+    """Scores the windows of `readings` that end past order `after`.
+
+    `recent` holds the last `alarm_of - 1` windows' over-threshold decisions before them;
+    None takes them from the windows of `readings` ending at or before `after` (a range
+    read with its context, as `smocsd score` does). Returns the rows, their windows'
+    per-channel errors, and the new `recent`.
+    """
+    scored = model.score(readings.values, readings.time)
+    end_order = readings.order[scored.end]
+    new = np.ones(len(end_order), bool) if after is None else end_order > after
+    keep = model.rule.of - 1
+    if recent is None:
+        recent = scored.over[~new].tolist()[-keep:] if keep else []
+    over = scored.over[new]
+    alarm = model.rule.apply(np.concatenate([np.array(recent, bool), over]))[len(recent) :]
+    errors = scored.errors[new]
+    total = errors.sum(axis=1, keepdims=True)
+    share = np.divide(errors, total, out=np.zeros_like(errors), where=total > 0)
+    ends = scored.end[new]
+    rows = [
+        ScoredRow(
+            order=int(readings.order[i]),
+            time=None if np.isnan(readings.time[i]) else float(readings.time[i]),
+            score=float(s),
+            over=bool(o),
+            anomalous=bool(a),
+            shares={c: round(float(x), 4) for c, x in zip(model.channels, sh, strict=True)},
+        )
+        for i, s, o, a, sh in zip(ends, scored.score[new], over, alarm, share, strict=True)
+    ]
+    recent = (list(recent) + over.tolist())[-keep:] if keep else []
+    return rows, errors, recent
+
+
+@dataclass
+class Event:
+    """An open alarm: where it started, its peak, and the channels' summed errors."""
+
+    event_id: str
+    version: int
+    start: dict[str, Any]
+    last: dict[str, Any]
+    peak_score: float
+    threshold: float
+    errors: dict[str, float]
+    quiet: int = 0  # windows below the rule since its last alarm window
+
+    def message(self, cfg: Config, state: str) -> dict[str, Any]:
+        total = sum(self.errors.values()) or 1.0
+        ranked = sorted(self.errors.items(), key=lambda kv: kv[1], reverse=True)
+        return {
+            "schema": ALARM_SCHEMA,
+            "message_id": str(uuid.uuid4()),
+            "event_id": self.event_id,
+            "state": state,
+            "device_id": cfg.daemon.device_id,
+            "model": cfg.model.name,
+            "version": self.version,
+            "start": self.start,
+            "end": self.last if state == "closed" else None,
+            "peak_score": self.peak_score,
+            "threshold": self.threshold,
+            "channels": [
+                {"name": name, "share": round(err / total, 4)}
+                for name, err in ranked[:TOP_CHANNELS]
+            ],
+            "timestamp": utcnow(),
+        }
+
+
+@dataclass
+class Position:
+    """Where live scoring stands; state.json's `scoring`."""
+
+    last_order: int | None = None
+    version: int | None = None
+    recent: list[bool] = field(default_factory=list)
+    event: Event | None = None
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any] | None) -> Position:
+        if not data:
+            return cls()
+        event = data.get("event")
+        return cls(
+            last_order=data.get("last_order"),
+            version=data.get("version"),
+            recent=list(data.get("recent", [])),
+            event=Event(**event) if event else None,
+        )
+
+
+class LiveScorer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.store = ModelStore.of(cfg)
+        self.state = State(cfg.state_dir)
+        self.position = Position.from_state(self.state.read().get("scoring"))
+        self.source: Source | None = None
+        self.model: Model | None = None
+        self.version: int | None = None
+        self.refused: int | None = None  # a current version that failed to load, said once
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+
+    def _current(self) -> Model | None:
+        """The current model; on a change, the new one if it checks and loads, else the
+        previous one goes on scoring and the failure is said once."""
+        current = self.store.current()
+        if current is None or current == self.version or current == self.refused:
+            return self.model
+        problem = self.store.check(current)
+        if problem is None:
+            try:
+                model = Model(self.store.path(current), self.store.metadata(current))
+            except Exception as exc:
+                problem = f"v{current} does not load: {exc}"
+        if problem:
+            log.error("scoring: keeping v%s: %s", self.version, problem)
+            self.refused = current
+            return self.model
+        log.info("scoring with v%d from the next window on", current)
+        self.model, self.version, self.refused = model, current, None
+        return model
+
+    def step(self, outbox: Outbox) -> tuple[list[ScoredRow], int]:
+        """Scores the rows that landed since the last step: (their decisions, how many
+        alarm messages it queued)."""
+        model = self._current()
+        if model is None:
+            return [], 0
+        if self.source is None:
+            self.source = open_source(self.cfg.source)
+        pos = self.position
+        if pos.last_order is None:  # scoring starts with the rows that land from now on
+            pos.last_order = self.source.max_order() or 0
+            self._save()
+            return [], 0
+        newest = self.source.max_order()
+        if newest is None or newest < pos.last_order:
+            log.warning("scoring: order column went backwards: starting again at %s", newest)
+            pos.last_order, pos.recent = newest or 0, []
+            self._save()
+            return [], 0
+        new = self.source.count_after(pos.last_order)
+        if not new:
+            return [], 0
+        cap = self.cfg.training.max_rows
+        if new > cap:  # after a long stop: memory is bounded, `smocsd score` has the rest
+            log.warning("scoring: %d rows waiting, scoring the newest %d", new, cap)
+            new, pos.recent = cap, []
+        readings = self.source.read_newest(new + model.window_size - 1)
+        rows, errors, pos.recent = decide(model, readings, pos.last_order, pos.recent)
+        messages = self._events(model, rows, errors)
+        for message in messages:
+            outbox.put(message)
+        pos.last_order = int(readings.order[-1])
+        pos.version = self.version
+        self._save()
+        return rows, len(messages)
+
+    def _events(self, model: Model, rows: list[ScoredRow], errors: np.ndarray) -> list[dict]:
+        messages = []
+        pos = self.position
+        for row, err in zip(rows, errors, strict=True):
+            where = {"order": row.order, "time": row.time}
+            event = pos.event
+            if row.anomalous:
+                if event is None:
+                    event = pos.event = Event(
+                        event_id=str(
+                            uuid.uuid5(
+                                _EVENTS,
+                                f"{self.cfg.daemon.device_id}/{self.cfg.model.name}/{row.order}",
+                            )
+                        ),
+                        version=self.version or 0,
+                        start=where,
+                        last=where,
+                        peak_score=row.score,
+                        threshold=model.threshold,
+                        errors=dict.fromkeys(model.channels, 0.0),
+                    )
+                    messages.append(event.message(self.cfg, "open"))
+                    log.warning("alarm opened at order %d, score %.4g", row.order, row.score)
+                event.last, event.quiet = where, 0
+                event.peak_score = max(event.peak_score, row.score)
+                for name, e in zip(model.channels, err, strict=True):
+                    event.errors[name] += float(e)
+            elif event is not None:
+                event.quiet += 1
+                if event.quiet >= self.cfg.scoring.close_after:
+                    messages.append(event.message(self.cfg, "closed"))
+                    log.info("alarm closed at order %d", event.last["order"])
+                    pos.event = None
+        return messages
+
+    def _save(self) -> None:
+        pos = self.position
+        self.state.update(
+            scoring={
+                "last_order": pos.last_order,
+                "version": pos.version,
+                "recent": pos.recent,
+                "event": asdict(pos.event) if pos.event else None,
+                "at": utcnow(),
+            }
+        )
