@@ -29,14 +29,15 @@ def trained(tmp_path):
 
 
 def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> int:
-    """`rows` more rows continuing the last one's values (vibration scaled); returns the
+    """`rows` more rows repeating the newest normal ones (vibration scaled); returns the
     order value of the first."""
     with sqlite3.connect(db) as conn:
         last = conn.execute(
             "SELECT ts, temperature, vibration, current FROM readings ORDER BY rowid DESC LIMIT 1"
         ).fetchone()
-        recent = conn.execute(
-            "SELECT temperature, vibration, current FROM readings ORDER BY rowid DESC LIMIT ?",
+        recent = conn.execute(  # normal rows only: a copy of an anomaly is anomalous
+            "SELECT temperature, vibration, current FROM readings WHERE label = 0 "
+            "ORDER BY rowid DESC LIMIT ?",
             (rows,),
         ).fetchall()[::-1]
         first = conn.execute("SELECT max(rowid) FROM readings").fetchone()[0] + 1
