@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import quote
 
+from .store import fsync_path
+
 __all__ = ["DROPPED_FIELD", "FLUSH_BATCH", "Outbox", "OutboxError", "json_safe"]
 
 log = logging.getLogger("smocsd.outbox")
@@ -134,16 +136,6 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # fsync's error does not name the file on its own
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    finally:
-        os.close(fd)
-
-
 class Outbox:
     """A capped FIFO of result dicts in a SQLite file; `put()` is durable on return.
 
@@ -206,7 +198,7 @@ class Outbox:
             self._move_aside(identity, damage)
             return self._open_readwrite(move_aside=False)
         if created:  # SQLite syncs its journals' directory entries, not the database's own
-            _fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
         return db
 
     def _open_readonly(self) -> sqlite3.Connection:
@@ -258,7 +250,7 @@ class Outbox:
                     os.rename(f"{self.path}{suffix}", f"{target}{suffix}")
         finally:
             os.close(directory)
-        _fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
         log.error(
             "%s is damaged (%s): moved it aside to %s and started a new outbox; results "
             "in it were not delivered",

@@ -599,11 +599,10 @@ def test_readonly_in_a_readonly_directory(
 # outbox.py needs nothing but the standard library, so a system interpreter can load it
 # as the other user, who cannot reach this one when it lives under /root.
 OTHER_USER_CODE = """
-import importlib.util, json, sys
+import json, sys
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("outbox", sys.argv[1])
-outbox = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(outbox)
+sys.path.insert(0, sys.argv[1])
+from smocsd import outbox
 box = outbox.Outbox.open_readonly(Path(sys.argv[2]))
 print(json.dumps([box.pending(), box.dropped, sorted(box.reported("autoencoder"))]))
 """
@@ -628,7 +627,13 @@ def test_readonly_by_another_user(other_user_python: str, writer: str) -> None:
     try:
         for directory in (state, code):
             directory.chmod(0o755)
-        module = shutil.copy(outbox_module.__file__, code / "outbox.py")
+        # The package's sources (the outbox needs only its lean modules), where the other
+        # user can read them: the dev venv lives under /root.
+        module = shutil.copytree(
+            Path(outbox_module.__file__).parent,
+            code / "smocsd",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        ).parent
         path = state / "outbox.db"
         box, waiting = filled(path)
         if writer == "closed":
