@@ -96,7 +96,8 @@ class CycleResult:
         return f"{self.outcome.value}{version}: {detail}" if detail else self.outcome.value
 
 
-def _first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """An exception as one log or result line: its type and the first line of its text."""
     return (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
 
 
@@ -236,7 +237,7 @@ def call_hooks(
         return CycleResult(Outcome.SKIPPED, reason=str(exc))
     except Exception as exc:
         log.debug("cycle failed", exc_info=True)
-        return CycleResult(Outcome.FAILED, getattr(job, "version", None), error=_first_line(exc))
+        return CycleResult(Outcome.FAILED, getattr(job, "version", None), error=error_line(exc))
     finally:
         source.close()
 
@@ -396,12 +397,9 @@ def _record(cfg: Config, outbox: Outbox, result: CycleResult) -> bool:
             **({"error": result.error} if result.error else {}),
         }
     }
-    state = State(cfg.state_dir)
+    job = None if result.job_state is None else (cfg.model.name, result.job_state)
     try:
-        if result.job_state is not None:
-            jobs = state.read().get("jobs", {})
-            changes["jobs"] = {**jobs, cfg.model.name: result.job_state}
-        state.update(**changes)
+        State(cfg.state_dir).update(job=job, **changes)
     except OSError as exc:
         log.error("state not saved: %s", exc)
     return queued

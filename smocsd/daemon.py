@@ -150,8 +150,9 @@ class Daemon:
             self.parts.flush(self._should_stop)
 
     def _alive(self) -> None:
-        """Called while a cycle's training child runs: the loop is alive, and scoring
-        goes on meanwhile, so an alarm does not wait for training to end."""
+        """Called every turn of the idle wait and of the wait for a cycle's training
+        child: the loop is alive, and scoring goes on, so an alarm never waits for
+        training to end."""
         self.watchdog.ping()
         self._guarded("scoring", self._score)
 
@@ -198,7 +199,7 @@ class Daemon:
         except Stopped:
             raise
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            error = cycle.error_line(exc)
             if self.errors.get(name) != error:
                 log.error("%s: %s (retrying with a backoff)", name, error)
                 log.debug("traceback", exc_info=True)
@@ -240,13 +241,23 @@ class Daemon:
         when = datetime.now() + timedelta(seconds=wait)
         state = State(self.parts.cfg.state_dir)
         self._guarded("next check", lambda: state.update(next_check=when.isoformat()))
-        waiting = f", {len(self.unsent)} result(s) not yet in the outbox" if self.unsent else ""
-        status = f"idle: next check {when:%H:%M:%S}, {self.last}{waiting}"
+        status = f"idle: next check {when:%H:%M:%S}, {self.last}{self._waiting()}"
         systemd.notify(f"STATUS={status}")
         step = min(1.0, self.parts.cfg.scoring.poll_interval) if self.scorer else 1.0
         while not (self.stop_requested or self.reload_requested) and time.monotonic() < deadline:
             self._alive()
             time.sleep(min(step, max(0.0, deadline - time.monotonic())))
+
+    def _waiting(self) -> str:
+        """The status line's word on results not delivered yet."""
+        try:
+            queued = len(self.parts.outbox)
+        except Exception:  # the outbox cannot be read now: the tick has logged why
+            queued = 0
+        waiting = f", {queued} result(s) in outbox" if queued else ""
+        if self.unsent:
+            waiting += f", {len(self.unsent)} result(s) not yet in the outbox"
+        return waiting
 
     def _reload(self) -> None:
         self.reload_requested = False

@@ -46,10 +46,14 @@ class State:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def update(self, **changes: Any) -> None:
+    def update(self, job: tuple[str, dict[str, Any]] | None = None, **changes: Any) -> None:
+        """Sets the top-level `changes` and, given `job` (model name, its state), that
+        one job's entry in `jobs`, leaving the other models' entries as they are."""
         with self._locked():
             data = self.read()
             data.update(changes)
+            if job is not None:
+                data["jobs"] = {**data.get("jobs", {}), job[0]: job[1]}
             write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
 
     def remove_leftovers(self) -> list[str]:
