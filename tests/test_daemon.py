@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -18,8 +20,8 @@ from smocsd import demo
 def running():
     started: list[Running] = []
 
-    def start(config: Path, log: Path) -> Running:
-        started.append(Running(config, log))
+    def start(config: Path, log: Path, env: dict | None = None) -> Running:
+        started.append(Running(config, log, env))
         return started[-1]
 
     yield start
@@ -100,3 +102,20 @@ def test_a_manual_train_once_leaves_the_running_cycle_alone(endless_training):
     count = d.text().count("epoch")
     d.wait_for("epoch", count=count + 1)  # and it keeps training
     assert d.stop() == 0
+
+
+def test_the_idle_status_says_how_many_results_wait(tmp_path, running):
+    """systemctl status shows the STATUS= line: the results no broker took yet are in it."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    cfg = write_config(tmp_path / "c.toml", state, daemon={"check_interval": "1h"})
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify))
+        sock.settimeout(60)
+        d = running(cfg, tmp_path / "log", env={**os.environ, "NOTIFY_SOCKET": str(notify)})
+        while not (status := sock.recv(4096).decode()).startswith("STATUS=idle"):
+            pass
+    assert d.stop() == 0
+    assert status.startswith("STATUS=idle: next check ") and "promoted v1" in status
+    assert status.endswith(", 1 result(s) in outbox"), status
