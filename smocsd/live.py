@@ -20,7 +20,7 @@ import numpy as np
 from .config import Config
 from .outbox import Outbox
 from .publish import ALARM_SCHEMA
-from .scoring import Model
+from .scoring import Model, shares
 from .sources import Readings, Source, open_source
 from .state import State, utcnow
 from .store import ModelStore
@@ -67,8 +67,7 @@ def decide(
     over = scored.over[new]
     alarm = model.rule.apply(np.concatenate([np.array(recent, bool), over]))[len(recent) :]
     errors = scored.errors[new]
-    total = errors.sum(axis=1, keepdims=True)
-    share = np.divide(errors, total, out=np.zeros_like(errors), where=total > 0)
+    share = shares(errors)
     ends = scored.end[new]
     rows = [
         ScoredRow(
@@ -192,10 +191,12 @@ class LiveScorer:
             pos.last_order = self.source.max_order() or 0
             self._save()
             return [], 0
-        newest = self.source.max_order()
-        if newest is None or newest < pos.last_order:
+        newest = self.source.max_order() or 0  # an empty table is at 0, as at the start
+        if newest == pos.last_order:  # nothing new: the one query of an idle poll
+            return [], 0
+        if newest < pos.last_order:
             log.warning("scoring: order column went backwards: starting again at %s", newest)
-            pos.last_order, pos.recent = newest or 0, []
+            pos.last_order, pos.recent = newest, []
             self._save()
             return [], 0
         new = self.source.count_after(pos.last_order)

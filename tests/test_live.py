@@ -148,3 +148,20 @@ def test_a_current_model_that_fails_its_check_is_not_swapped_in(trained, caplog)
     assert status["scoring"]["last_order"] == 3020 and status["scoring"]["lag_rows"] == 0
     scorer.close()
     outbox.close()
+
+
+def test_an_emptied_table_is_said_once_not_at_every_poll(trained, caplog):
+    state, path = trained
+    outbox = Outbox(state / "outbox.db")
+    scorer = LiveScorer(config.load(path))
+    scorer.step(outbox)  # starts at row 3000
+    with sqlite3.connect(state / "readings.db") as conn:
+        conn.execute("DELETE FROM readings")  # the ingest starts over
+    for _ in range(3):
+        assert scorer.step(outbox) == ([], 0)
+    assert caplog.text.count("order column went backwards") == 1
+    demo.write(state / "readings.db", 30, dropouts=False, gaps=False)
+    rows, _ = scorer.step(outbox)
+    assert len(rows) == 21  # the first whole window ends at the tenth new row
+    scorer.close()
+    outbox.close()
