@@ -199,21 +199,32 @@ def test_times_become_epoch_seconds(tmp_path):
     assert not got.bad_rows.any()  # a missing time is not a bad value
 
 
-def test_columns_are_checked_once_per_connection(tmp_path):
-    db = tmp_path / "r.db"
+def checked_source(db: Path) -> SQLiteSource:
+    """A one-row database's source, its connection open and its columns checked."""
     make_db(db, [(0, 1.0, 1.0)]).close()
     src = source(db)
     src.count_after(None)
+    return src
+
+
+def traced(src: SQLiteSource) -> list[str]:
+    """The statements `src` runs on its connection from now on, as SQLite sees them."""
     statements: list[str] = []
     src._connect().set_trace_callback(statements.append)
+    return statements
+
+
+def test_columns_are_checked_once_per_connection(tmp_path):
+    src = checked_source(tmp_path / "r.db")
+    statements = traced(src)
     src.count_after(None)
     src.read_newest(10)
     assert len(statements) == 3  # count, max(order), one chunk
     assert not any("pragma" in s or "EXPLAIN" in s for s in statements)
     src.close()
-    src._connect().set_trace_callback(statements.append)
+    reconnected = traced(src)
     src.count_after(None)
-    assert "pragma_table_info" in statements[3]
+    assert "pragma_table_info" in reconnected[0]
 
 
 def test_max_order_is_the_newest_order_value(tmp_path):
@@ -230,11 +241,8 @@ def test_max_order_is_the_newest_order_value(tmp_path):
 
 def test_check_checks_the_table_and_columns_again(tmp_path):
     db = tmp_path / "r.db"
-    make_db(db, [(0, 1.0, 1.0)]).close()
-    src = source(db)
-    src.count_after(None)
-    statements: list[str] = []
-    src._connect().set_trace_callback(statements.append)
+    src = checked_source(db)
+    statements = traced(src)
     src.check()
     assert any("pragma_table_info" in s for s in statements)
     with pytest.raises(SourceError) as exc:
@@ -374,8 +382,7 @@ def test_without_an_index_on_the_order_column_the_read_is_one_statement(tmp_path
     with caplog.at_level(logging.WARNING, logger="smocsd.sources"):
         src.check()
     assert 'no index on "seq" of table readings' in caplog.text
-    statements: list[str] = []
-    src._connect().set_trace_callback(statements.append)
+    statements = traced(src)
     assert src.read_newest(5).order.tolist() == [4, 5, 6, 7, 8]
     assert len(statements) == 2  # max(seq), then all five rows at once
 
