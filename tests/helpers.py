@@ -100,3 +100,23 @@ class Running:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def gpg_test_key(home: Path) -> str:
+    """Creates a throw-away ed25519 signing key without passphrase in the GnuPG home `home`;
+    returns its fingerprint.
+
+    gpg-agent puts its sockets in `home` (where /run/user/UID is missing), and a socket path
+    has at most 107 bytes: take a short one, tempfile.mkdtemp(dir="/tmp"). gpg starts the
+    agent here and again for every signature, so the caller stops it at the end:
+    gpgconf --homedir HOME --kill gpg-agent."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    gpg = ["gpg", "--homedir", str(home), "--batch", "--passphrase", ""]
+    for args in (
+        ["--quick-gen-key", "smocsd test <test@invalid>", "ed25519", "sign", "never"],
+        ["--with-colons", "--list-secret-keys"],
+    ):
+        proc = subprocess.run([*gpg, *args], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise AssertionError(f"gpg {args[0]} exited {proc.returncode}:\n{proc.stderr}")
+    return next(line.split(":")[9] for line in proc.stdout.splitlines() if line[:4] == "fpr:")
