@@ -141,6 +141,17 @@ def _outbox_readonly(cfg: Config) -> Outbox | None:
     return Outbox.open_readonly(path) if path.exists() else None
 
 
+def _training_backend(cfg: Config) -> tuple[str | None, str | None]:
+    """(backend, problem): what training.backend resolves to on this install, found on
+    disk without importing numpy or ONNX Runtime (status only reads, and stays cheap)."""
+    from .trainers import resolve_backend
+
+    try:
+        return resolve_backend(cfg.training.backend), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from .state import State
 
@@ -155,12 +166,15 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             depth = len(outbox)
         finally:
             outbox.close()
+    backend, backend_problem = _training_backend(cfg)
     status = {
         "device_id": cfg.daemon.device_id,
         "model": cfg.model.name,
         "current_version": current,
         "current_problem": store.check(current) if current else None,
         "versions": store.versions(),
+        "training_backend": backend,
+        "training_backend_problem": backend_problem,
         "last_cycle": state.get("last_cycle"),
         "next_check": state.get("next_check"),
         "outbox_depth": depth,
@@ -175,6 +189,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     print(f"model:       {cfg.model.name} (device {cfg.daemon.device_id})")
     print(f"current:     {version_name(current) if current else 'none'}{damaged}")
     print(f"kept:        {', '.join(map(version_name, status['versions'])) or 'none'}")
+    if backend:
+        print(f"backend:     {backend} (training.backend = {cfg.training.backend})")
+    else:  # every cycle will fail until the backend is installed or the key changed
+        print(f"backend:     none: {backend_problem}")
     detail = last.get("reason") or last.get("error") or ""
     version = f" v{last['version']}" if last.get("version") else ""
     print(f"last cycle:  {last.get('at', 'never')} {last.get('outcome', '')}{version} {detail}")
@@ -420,7 +438,11 @@ def _parser() -> argparse.ArgumentParser:
         help="ignore the new-data and interval gates (not min_training_samples)",
     )
     add("check-config", cmd_check_config, "validate the configuration file")
-    sp = add("status", cmd_status, "current model, last cycle, next check, outbox depth")
+    sp = add(
+        "status",
+        cmd_status,
+        "current model, training backend, last cycle, next check, outbox depth",
+    )
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = add("models", cmd_models, "list, show or roll back model versions")

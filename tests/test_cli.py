@@ -270,6 +270,47 @@ def test_a_damaged_version_is_marked_in_status_and_models_list(tmp_path, trained
     assert text[1].startswith("*!v000001") and text[2] == f"    {problem}"
 
 
+def test_status_says_which_backend_this_install_trains_with(tmp_path, trained):
+    """training.backend resolved as training resolves it (`auto`: the backend v000001 was
+    trained with), from the files alone: an onnxruntime that fails to import is never hit."""
+    cfg = write_config(tmp_path / "auto.toml", trained)
+    meta = json.loads((trained / "models/autoencoder/v000001/metadata.json").read_text())
+    status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
+    assert (status["training_backend"], status["training_backend_problem"]) == (
+        meta["backend"],
+        None,
+    )
+    text = smocsd("status", config=cfg, check=True).stdout.splitlines()
+    assert f"backend:     {meta['backend']} (training.backend = auto)" in text
+
+    # An onnxruntime ahead of the real one, plain (no training API), that raises if imported.
+    fake = tmp_path / "site" / "onnxruntime"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('status imported onnxruntime')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(fake.parent), str(Path(__file__).parent)])}
+
+    def backend(setting: str) -> tuple[str | None, str | None, list[str]]:
+        path = write_config(tmp_path / f"{setting}.toml", trained, training={"backend": setting})
+        status = json.loads(smocsd("status", "--json", config=path, env=env, check=True).stdout)
+        text = smocsd("status", config=path, env=env, check=True).stdout.splitlines()
+        lines = [line for line in text if line.startswith("backend:")]
+        return status["training_backend"], status["training_backend_problem"], lines
+
+    assert backend("auto") == ("numpy", None, ["backend:     numpy (training.backend = auto)"])
+    assert backend("numpy") == ("numpy", None, ["backend:     numpy (training.backend = numpy)"])
+    problem = (
+        "training.backend = 'ort' but ONNX Runtime training is not available: "
+        "onnxruntime-training-cpu is not installed (it exists for x86_64 Linux, Python < 3.13)"
+    )
+    assert backend("ort") == (None, problem, [f"backend:     none: {problem}"])
+
+    # A training build is told by its onnxruntime/training/api package, still not imported.
+    (fake / "training" / "api").mkdir(parents=True)
+    (fake / "training" / "api" / "__init__.py").touch()
+    assert backend("auto")[:2] == ("ort", None)
+    assert backend("ort")[:2] == ("ort", None)
+
+
 # --- writing commands run by root become the state directory's owner
 
 

@@ -3,16 +3,24 @@
 ``ort`` trains with ONNX Runtime's on-device training API (x86_64, Python < 3.13, where the
 onnxruntime-training wheel exists); ``numpy`` is a pure-numpy twin of the same network and
 optimizer for every other platform. Both export the same inference ``model.onnx``.
+
+This module imports neither numpy nor ONNX Runtime: ``smocsd status`` resolves the backend
+through it and must stay a cheap, read-only command.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "ort", "numpy")
 
@@ -87,13 +95,51 @@ class Trainer(ABC):
         """
 
 
-def make_trainer(backend: str) -> Trainer:
-    """``auto`` -> ``ort`` where onnxruntime-training imports, else ``numpy``."""
+def ort_training_installed() -> bool:
+    """Whether the installed ``onnxruntime`` is a training build (onnxruntime-training-cpu),
+    told by its files: the training API's ``onnxruntime/training/api`` package, which the
+    plain wheel lacks.
+
+    Nothing is imported: ``onnxruntime`` itself takes a third of a second, and
+    ``onnxruntime.training`` does not import at all without the stub in ``ort.py``.
+    """
+    try:
+        spec = importlib.util.find_spec("onnxruntime")  # a top-level name: only looked up
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and any(
+        (Path(location) / "training" / "api" / "__init__.py").is_file()
+        for location in spec.submodule_search_locations or ()
+    )
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend ``training.backend`` trains with on this install: ``auto`` -> ``ort``
+    where ONNX Runtime training is installed, else ``numpy``.
+
+    Raises ValueError for an unknown backend, or ``ort`` where it is not installed.
+    """
     if backend not in BACKENDS:
         raise ValueError(
             f"training.backend = {backend!r} is not one of {', '.join(map(repr, BACKENDS))}"
         )
-    if backend != "numpy":
+    if backend == "auto":
+        return "ort" if ort_training_installed() else "numpy"
+    if backend == "ort" and not ort_training_installed():
+        raise ValueError(
+            "training.backend = 'ort' but ONNX Runtime training is not available: "
+            "onnxruntime-training-cpu is not installed (it exists for x86_64 Linux, "
+            "Python < 3.13)"
+        )
+    return backend
+
+
+def make_trainer(backend: str) -> Trainer:
+    """The trainer :func:`resolve_backend` names. Should an installed training build fail
+    to import, ``auto`` still trains, with numpy and a warning (metadata.json records the
+    backend that trained), while ``ort`` is a ValueError."""
+    name = resolve_backend(backend)
+    if name == "ort":
         try:
             from smocsd.trainers.ort import OrtTrainer
         except ImportError as e:
@@ -101,6 +147,7 @@ def make_trainer(backend: str) -> Trainer:
                 raise ValueError(
                     f"training.backend = 'ort' but ONNX Runtime training is not available: {e}"
                 ) from e
+            log.warning("ONNX Runtime training does not import (%s); training with numpy", e)
         else:
             return OrtTrainer()
     from smocsd.trainers.numpy import NumpyTrainer
