@@ -1,5 +1,6 @@
-"""Debian 12 root file systems for testing the packages: a bootable amd64 one, run under
-systemd-nspawn as a real systemd, and an arm64 one, run under qemu-user.
+"""Debian root file systems for testing the packages, for each suite in SUITES (Debian 12
+bookworm and Debian 13 trixie; Raspberry Pi OS uses Debian's packages): a bootable amd64
+one, run under systemd-nspawn as a real systemd, and an arm64 one, run under qemu-user.
 
 Each is built once by debootstrap from the machine's own Debian mirror and cached in
 $SMOCSD_TEST_CACHE (default ~/.cache/smocsd-tests); a test works on a throw-away overlay,
@@ -26,7 +27,9 @@ import build_deb
 import pytest
 
 CACHE = Path(os.environ.get("SMOCSD_TEST_CACHE", Path.home() / ".cache" / "smocsd-tests"))
-SUITE = "bookworm"
+# The Debian releases whose packages are proven here; Ubuntu's are checked statically
+# (tests/test_deb.py), as no Ubuntu mirror is reachable from the test machines.
+SUITES = ("bookworm", "trixie")
 # What a minimal gateway has, plus what the package depends on; nothing of smocsd's own
 # Python stack, which the package must bring.
 PACKAGES = {
@@ -68,13 +71,14 @@ def missing_tools(arch: str) -> list[str]:
 
 
 def debian_mirror() -> str:
-    """The first Debian archive this machine's apt uses (not the security one)."""
+    """The first Debian archive this machine's apt uses (not the security one); it serves
+    every suite, whichever one this machine runs."""
     sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for path in sources:
         if not path.is_file() or path.suffix not in ("", ".list", ".sources"):
             continue
         text = path.read_text(errors="replace")
-        uris = re.findall(r"^\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+" + SUITE + r"\s", text, re.M)
+        uris = re.findall(r"^\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s", text, re.M)
         uris += re.findall(r"^URIs:\s*(\S+)", text, re.M)
         for uri in uris:
             if "security" not in uri and "debian" in uri:
@@ -91,20 +95,21 @@ def _run(*cmd: str | Path, **kw) -> subprocess.CompletedProcess:
         raise TestbedError(f"{' '.join(map(str, cmd))} failed:\n{exc.stdout}{exc.stderr}") from exc
 
 
-def rootfs(arch: str) -> Path:
-    """The cached rootfs for arch, built first if missing or made from another recipe."""
+def rootfs(arch: str, suite: str = SUITES[0]) -> Path:
+    """The cached rootfs of suite for arch, built first if missing or made from another
+    recipe."""
     mirror = debian_mirror()
-    recipe = f"{SUITE} {arch} {mirror} {' '.join(PACKAGES[arch])}\n"
-    path = CACHE / f"rootfs-{SUITE}-{arch}"
+    recipe = f"{suite} {arch} {mirror} {' '.join(PACKAGES[arch])}\n"
+    path = CACHE / f"rootfs-{suite}-{arch}"
     stamp = path / ".smocsd-testbed"
     CACHE.mkdir(parents=True, exist_ok=True)
-    with (CACHE / f".rootfs-{arch}.lock").open("w") as lock:
+    with (CACHE / f".rootfs-{suite}-{arch}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if stamp.is_file() and stamp.read_text() == recipe:
             return path
         work = Path(tempfile.mkdtemp(prefix=f".rootfs-{arch}-", dir=CACHE))
         try:
-            _debootstrap(arch, mirror, work / "root")
+            _debootstrap(arch, suite, mirror, work / "root")
             (work / "root" / stamp.name).write_text(recipe)
             if path.exists():
                 shutil.rmtree(path)
@@ -114,10 +119,10 @@ def rootfs(arch: str) -> Path:
     return path
 
 
-def _debootstrap(arch: str, mirror: str, target: Path) -> None:
+def _debootstrap(arch: str, suite: str, mirror: str, target: Path) -> None:
     include = "--include=" + ",".join(PACKAGES[arch])
     if arch == "amd64":
-        _run("debootstrap", "--variant=minbase", include, SUITE, target, mirror)
+        _run("debootstrap", "--variant=minbase", include, suite, target, mirror)
         return
     # A foreign architecture: debootstrap's second stage would run arm64 maintainer
     # scripts, which needs binfmt_misc registered system-wide. Running Python needs only
@@ -128,7 +133,7 @@ def _debootstrap(arch: str, mirror: str, target: Path) -> None:
         "--foreign",
         "--variant=minbase",
         include,
-        SUITE,
+        suite,
         target,
         mirror,
     )
@@ -332,12 +337,13 @@ def run_arm64(root: Path, *cmd: str, timeout: float = 600) -> subprocess.Complet
     )
 
 
-def package(arch: str, out: Path, version: str | None = None) -> Path:
-    """A package built by packaging/build_deb.py into out (quick compression), once per
-    process for the same arch, folder and version, so test modules share it."""
-    return _package(arch, out, version or build_deb.default_version())
+def package(codename: str, arch: str, out: Path, version: str | None = None) -> Path:
+    """The package for codename and arch built by packaging/build_deb.py into
+    out/<codename> (quick compression), once per process for the same arguments, so test
+    modules share it."""
+    return _package(codename, arch, out, version or build_deb.default_version())
 
 
 @functools.cache
-def _package(arch: str, out: Path, version: str) -> Path:
-    return build_deb.build(arch, out, version, fast=True)
+def _package(codename: str, arch: str, out: Path, version: str) -> Path:
+    return build_deb.build(codename, arch, out / codename, version, fast=True)

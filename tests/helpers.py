@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,3 +122,30 @@ def gpg_test_key(home: Path) -> str:
         if proc.returncode != 0:
             raise AssertionError(f"gpg {args[0]} exited {proc.returncode}:\n{proc.stderr}")
     return next(line.split(":")[9] for line in proc.stdout.splitlines() if line[:4] == "fpr:")
+
+
+def _release(python: Path) -> tuple[int, ...]:
+    """(3, 10, 13) for .../versions/3.10.13/bin/python3.10."""
+    return tuple(int(n) for n in re.findall(r"\d+", python.parts[-3]))
+
+
+def find_python(version: str) -> Path | None:
+    """An interpreter of `version` ("3.10"): python3.X on PATH, else pyenv's install of it.
+
+    A pyenv shim is on PATH for every installed version but fails for one the global
+    setting does not select, so each candidate is asked its version.
+    """
+    candidates: list[str | Path | None] = [shutil.which(f"python{version}")]
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    installs = root.glob(f"versions/{version}.*/bin/python{version}")
+    # newest patch release first: 3.10.13 before 3.10.9
+    candidates += sorted(installs, key=_release, reverse=True)
+    for candidate in filter(None, candidates):
+        proc = subprocess.run(
+            [candidate, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode == 0 and proc.stdout.strip() == version:
+            return Path(candidate)
+    return None

@@ -20,14 +20,13 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import write_config
+from helpers import find_python, write_config
 from packaging.requirements import Requirement  # pytest's own dependency
 
 if sys.version_info >= (3, 11):
@@ -40,33 +39,6 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("smocsd", "pyproject.toml", "README.md")
 # onnxruntime-training-cpu 1.19.2 has wheels for x86_64 Linux, cp310-cp312 only.
 TRAINING_WHEEL = platform.system() == "Linux" and platform.machine() == "x86_64"
-
-
-def _release(python: Path) -> tuple[int, ...]:
-    """(3, 10, 13) for .../versions/3.10.13/bin/python3.10."""
-    return tuple(int(n) for n in re.findall(r"\d+", python.parts[-3]))
-
-
-def find_python(version: str) -> Path | None:
-    """An interpreter of `version` ("3.10"): python3.X on PATH, else pyenv's install of it.
-
-    A pyenv shim is on PATH for every installed version but fails for one the global
-    setting does not select, so each candidate is asked its version.
-    """
-    candidates: list[str | Path | None] = [shutil.which(f"python{version}")]
-    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
-    installs = root.glob(f"versions/{version}.*/bin/python{version}")
-    # newest patch release first: 3.10.13 before 3.10.9
-    candidates += sorted(installs, key=_release, reverse=True)
-    for candidate in filter(None, candidates):
-        proc = subprocess.run(
-            [candidate, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode == 0 and proc.stdout.strip() == version:
-            return Path(candidate)
-    return None
 
 
 @pytest.fixture(scope="module")
