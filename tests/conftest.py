@@ -1,9 +1,13 @@
-"""Shared fixtures: the real servers of tests/services.py.
+"""Shared fixtures (the real servers of tests/services.py, a demo plant) and the two tiers.
 
 Each server starts once per session on free loopback ports. The function-scoped
 fixtures (`kafka`, `mosquitto`, `postgres`) make sure it is running when a test
 begins, so a test may stop or restart it freely. A server that cannot be started
 skips the tests that need it, except under CI (CI=true), where they fail.
+
+Tiers: every test is marked `fast` or `slow`. Slow ones start a server, boot or unpack
+into a container, build packages or install from PyPI; `packaging/dev test -m fast` runs
+the rest, for a maintainer's edit-test loop. CI runs both.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import write_config
 from services import (
     CertificateAuthority,
     Kafka,
@@ -21,6 +26,29 @@ from services import (
     Server,
     ServiceError,
 )
+
+from smocsd import demo
+
+# Fixtures that start a real server, and modules that build packages, boot containers or
+# install from PyPI: a test that uses one is `slow`.
+SLOW_FIXTURES = frozenset(
+    {"kafka", "mosquitto", "postgres", "kafka_server", "mosquitto_server", "postgres_server"}
+)
+SLOW_MODULES = frozenset({"test_systemd", "test_deb", "test_arm64", "test_source_install"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        slow = item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames)
+        item.add_marker(pytest.mark.slow if slow else pytest.mark.fast)
+
+
+@pytest.fixture
+def plant(tmp_path: Path) -> tuple[Path, Path]:
+    """A state dir with 3000 demo rows and a FAST config file: (state dir, config path)."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    return state, write_config(tmp_path / "smocsd.toml", state)
 
 
 def _unavailable(what: str, exc: Exception) -> None:

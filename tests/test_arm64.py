@@ -5,8 +5,8 @@ same model.
 
 Needs root, debootstrap, systemd-container and qemu-user-static with its binfmt_misc
 registration (tests/provision); under CI (CI=true) a missing one fails instead of skipping.
-No booted arm64 systemd can be had here (systemd as PID 1 under qemu-user does not come
-up), so the unit's sandbox is proven on amd64 only (tests/test_systemd.py).
+There is no booted arm64 systemd here (qemu-user runs single programs, not a booted
+system), so the unit's sandbox is proven on amd64 only (tests/test_systemd.py).
 """
 
 from __future__ import annotations

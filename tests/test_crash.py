@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from helpers import smocsd, write_config
 
-from smocsd import demo
 from smocsd.store import ModelStore
 
 
@@ -37,10 +36,10 @@ def assert_current_is_whole(models: Path) -> int | None:
 
 
 @pytest.fixture
-def plant(tmp_path):
-    state = tmp_path / "state"
-    demo.write(state / "readings.db", 3000)
-    return state, write_config(tmp_path / "c.toml", state, training={"epochs": 3})
+def plant(plant):
+    """conftest's plant, training 3 epochs."""
+    state, _ = plant
+    return state, write_config(state.parent / "smocsd.toml", state, training={"epochs": 3})
 
 
 def test_kill_9_at_random_instants_of_train_once(plant):

@@ -21,14 +21,6 @@ from smocsd.store import ModelStore
 
 
 @pytest.fixture
-def plant(tmp_path):
-    """A state dir with 3000 demo rows and a FAST config file."""
-    state = tmp_path / "state"
-    demo.write(state / "readings.db", 3000)
-    return state, write_config(tmp_path / "smocsd.toml", state)
-
-
-@pytest.fixture
 def clean_plant(tmp_path):
     """As `plant`, without the demo's sensor dropouts and time gaps: exact row and window counts."""
     state = tmp_path / "state"

@@ -29,14 +29,6 @@ from smocsd import demo
 MODELS = Path("models/autoencoder")
 
 
-@pytest.fixture
-def plant(tmp_path):
-    """A state dir with 3000 demo rows and a FAST config file."""
-    state = tmp_path / "state"
-    demo.write(state / "readings.db", 3000)
-    return state, write_config(tmp_path / "smocsd.toml", state)
-
-
 def strict_json(text: str):
     """JSON as RFC 8259 has it: NaN and Infinity are refused."""
 
