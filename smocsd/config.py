@@ -370,6 +370,29 @@ class ScoringConfig:
     close_after: int = _opt(10, _int(1, 1_000_000))
 
 
+def _textfile(value: Any) -> Path | None:
+    """node_exporter's textfile collector reads only `*.prom` files of its directory, and
+    the daemon's working directory is no place to guess: absolute, or "" (off)."""
+    if _str(value) == "":
+        return None
+    _control_free(value)
+    path = Path(value)
+    if not path.is_absolute() or not path.name.endswith(".prom") or path.name == ".prom":
+        raise ValueError(
+            f"expected an absolute path ending in .prom (node_exporter's textfile collector "
+            f"reads only *.prom files), got {value!r}"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics in a text file for node_exporter's textfile collector
+    (smocsd/metrics.py); None: not written."""
+
+    textfile: Path | None = _opt(None, _textfile)
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = _opt("localhost:9092", _nonempty_str)  # $KAFKA_BROKER_URL overrides
@@ -420,6 +443,7 @@ class Config:
     job_options: dict[str, Any]  # the free-form [job] table, handed to a user TrainingJob
     path: Path | None = None
     warnings: tuple[str, ...] = ()  # deprecated keys: logged, never fatal
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -433,6 +457,7 @@ _SECTIONS = {
     "model": ModelConfig,
     "scoring": ScoringConfig,
     "publish": PublishConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -575,6 +600,7 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         job_options=job_options,
         path=path,
         warnings=tuple(where + w for w in warnings),
+        metrics=sections["metrics"],
     )
     _check(cfg, problems)
     if problems:

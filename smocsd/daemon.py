@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
-from . import cycle, systemd
+from . import cycle, metrics, systemd
 from .config import Config, ConfigError
 from .cycle import CycleResult, Outcome
 from .job import Stopped
@@ -43,12 +43,15 @@ class Parts:
     """What one configuration builds; rebuilt on reload.
 
     The outbox opens on first use, not here: a state directory that is read-only or
-    full at start must not stop the daemon, which retries at every tick.
+    full at start must not stop the daemon, which retries at every tick. `tally` holds
+    the daemon's counts, which outlive a reload's new Parts.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, tally: metrics.Tally | None = None) -> None:
         self.cfg = cfg
         self.publisher = Publisher(cfg.publish, cfg.daemon.device_id)
+        self.metrics = metrics.Metrics(cfg, tally if tally is not None else metrics.Tally())
+        metrics.count_deliveries(self.publisher, self.metrics.tally)
         self._outbox: Outbox | None = None
 
     @property
@@ -84,6 +87,7 @@ class Parts:
         if should_stop():  # asked mid-flush: no cycle to start
             raise Stopped()
         cycle.reconcile(self.cfg, self.outbox)
+        started = time.monotonic()
         result, queued = cycle.run(
             self.cfg,
             self.outbox,
@@ -92,6 +96,7 @@ class Parts:
             on_alive=on_alive,
             on_status=on_status,
         )
+        self.metrics.tally.cycle_ended(result.outcome, time.monotonic() - started)
         if result.outcome is not Outcome.SKIPPED:
             self.flush(should_stop)
         return result, queued
@@ -114,7 +119,7 @@ def prepare_state_dir(cfg: Config) -> None:
 class Daemon:
     def __init__(self, config_path: Path, cfg: Config):
         self.config_path = config_path
-        self.parts = Parts(cfg)
+        self.parts = Parts(cfg, metrics.Tally.resume(cfg.state_dir))
         self.watchdog = systemd.Watchdog()
         self.stop_requested = False
         self.reload_requested = False
@@ -145,7 +150,14 @@ class Daemon:
         if now - self.scored_at < self.parts.cfg.scoring.poll_interval:
             return
         self.scored_at = now
+        was_open = self.scorer.position.event is not None
         _, alarms = self.scorer.step(self.parts.outbox)
+        self.parts.metrics.tally.scored(
+            alarms,
+            was_open,
+            self.scorer.position.event is not None,
+            scoring=self.scorer.model is not None,
+        )
         if alarms:
             self.parts.flush(self._should_stop)
 
@@ -155,6 +167,13 @@ class Daemon:
         training to end."""
         self.watchdog.ping()
         self._guarded("scoring", self._score)
+        if self.scorer is not None and self.parts.metrics.due():  # at most once a second
+            self._guarded("metrics", self._write_metrics)
+
+    def _write_metrics(self) -> None:
+        """The metrics file, if configured: after every check, and after scoring steps.
+        A failure is the guarded step's, logged once, never the loop's."""
+        self.parts.metrics.write(lambda: self.parts.outbox, self.scorer)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGHUP:
@@ -169,11 +188,13 @@ class Daemon:
         log.info("smocsd started: device %s, state in %s", cfg.daemon.device_id, cfg.state_dir)
         systemd.notify("READY=1", "STATUS=starting first check")
         self._guarded("start", lambda: prepare_state_dir(cfg))
+        self._guarded("metrics", self._write_metrics)
         try:
             while not self.stop_requested:
                 if self.reload_requested:
                     self._reload()
                 self._guarded("tick", self._tick)
+                self._guarded("metrics", self._write_metrics)
                 self._idle()
         except Stopped:
             log.info("stopped mid-cycle; nothing partial was promoted")
@@ -259,12 +280,21 @@ class Daemon:
             waiting += f", {len(self.unsent)} result(s) not yet in the outbox"
         return waiting
 
+    @staticmethod
+    def _retire(old: metrics.Metrics) -> None:
+        """A metrics file the new configuration no longer writes goes: node_exporter
+        would go on serving its numbers, frozen."""
+        try:
+            old.remove()
+        except OSError as exc:
+            log.warning("metrics: old file not removed: %s", exc)
+
     def _reload(self) -> None:
         self.reload_requested = False
         systemd.notify("RELOADING=1")
         try:
             cfg = config_mod.load(self.config_path)
-            parts = Parts(cfg)
+            parts = Parts(cfg, self.parts.metrics.tally)
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
         except ConfigError as exc:
             for problem in exc.problems:
@@ -273,6 +303,8 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
         else:
             self.parts.close()
+            if parts.metrics.path != self.parts.metrics.path:
+                self._retire(self.parts.metrics)
             self.parts = parts
             if self.scorer is not None:
                 self.scorer.close()

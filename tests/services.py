@@ -1,4 +1,5 @@
-"""Real servers for the tests: Apache Kafka (KRaft), Mosquitto and PostgreSQL.
+"""Real servers for the tests: Apache Kafka (KRaft), Mosquitto, PostgreSQL and
+Prometheus' node_exporter.
 
 Each runs as a child process on free loopback ports with its data in a private
 directory, so tests can stop, start and restart it and find the same ports and data
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -610,6 +612,88 @@ class Postgres(Server):
         with psycopg.connect(dsn, autocommit=True) as conn:
             for statement in statements:
                 conn.execute(statement)  # type: ignore[arg-type]
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- node_exporter
+
+
+# A sample line of the text format: name{labels} value (no timestamps here).
+_SAMPLE = re.compile(r"(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _unescape(value: str) -> str:
+    r"""A label value as the text format escapes it (\\, \", \n), read back."""
+    return re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], value)
+
+
+class NodeExporter(Server):
+    """Debian's prometheus-node-exporter serving only its textfile collector, which reads
+    the `*.prom` files of `textfile_dir`; `scrape()` reads back what it serves.
+
+    As root it runs as Debian's `prometheus` user, as on a gateway, so a metrics file it
+    may not read fails the test instead of passing as root."""
+
+    name = "node-exporter"
+    binary = "/usr/bin/prometheus-node-exporter"
+
+    def __init__(self) -> None:
+        if not Path(self.binary).exists():
+            raise ServiceError(f"{self.binary} not found (run tests/provision)")
+        # Not under pytest's tmp dir: that is 0700 root, closed to the prometheus user.
+        super().__init__(Path(tempfile.mkdtemp(prefix="smocsd-node-exporter-")))
+        self.workdir.chmod(0o755)
+        self.textfile_dir = self.workdir / "textfile"
+        self.textfile_dir.mkdir()
+        self.textfile_dir.chmod(0o755)  # whatever the umask
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            with contextlib.suppress(KeyError):
+                self._user = pwd.getpwnam("prometheus").pw_name  # made by the package
+
+    def run_as(self) -> str | None:
+        return self._user
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--collector.disable-defaults",
+            "--collector.textfile",
+            f"--collector.textfile.directory={self.textfile_dir}",
+            "--web.disable-exporter-metrics",
+        ]
+
+    def ready(self) -> bool:
+        if not port_open(self.port):
+            return False
+        with contextlib.suppress(OSError):
+            self.text()
+            return True
+        return False
+
+    def text(self) -> str:
+        """One scrape of /metrics, as Prometheus would make it."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url, timeout=10) as response:
+            return response.read().decode()
+
+    def scrape(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """One scrape, parsed: metric name -> [(labels, value)]."""
+        samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for line in self.text().splitlines():
+            sample = _SAMPLE.fullmatch(line)
+            if sample:
+                labels = {k: _unescape(v) for k, v in _LABEL.findall(sample["labels"] or "")}
+                samples.setdefault(sample["name"], []).append((labels, float(sample["value"])))
+        return samples
 
     def remove(self) -> None:
         self.stop()

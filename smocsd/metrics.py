@@ -1,0 +1,418 @@
+"""Metrics for the operator's monitoring: a Prometheus text file ([metrics] textfile) for
+node_exporter's textfile collector, the way Debian gateways export machine metrics.
+
+The daemon alone writes it: after every check (cycle) and, while live scoring runs, after
+its steps, at most once a second. Each write replaces the file whole, so node_exporter
+reads the previous file or the new one, never a part. What the file says comes from
+where it is durable (the model store, the outbox, state.json's scoring position) or from
+the daemon's own counts (the `_total` counters), which start again at 0 when the daemon
+does: Prometheus' rate() and increase() take such resets in their stride, and
+`smocsd_start_time_seconds` says when one happened. Persisting them instead would cost a
+state.json write per delivery and still lose the deliveries of `smocsd outbox flush`.
+
+Nothing here imports numpy: the daemon stays lean when scoring is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .config import Config
+from .cycle import Outcome
+from .outbox import Outbox
+from .state import State
+from .store import ModelStore, StoreError
+
+if TYPE_CHECKING:  # numpy: imported by the daemon only when scoring is on
+    from .live import LiveScorer
+    from .publish import Publisher, Sink
+
+log = logging.getLogger(__name__)
+
+# Scoring steps come every poll_interval (0.5 s by default); a scrape comes every 15 s or
+# more. Once a second keeps the file fresh without an fsync per step.
+MIN_INTERVAL = 1.0
+# Readable by node_exporter's user (prometheus) whatever the unit's UMask=0027 leaves:
+# the file names the device and model and holds numbers, nothing secret.
+FILE_MODE = 0o644
+
+
+# --- the text format (Prometheus exposition format 0.0.4)
+
+
+@dataclass
+class Family:
+    """One metric: its # HELP and # TYPE lines and its samples."""
+
+    name: str
+    kind: str  # "gauge" or "counter"
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> Family:
+        self.samples.append((labels, value))
+        return self
+
+
+def _value(value: float) -> str:
+    if isinstance(value, int):  # bool too: 0 or 1
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def render(families: Iterable[Family]) -> str:
+    """The families as exposition format text; one without samples is left out (an empty
+    family tells a scraper nothing)."""
+    lines: list[str] = []
+    for f in families:
+        if not f.samples:
+            continue
+        help_text = f.help.replace("\\", r"\\").replace("\n", r"\n")
+        lines += [f"# HELP {f.name} {help_text}", f"# TYPE {f.name} {f.kind}"]
+        for labels, value in f.samples:
+            pairs = ",".join(f'{k}="{_label(str(v))}"' for k, v in labels.items())
+            name = f"{f.name}{{{pairs}}}" if pairs else f.name
+            lines.append(f"{name} {_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(path: Path, text: str) -> None:
+    """Replaces `path` with `text`: a temp file beside it (hidden and not *.prom, so the
+    collector never reads it), fsync'ed, mode 0644, renamed over `path`.
+
+    The directory is not fsync'ed: after a power loss it holds the old file or the new
+    one, both whole, and the daemon rewrites it as it starts. Errors name `path`.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)  # os.open's mode went through the umask
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, f"{exc.strerror} (metrics.textfile)", str(path)) from None
+
+
+# --- what the daemon counts
+
+
+def _epoch(utc: Any) -> float | None:
+    """'2026-11-28T04:17:54Z' (state.py's utcnow) as Unix time; None if it is not one."""
+    try:
+        when = datetime.strptime(utc, "%Y-%m-%dT%H:%M:%SZ")
+    except (TypeError, ValueError):
+        return None
+    return when.replace(tzinfo=timezone.utc).timestamp()
+
+
+def _number(value: Any) -> float | None:
+    """A number from metadata.json or a result; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+@dataclass
+class LastCycle:
+    """The last cycle the daemon knows of: its own, or at start state.json's."""
+
+    outcome: Outcome
+    ended: float  # Unix time
+    duration: float | None  # None: a cycle of an earlier daemon, known from state.json
+
+
+@dataclass
+class Tally:
+    """What the daemon counts: kept across a reload, started anew with the process."""
+
+    started: float = field(default_factory=time.time)
+    cycles: Counter[Outcome] = field(default_factory=Counter)
+    delivered: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    alarms_opened: int = 0
+    last: LastCycle | None = None
+    caught_up: float | None = None  # time.monotonic() when scoring last had every row
+
+    @classmethod
+    def resume(cls, state_dir: Path) -> Tally:
+        """A new tally that knows the last cycle from state.json, so that the file says
+        it before the first cycle of this daemon (which may train for minutes) ends."""
+        tally = cls()
+        try:
+            last = State(state_dir).read().get("last_cycle")
+        except OSError:  # unreadable now: the first cycle will tell
+            return tally
+        if isinstance(last, dict):
+            with contextlib.suppress(ValueError):
+                ended = _epoch(last.get("at"))
+                if ended is not None:
+                    tally.last = LastCycle(Outcome(last.get("outcome")), ended, None)
+        return tally
+
+    def cycle_ended(self, outcome: Outcome, duration: float) -> None:
+        self.cycles[outcome] += 1
+        self.last = LastCycle(outcome, time.time(), duration)
+
+    def scored(self, queued: int, was_open: bool, is_open: bool, *, scoring: bool) -> None:
+        """After a live scoring step that queued `queued` alarm messages. Each opens or
+        closes an event, so (queued + the change in open events) / 2 of them opened one.
+        `scoring`: a model scored, so every row there was is now scored."""
+        self.alarms_opened += (queued + int(is_open) - int(was_open)) // 2
+        if scoring:
+            self.caught_up = time.monotonic()
+
+    def sent(self, sink: str, acked: list[bool]) -> None:
+        ok = sum(acked)
+        self.delivered[sink] += ok
+        self.failed[sink] += len(acked) - ok
+
+
+class CountedSink:
+    """A publish sink whose messages are tallied: acknowledged, or offered to it and not
+    acknowledged. Publisher skips a sink that failed for the rest of a flush; the
+    messages it was not offered are not counted against it."""
+
+    def __init__(self, sink: Sink, tally: Tally) -> None:
+        self.sink, self.tally, self.name = sink, tally, sink.name
+
+    def send(self, messages: list[dict]) -> list[bool]:
+        try:
+            acked = self.sink.send(messages)
+        except Exception:  # Publisher logs it and counts the messages as not taken
+            self.tally.sent(self.name, [False] * len(messages))
+            raise
+        self.tally.sent(self.name, acked)
+        return acked
+
+
+def count_deliveries(publisher: Publisher, tally: Tally) -> None:
+    """Has `tally` count what each of the publisher's sinks delivers and fails."""
+    publisher.sinks = [CountedSink(sink, tally) for sink in publisher.sinks]
+
+
+# --- the part
+
+
+class Metrics:
+    """The metrics of one configuration: gathered from the parts, written to the file."""
+
+    def __init__(self, cfg: Config, tally: Tally) -> None:
+        self.cfg = cfg
+        self.tally = tally
+        self.path = cfg.metrics.textfile
+        self.store = ModelStore.of(cfg)
+        self._meta: dict[int, dict[str, Any] | None] = {}  # versions never change
+        self._written = -math.inf  # time.monotonic() of the last write
+
+    def due(self) -> bool:
+        """Whether a scoring step should write: a file is configured and the last write
+        (or failed attempt) is MIN_INTERVAL old. After a cycle the daemon always writes."""
+        return self.path is not None and time.monotonic() - self._written >= MIN_INTERVAL
+
+    def write(self, outbox: Callable[[], Outbox], scorer: LiveScorer | None) -> None:
+        """Writes the file, if one is configured. Raises OSError naming the file."""
+        if self.path is None:
+            return
+        self._written = time.monotonic()
+        write_textfile(self.path, render(self.families(outbox, scorer)))
+
+    def remove(self) -> None:
+        """Removes the file (its path left the configuration): nothing would update it."""
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def families(self, outbox: Callable[[], Outbox], scorer: LiveScorer | None) -> list[Family]:
+        """Every metric. What cannot be read now (the outbox on a broken disk, the
+        readings database) is left out, never the whole file: the step that uses it
+        logs why."""
+        cfg, tally = self.cfg, self.tally
+        dev = {"device": cfg.daemon.device_id}
+        mod = {**dev, "model": cfg.model.name}
+        out: list[Family] = []
+
+        def family(name: str, kind: str, text: str) -> Family:
+            out.append(Family(name, kind, text))
+            return out[-1]
+
+        family("smocsd_build_info", "gauge", "The running smocsd's version; always 1.").add(
+            1, **dev, version=__version__
+        )
+        family(
+            "smocsd_start_time_seconds",
+            "gauge",
+            "When the daemon started (Unix time); its _total counters count from then.",
+        ).add(tally.started, **dev)
+
+        last = tally.last
+        outcome = family(
+            "smocsd_last_cycle_outcome",
+            "gauge",
+            "1 for the outcome of the last cycle, 0 for the others; skipped: too little "
+            "new data to train.",
+        )
+        cycles = family(
+            "smocsd_cycles_total", "counter", "Cycles ended since the daemon started, by outcome."
+        )
+        for o in Outcome:
+            if last is not None:
+                outcome.add(int(o is last.outcome), **mod, outcome=o.value)
+            cycles.add(tally.cycles[o], **mod, outcome=o.value)
+        if last is not None:
+            family(
+                "smocsd_last_cycle_timestamp_seconds", "gauge", "When the last cycle ended."
+            ).add(last.ended, **mod)
+        if last is not None and last.duration is not None:
+            family(
+                "smocsd_last_cycle_duration_seconds",
+                "gauge",
+                "How long the last cycle took: gate, read, training, evaluation, save.",
+            ).add(round(last.duration, 3), **mod)
+
+        self._model_families(family, mod)
+        self._outbox_families(family, dev, outbox)
+
+        delivered = family(
+            "smocsd_deliveries_total",
+            "counter",
+            "Results and alarm events a sink acknowledged, since the daemon started.",
+        )
+        failed = family(
+            "smocsd_delivery_failures_total",
+            "counter",
+            "Results and alarm events a sink was offered and did not acknowledge.",
+        )
+        configured = list(cfg.publish.order)
+        seen = (set(tally.delivered) | set(tally.failed)) - set(configured)  # before a reload
+        for sink in configured + sorted(seen):
+            delivered.add(tally.delivered[sink], **dev, sink=sink)
+            failed.add(tally.failed[sink], **dev, sink=sink)
+
+        if scorer is not None:
+            self._scoring_families(family, mod, scorer)
+        return out
+
+    def _metadata(self, version: int) -> dict[str, Any] | None:
+        if version not in self._meta:
+            try:
+                self._meta[version] = self.store.metadata(version)
+            except (StoreError, OSError):
+                self._meta[version] = None
+        return self._meta[version]
+
+    def _model_families(self, family: Callable[..., Family], mod: dict[str, str]) -> None:
+        """The current model and the newest version (the last training), from the store:
+        right across restarts, rollbacks and manual train-once runs."""
+        current = self.store.current()
+        versions = self.store.versions()
+        self._meta = {v: m for v, m in self._meta.items() if v in versions}
+        family(
+            "smocsd_current_version", "gauge", "The model version `current` points to; 0: none."
+        ).add(current or 0, **mod)
+        meta = self._metadata(current) if current is not None else None
+        if meta is not None:
+            for name, value, text in (
+                ("threshold", meta.get("threshold"), "The current model's alarm threshold."),
+                (
+                    "validation_loss",
+                    (meta.get("metrics") or {}).get("val_loss"),
+                    "The current model's validation loss (its best epoch's).",
+                ),
+            ):
+                if (number := _number(value)) is not None:
+                    family(f"smocsd_current_{name}", "gauge", text).add(number, **mod)
+        newest = self._metadata(versions[-1]) if versions else None
+        if newest is None:
+            return
+        created = _epoch(newest.get("created_at"))
+        if created is not None:
+            family(
+                "smocsd_last_training_timestamp_seconds",
+                "gauge",
+                "When the newest version (promoted or rejected) was trained.",
+            ).add(created, **mod)
+        data = newest.get("data") or {}
+        for key, name, text in (
+            ("rows", "read_rows", "Rows the newest version's training read."),
+            ("dropped_rows", "dropped_rows", "Rows it left out: NULL, NaN, inf, non-numeric."),
+        ):
+            if (number := _number(data.get(key))) is not None:
+                family(f"smocsd_last_training_{name}", "gauge", text).add(number, **mod)
+
+    def _outbox_families(
+        self, family: Callable[..., Family], dev: dict[str, str], outbox: Callable[[], Outbox]
+    ) -> None:
+        try:
+            box = outbox()
+            depth, oldest = len(box), box.pending(1)
+        except Exception:  # unreadable now: the tick says why
+            log.debug("metrics: outbox not read", exc_info=True)
+            return
+        family(
+            "smocsd_outbox_depth",
+            "gauge",
+            "Results and alarm events in the outbox, not yet acknowledged by a broker.",
+        ).add(depth, **dev)
+        created = _epoch(oldest[0].get("timestamp")) if oldest else None
+        if not oldest or created is not None:
+            age = max(0.0, time.time() - created) if created is not None else 0.0
+            family(
+                "smocsd_outbox_oldest_age_seconds",
+                "gauge",
+                "Age of the oldest message waiting in the outbox; 0 when none waits.",
+            ).add(round(age, 3), **dev)
+
+    def _scoring_families(
+        self, family: Callable[..., Family], mod: dict[str, str], scorer: LiveScorer
+    ) -> None:
+        pos = scorer.position
+        family("smocsd_alarms_open", "gauge", "1 while an alarm event is open, else 0.").add(
+            int(pos.event is not None), **mod
+        )
+        family(
+            "smocsd_alarms_total",
+            "counter",
+            "Alarm events live scoring opened since the daemon started.",
+        ).add(self.tally.alarms_opened, **mod)
+        if self.tally.caught_up is not None:
+            family(
+                "smocsd_scoring_lag_seconds",
+                "gauge",
+                "Seconds since live scoring last had scored every row there was.",
+            ).add(round(time.monotonic() - self.tally.caught_up, 3), **mod)
+        if scorer.source is not None and pos.last_order is not None:
+            try:
+                behind = scorer.source.count_after(pos.last_order)
+            except Exception:  # the scoring step logs why
+                log.debug("metrics: readings not counted", exc_info=True)
+            else:
+                family(
+                    "smocsd_scoring_lag_rows",
+                    "gauge",
+                    "Rows in the readings table past the last row live scoring scored.",
+                ).add(behind, **mod)

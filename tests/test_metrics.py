@@ -1,0 +1,401 @@
+"""[metrics] textfile: the Prometheus text file for node_exporter's textfile collector.
+
+Its format and atomic replacement, what the daemon counts, a file that cannot be written
+(logged once, training goes on), and Debian's real node_exporter serving what a real
+daemon wrote, under the unit's umask, as the user prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from helpers import Running, write_config
+from services import NodeExporter, ServiceError, free_port
+
+from smocsd import config, demo, metrics
+from smocsd.config import ConfigError
+from smocsd.cycle import Outcome
+from smocsd.metrics import Family, Metrics, Tally, render, write_textfile
+from smocsd.publish import Publisher
+
+WAIT = 90.0  # generous: the suite runs on a loaded 2-core machine
+
+
+def _unavailable(what: str, exc: Exception) -> None:
+    """As tests/conftest.py: skipped, except under CI=true, where it fails."""
+    reason = f"{what} unavailable: {exc}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def node_exporter() -> Iterator[NodeExporter]:
+    try:
+        server = NodeExporter()
+        server.start()
+    except ServiceError as exc:
+        _unavailable("node_exporter", exc)
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+def until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> object:
+    """Polls `condition` until it returns something true; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"not after {timeout:.0f}s: {what}"
+        time.sleep(0.2)
+    return value
+
+
+# --- the file format
+
+
+def test_render_writes_the_text_format_with_help_type_and_escaped_labels():
+    text = render(
+        [
+            Family("smocsd_a", "gauge", "A help\\text\nover two lines.")
+            .add(1, device='gw "7" \\ west')
+            .add(0.25, device="x\ny"),
+            Family("smocsd_empty", "gauge", "Nothing to say."),
+            Family("smocsd_b_total", "counter", "Counted.").add(3),
+            Family("smocsd_c", "gauge", "Odd values.").add(float("nan")).add(float("inf")),
+        ]
+    )
+    assert text == (
+        "# HELP smocsd_a A help\\\\text\\nover two lines.\n"
+        "# TYPE smocsd_a gauge\n"
+        'smocsd_a{device="gw \\"7\\" \\\\ west"} 1\n'
+        'smocsd_a{device="x\\ny"} 0.25\n'
+        "# HELP smocsd_b_total Counted.\n"
+        "# TYPE smocsd_b_total counter\n"
+        "smocsd_b_total 3\n"
+        "# HELP smocsd_c Odd values.\n"
+        "# TYPE smocsd_c gauge\n"
+        "smocsd_c NaN\n"
+        "smocsd_c +Inf\n"
+    )
+
+
+def _config(tmp_path: Path, **sections) -> config.Config:
+    path = write_config(
+        tmp_path / "c.toml",
+        tmp_path / "state",
+        **{"metrics": {"textfile": str(tmp_path / "prom" / "smocsd.prom")}, **sections},
+    )
+    return config.load(path)
+
+
+def test_every_family_follows_the_naming_conventions(tmp_path):
+    cfg = _config(tmp_path, publish={"order": ["kafka", "mqtt"]})
+    tally = Tally()
+    tally.cycle_ended(Outcome.FAILED, 2.5)
+
+    # What the metrics read of a LiveScorer: one that has no model to score with yet.
+    scorer = SimpleNamespace(position=SimpleNamespace(event=None, last_order=None), source=None)
+    families = Metrics(cfg, tally).families(lambda: _raise(OSError("no outbox")), scorer)
+    names = [f.name for f in families]
+    assert len(names) == len(set(names))
+    for f in families:
+        assert f.name.startswith("smocsd_") and re.fullmatch(r"[a-z_]+", f.name), f.name
+        assert f.name.endswith("_total") == (f.kind == "counter"), f.name
+        if re.search(r"time|duration|age|lag_s", f.name):  # base units: seconds
+            assert f.name.endswith("_seconds"), f.name
+        assert f.help.endswith("."), f.name
+        assert all(labels["device"] == "gw-test" for labels, _ in f.samples), f.name
+    assert "smocsd_outbox_depth" not in names  # unreadable now: left out, not the file
+    by_name = {f.name: f for f in families}
+    mod = {"device": "gw-test", "model": "autoencoder"}
+    assert by_name["smocsd_last_cycle_outcome"].samples == [
+        ({**mod, "outcome": o.value}, int(o is Outcome.FAILED)) for o in Outcome
+    ]
+    assert by_name["smocsd_current_version"].samples[0][1] == 0  # no model yet
+    assert by_name["smocsd_delivery_failures_total"].samples == [
+        ({"device": "gw-test", "sink": "kafka"}, 0),
+        ({"device": "gw-test", "sink": "mqtt"}, 0),
+    ]
+    assert "smocsd_alarms_open" in names and "smocsd_scoring_lag_rows" not in names
+
+
+def _raise(exc: Exception):
+    raise exc
+
+
+# --- the atomic write
+
+
+def test_the_file_is_replaced_whole_and_readable_by_others_under_the_units_umask(tmp_path):
+    path = tmp_path / "smocsd.prom"
+    path.write_text("smocsd_old 1\n")
+    reader = path.open()  # node_exporter in the middle of reading the old file
+    inode = path.stat().st_ino
+    old_umask = os.umask(0o027)  # systemd/smocsd.service's UMask=
+    try:
+        write_textfile(path, "smocsd_new 2\n")
+    finally:
+        os.umask(old_umask)
+    assert reader.read() == "smocsd_old 1\n"  # the old file, whole: never half of either
+    reader.close()
+    assert path.read_text() == "smocsd_new 2\n"
+    assert path.stat().st_ino != inode  # replaced by rename, never written in place
+    assert path.stat().st_mode & 0o777 == 0o644  # node_exporter runs as user prometheus
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smocsd.prom"]  # no temp left
+
+
+def test_a_failed_write_keeps_the_old_file_and_names_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "smocsd.prom"
+    path.write_text("smocsd_old 1\n")
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left on device") as exc:
+        write_textfile(path, "smocsd_new 2\n")
+    assert exc.value.filename == str(path) and "(metrics.textfile)" in str(exc.value)
+    assert path.read_text() == "smocsd_old 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smocsd.prom"]
+    missing = tmp_path / "nowhere" / "smocsd.prom"
+    with pytest.raises(FileNotFoundError) as exc:
+        write_textfile(missing, "x 1\n")
+    assert exc.value.filename == str(missing)
+
+
+def test_scoring_ticks_rewrite_the_file_at_most_once_a_second(tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+    written: list[float] = []
+    monkeypatch.setattr(metrics, "write_textfile", lambda path, text: written.append(1))
+    part = Metrics(cfg, Tally())
+    assert part.due()
+    part.write(lambda: _raise(OSError()), None)  # after a cycle: always
+    assert not part.due()  # scoring steps: not within a second of a write
+    part.write(lambda: _raise(OSError()), None)
+    assert len(written) == 2
+    part._written -= metrics.MIN_INTERVAL  # a second later
+    assert part.due()
+    part.path = None
+    assert not part.due()
+    part.write(lambda: _raise(OSError()), None)  # not configured: nothing
+    assert len(written) == 2
+
+
+# --- the configuration
+
+
+def test_the_textfile_key_is_off_by_default_and_checked(tmp_path):
+    env = {"STATE_DIRECTORY": str(tmp_path)}
+    assert config.parse("", env=env).metrics.textfile is None
+    assert config.parse('[metrics]\ntextfile = ""\n', env=env).metrics.textfile is None
+    prom = "/var/lib/prometheus/node-exporter/smocsd.prom"
+    cfg = config.parse(f'[metrics]\ntextfile = "{prom}"\n', env=env)
+    assert cfg.metrics.textfile == Path(prom)
+    for value in ('"smocsd.prom"', '"/var/lib/smocsd/metrics.txt"', '"/tmp/.prom"', "1"):
+        with pytest.raises(ConfigError) as exc:
+            config.parse(f"[metrics]\ntextfile = {value}\n", path=Path("c.toml"), env=env)
+        (problem,) = exc.value.problems
+        assert problem.startswith("c.toml: metrics.textfile: "), problem
+
+
+# --- the counts
+
+
+def test_alarm_events_opened_are_counted_from_what_a_step_queued():
+    tally = Tally()
+    # (messages queued, an event open before, after): opened, closed, opened and closed
+    # in one step (a backlog), closed and a new one opened, open-close-open.
+    for queued, before, after in ((1, False, True), (1, True, False), (2, False, False)):
+        tally.scored(queued, before, after, scoring=True)
+    for queued, before, after in ((2, True, True), (3, False, True), (0, True, True)):
+        tally.scored(queued, before, after, scoring=True)
+    assert tally.alarms_opened == 1 + 0 + 1 + 1 + 2 + 0
+    assert tally.caught_up is not None
+
+
+def test_deliveries_are_counted_per_sink_as_the_publisher_offers_them():
+    class Sink:
+        def __init__(self, name: str, takes: bool | None) -> None:
+            self.name, self.takes = name, takes
+
+        def send(self, messages: list[dict]) -> list[bool]:
+            if self.takes is None:
+                raise RuntimeError("boom")
+            return [self.takes] * len(messages)
+
+    publisher = Publisher(config.parse("", env={}).publish, "gw")
+    publisher.sinks = [Sink("kafka", False), Sink("mqtt", True)]
+    tally = Tally()
+    metrics.count_deliveries(publisher, tally)
+    deliver = publisher.attempt()
+    assert deliver([{}, {}]) == ["mqtt", "mqtt"]
+    assert deliver([{}]) == ["mqtt"]  # kafka failed in this flush: not offered again
+    assert (tally.delivered, tally.failed) == (Counter(mqtt=3), Counter(kafka=2))
+    publisher.sinks[1].sink.takes = None  # raises: Publisher logs it, every message fails
+    assert publisher.deliver([{}]) == [None]
+    assert (tally.delivered, tally.failed) == (Counter(mqtt=3), Counter(kafka=3, mqtt=1))
+
+
+def test_the_last_cycle_is_known_from_state_json_after_a_restart(tmp_path):
+    (tmp_path / "state.json").write_text(
+        json.dumps({"last_cycle": {"at": "2026-11-28T04:17:54Z", "outcome": "rejected"}})
+    )
+    last = Tally.resume(tmp_path).last
+    assert last is not None and last.outcome is Outcome.REJECTED and last.duration is None
+    assert last.ended == 1795839474.0
+    (tmp_path / "state.json").write_text('{"last_cycle": {"outcome": "nonsense"}}')
+    assert Tally.resume(tmp_path).last is None
+    assert Tally.resume(tmp_path / "none").last is None
+
+
+# --- the daemon
+
+
+def test_a_file_that_cannot_be_written_is_logged_once_and_training_goes_on(tmp_path):
+    state, prom = tmp_path / "state", tmp_path / "prom"
+    demo.write(state / "readings.db", 3000)
+    textfile = prom / "smocsd.prom"
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state,
+        daemon={"check_interval": "0.3s"},
+        scoring={"enabled": True},
+        metrics={"textfile": str(textfile)},
+    )
+    d = Running(cfg, tmp_path / "log")
+    try:
+        d.wait_for("promoted v1", timeout=WAIT)
+        d.wait_for("scoring with v1", timeout=WAIT)
+        d.wait_for("skipped", count=3, timeout=WAIT)  # ticks and scoring steps go on
+        failed = [line for line in d.text().splitlines() if "metrics:" in line]
+        assert len(failed) == 1, failed
+        assert f"No such file or directory (metrics.textfile): '{textfile}'" in failed[0]
+        prom.mkdir()
+        d.wait_for("metrics: recovered from", timeout=WAIT)
+        until(textfile.exists, f"{textfile} written")
+        # The path changes on reload: the old file goes, nothing would update it.
+        other = prom / "other.prom"
+        cfg.write_text(cfg.read_text().replace(str(textfile), str(other)))
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for("configuration reloaded", timeout=WAIT)
+        until(lambda: other.exists() and not textfile.exists(), "the file moved")
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert "smocsd_current_version{" in other.read_text()
+
+
+def _insert(db: Path, rows: int, vibration_factor: float = 1.0) -> None:
+    """`rows` more rows repeating the newest normal ones, vibration scaled."""
+    with sqlite3.connect(db) as conn:
+        ts, *_ = conn.execute("SELECT max(ts) FROM readings").fetchone()
+        recent = conn.execute(
+            "SELECT temperature, vibration, current FROM readings WHERE label = 0 "
+            "ORDER BY rowid DESC LIMIT ?",
+            (rows,),
+        ).fetchall()[::-1]
+        conn.executemany(
+            "INSERT INTO readings (ts, temperature, vibration, current, label) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                (ts + i + 1, t, v * vibration_factor, c, int(vibration_factor != 1.0))
+                for i, (t, v, c) in enumerate(recent)
+            ],
+        )
+
+
+def _value(scrape: dict, name: str, **labels: str) -> float | None:
+    """The value of the sample of `name` whose labels include `labels`."""
+    found = [v for sample, v in scrape.get(name, []) if labels.items() <= sample.items()]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else None
+
+
+def test_node_exporter_serves_what_a_real_daemon_wrote(tmp_path, node_exporter):
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    device = 'gw "7" \\ west'  # quotes and a backslash: the label escapes, end to end
+    textfile = node_exporter.textfile_dir / "smocsd.prom"
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state,
+        daemon={"check_interval": "1h", "device_id": device},
+        scoring={"enabled": True},
+        metrics={"textfile": str(textfile)},
+        # Nothing listens there: every delivery fails at once, and the results wait.
+        publish={"order": ["mqtt"]},
+        **{"publish.mqtt": {"host": "127.0.0.1", "port": free_port()}},
+    )
+    old_umask = os.umask(0o027)  # the unit's UMask=: the daemon inherits it
+    try:
+        d = Running(cfg, tmp_path / "log")
+    finally:
+        os.umask(old_umask)
+    dev = {"device": device}
+    mod = {**dev, "model": "autoencoder"}
+    try:
+        d.wait_for("scoring with v1", timeout=WAIT)
+
+        def after_the_first_cycle() -> dict | None:
+            """A scrape of a file written after the cycle's result went to the outbox
+            and its delivery failed, and after scoring started."""
+            s = node_exporter.scrape()
+            done = _value(s, "smocsd_last_cycle_outcome", **mod, outcome="promoted")
+            tried = _value(s, "smocsd_delivery_failures_total", **dev, sink="mqtt")
+            return s if done and tried and "smocsd_scoring_lag_rows" in s else None
+
+        scrape = until(after_the_first_cycle, "a scrape after the first cycle")
+        assert _value(scrape, "node_textfile_scrape_error") == 0
+        assert _value(scrape, "smocsd_current_version", **mod) == 1
+        assert _value(scrape, "smocsd_last_cycle_outcome", **mod, outcome="promoted") == 1
+        for outcome in ("rejected", "failed", "skipped"):
+            assert _value(scrape, "smocsd_last_cycle_outcome", **mod, outcome=outcome) == 0
+        assert _value(scrape, "smocsd_cycles_total", **mod, outcome="promoted") == 1
+        assert _value(scrape, "smocsd_outbox_depth", **dev) == 1  # the result, waiting
+        assert _value(scrape, "smocsd_outbox_oldest_age_seconds", **dev) >= 0
+        assert _value(scrape, "smocsd_deliveries_total", **dev, sink="mqtt") == 0
+        assert _value(scrape, "smocsd_delivery_failures_total", **dev, sink="mqtt") >= 1
+        meta = json.loads((state / "models/autoencoder/v000001/metadata.json").read_text())
+        assert _value(scrape, "smocsd_current_threshold", **mod) == meta["threshold"]
+        assert _value(scrape, "smocsd_current_validation_loss", **mod) == pytest.approx(
+            meta["metrics"]["val_loss"]
+        )
+        assert _value(scrape, "smocsd_last_training_read_rows", **mod) == 3000
+        dropped = meta["data"]["dropped_rows"]
+        assert _value(scrape, "smocsd_last_training_dropped_rows", **mod) == dropped
+        assert _value(scrape, "smocsd_last_cycle_duration_seconds", **mod) > 0
+        started = _value(scrape, "smocsd_start_time_seconds", **dev)
+        assert started <= _value(scrape, "smocsd_last_cycle_timestamp_seconds", **mod)
+        assert _value(scrape, "smocsd_alarms_open", **mod) == 0
+        assert _value(scrape, "smocsd_alarms_total", **mod) == 0
+
+        # An anomaly: live scoring opens an alarm event, and the file says so.
+        _insert(state / "readings.db", 30)
+        _insert(state / "readings.db", 8, vibration_factor=6.0)
+        scrape = until(
+            lambda: _value(s := node_exporter.scrape(), "smocsd_alarms_total", **mod) and s,
+            "smocsd_alarms_total 1",
+        )
+        assert _value(scrape, "smocsd_alarms_total", **mod) == 1
+        assert _value(scrape, "smocsd_alarms_open", **mod) == 1
+        assert _value(scrape, "smocsd_outbox_depth", **dev) == 2  # and its open event
+        assert _value(scrape, "smocsd_scoring_lag_rows", **mod) == 0
+        assert 0 <= _value(scrape, "smocsd_scoring_lag_seconds", **mod) < WAIT
+        assert _value(scrape, "node_textfile_scrape_error") == 0
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert textfile.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in node_exporter.textfile_dir.iterdir()] == ["smocsd.prom"]
+    textfile.unlink()
