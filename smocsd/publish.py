@@ -9,11 +9,15 @@ no sink acknowledged stays in the outbox for the next tick.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -239,9 +243,81 @@ def _hopeless(errors: list[KafkaError]) -> bool:
 # ---------------------------------------------------------------------------- MQTT
 
 
+class _State(Enum):
+    """Where one MQTT session stands. Each way it can end short of acknowledging every
+    result is one log line saying which."""
+
+    CONNECTING = "connecting"  # TCP (and TLS) up, CONNECT sent, no CONNACK yet
+    CONNECTED = "connected"  # CONNACK accepted: publishing, waiting for PUBACKs
+    REFUSED = "refused"  # CONNACK refused (credentials, ACL): paho closes the connection
+    LOST = "lost"  # the connection ended under us; nothing more can be acknowledged
+    CLOSING = "closing"  # we sent DISCONNECT: its end is not a loss
+
+
+class _Session:
+    """paho's callbacks for one attempt. They run in paho's network thread (loop_start),
+    so the state is published with an Event the sending thread waits on."""
+
+    def __init__(self) -> None:
+        self.state = _State.CONNECTING
+        self.reason: Any = None  # the CONNACK's or the disconnect's reason code
+        self.changed = threading.Event()  # set at every change of state
+        self.ended = threading.Event()  # the connection is closed: paho's thread is ending
+        self._lock = threading.Lock()
+
+    def _move(self, state: _State, reason: Any, *, unless: tuple[_State, ...] = ()) -> None:
+        with self._lock:
+            if self.state not in unless:
+                self.state, self.reason = state, reason
+        self.changed.set()
+
+    def on_connect(
+        self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        self._move(_State.REFUSED if reason.is_failure else _State.CONNECTED, reason)
+
+    def on_disconnect(
+        self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        # A refusal is followed by paho closing the connection: still a refusal.
+        self._move(_State.LOST, reason, unless=(_State.REFUSED, _State.CLOSING))
+        self.ended.set()
+
+    def closing(self) -> None:
+        self._move(_State.CLOSING, None)
+
+    def wait_for_connack(self, deadline: float) -> _State:
+        """The state once the broker answered the CONNECT, the connection ended, or the
+        deadline passed (still CONNECTING)."""
+        while self.state is _State.CONNECTING:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.changed.wait(remaining)
+            self.changed.clear()
+        return self.state
+
+
+# How often a wait for PUBACKs looks whether the connection is gone: paho leaves a lost
+# message's info unpublished (it would resend it after a reconnect, which this sink does
+# not make), so without a look the wait would last until the deadline.
+_LOSS_CHECK = 0.25
+# After the deadline, how long the DISCONNECT may take before the socket is shut down: a
+# broker that stopped reading never takes it, and loop_stop() waits for paho's thread.
+_CLOSE_GRACE = 1.0
+
+
 class MqttSink:
     """One MQTT session per attempt: connect (TLS, username/password), publish with the
-    configured QoS, wait for the PUBACKs until the deadline, disconnect."""
+    configured QoS, wait for the PUBACKs until the deadline, disconnect.
+
+    paho's own network thread (loop_start/loop_stop) drives the connection, and each
+    result's MQTTMessageInfo.wait_for_publish() waits for its PUBACK (QoS 1): a result
+    counts as delivered only once the broker has it. The client never reconnects
+    (reconnect_on_failure=False): a lost connection ends the attempt, and the outbox
+    retries at the next tick, so the attempt stays bounded by `timeout` (plus at most
+    _CLOSE_GRACE to close), also when the daemon is being stopped.
+    """
 
     name = "mqtt"
 
@@ -249,37 +325,37 @@ class MqttSink:
         self.cfg = cfg
         self.client_id = f"smocsd-{device_id}"  # stable, so broker logs and ACLs can name it
 
-    def _client(self) -> mqtt.Client:
+    def _client(self, session: _Session) -> mqtt.Client:
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=True,
             protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
         )
         password = read_secret(self.cfg.password_file, "mqtt-password")
         if self.cfg.username is not None:
             client.username_pw_set(self.cfg.username, password)
         if self.cfg.tls:
             client.tls_set(ca_certs=str(self.cfg.ca_file) if self.cfg.ca_file else None)
+        client.connect_timeout = self.cfg.timeout  # TCP connect and TLS handshake
+        client.on_connect = session.on_connect
+        client.on_disconnect = session.on_disconnect
         return client
 
     def send(self, messages: list[dict]) -> list[bool]:
         cfg = self.cfg
         where = f"{cfg.host}:{cfg.port}"
         deadline = time.monotonic() + cfg.timeout
+        session = _Session()
         try:
-            client = self._client()
+            client = self._client(session)
         except (OSError, ValueError) as exc:  # ca_file missing or not a certificate
             log.error("mqtt %s: cannot set up TLS with ca_file %s: %s", where, cfg.ca_file, exc)
             return [False] * len(messages)
-        client.connect_timeout = cfg.timeout  # TCP connect and TLS handshake
-        connack: list[Any] = []
-        client.on_connect = lambda _c, _u, _flags, reason, _props: connack.append(reason)
-
-        def pump() -> bool:
-            """Run the network loop briefly; False once the connection is gone."""
-            return client.loop(0.05) == mqtt.MQTT_ERR_SUCCESS
-
+        # connect() in this thread, not connect_async(): a refused TCP connection or a TLS
+        # handshake failure is an exception here, which says what went wrong, where the
+        # network thread would only report that the connection failed.
         try:
             client.connect(cfg.host, cfg.port, keepalive=max(10, int(cfg.timeout) * 2))
         except ssl.SSLError as exc:  # an untrusted or mismatched certificate: fix the config
@@ -295,37 +371,58 @@ class MqttSink:
                 "mqtt %s unreachable: %d result(s) not delivered: %s", where, len(messages), exc
             )
             return [False] * len(messages)
+        client.loop_start()
         try:
-            while not connack and time.monotonic() < deadline and pump():
-                pass
-            if not connack or connack[0].is_failure:
-                refused = bool(connack)
-                log.log(
-                    logging.ERROR if refused else logging.WARNING,
-                    "mqtt %s %s: %d result(s) not delivered: %s",
-                    where,
-                    "refused the connection" if refused else "did not answer",
-                    len(messages),
-                    connack[0] if refused else "no CONNACK before the timeout",
-                )
-                return [False] * len(messages)
-            infos = [self._publish(client, m, where) for m in messages]
-            queued = [i for i in infos if i is not None]
-            while not all(_published(i) for i in queued) and time.monotonic() < deadline and pump():
-                pass
-            acked = [i is not None and _published(i) for i in infos]
-            unacked = sum(not _published(i) for i in queued)
-            if unacked:
-                log.warning(
-                    "mqtt %s: %d of %d result(s) not acknowledged before the timeout "
-                    "or the connection was lost",
-                    where,
-                    unacked,
-                    len(acked),
-                )
-            return acked
+            return self._deliver(client, session, messages, where, deadline)
         finally:
-            client.disconnect()
+            _close(client, session)
+
+    def _deliver(
+        self,
+        client: mqtt.Client,
+        session: _Session,
+        messages: list[dict],
+        where: str,
+        deadline: float,
+    ) -> list[bool]:
+        """Publishes once the broker accepted the session (paho does not support queuing
+        before the CONNACK), then waits for the acknowledgements until `deadline`."""
+        state = session.wait_for_connack(deadline)
+        if state is not _State.CONNECTED:
+            if state is _State.REFUSED:
+                level, what, why = logging.ERROR, "refused the connection", str(session.reason)
+            elif state is _State.LOST:
+                level, what = logging.WARNING, "did not answer"
+                why = f"the connection closed before CONNACK ({session.reason})"
+            else:
+                level, what = logging.WARNING, "did not answer"
+                why = "no CONNACK before the timeout"
+            log.log(
+                level, "mqtt %s %s: %d result(s) not delivered: %s", where, what, len(messages), why
+            )
+            return [False] * len(messages)
+        infos = [self._publish(client, m, where) for m in messages]
+        for info in infos:
+            while info is not None and not _published(info):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or session.state is not _State.CONNECTED:
+                    break
+                try:
+                    info.wait_for_publish(min(remaining, _LOSS_CHECK))
+                except (RuntimeError, ValueError):  # paho's way to say it was never sent
+                    break
+        acked = [info is not None and _published(info) for info in infos]
+        unacked = sum(info is not None and not ok for info, ok in zip(infos, acked, strict=True))
+        if unacked:
+            lost = session.state is _State.LOST
+            log.warning(
+                "mqtt %s: %d of %d result(s) not acknowledged: %s",
+                where,
+                unacked,
+                len(acked),
+                f"connection lost ({session.reason})" if lost else "no PUBACK before the timeout",
+            )
+        return acked
 
     def _publish(
         self, client: mqtt.Client, message: dict, where: str
@@ -354,3 +451,23 @@ def _published(info: mqtt.MQTTMessageInfo) -> bool:
         return bool(info.is_published())
     except (RuntimeError, ValueError):  # paho's way to say it was never queued
         return False
+
+
+def _close(client: mqtt.Client, session: _Session) -> None:
+    """Ends the session and paho's network thread, within _CLOSE_GRACE.
+
+    loop_stop() joins the thread, which goes on while the connection is open and results
+    are unacknowledged; DISCONNECT closes it once written. A broker that stopped reading
+    never takes the DISCONNECT (the send buffer is full), so after the grace the socket
+    is shut down: paho's loop then sees the connection end and its thread returns.
+    """
+    session.closing()
+    client.disconnect()
+    if not session.ended.wait(_CLOSE_GRACE):
+        sock = client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                # socket.socket's own shutdown: SSLSocket's would also tear down its TLS
+                # state, under paho's thread, which may be using it.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # type: ignore[arg-type]
+    client.loop_stop()

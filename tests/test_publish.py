@@ -6,6 +6,7 @@ Every check reads back with a real consumer what the brokers stored.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import threading
@@ -81,11 +82,11 @@ def outbox(tmp_path: Path) -> Outbox:
 def test_result_reaches_kafka_with_key_and_schema(
     kafka: Kafka, mosquitto: Mosquitto, topic: str
 ) -> None:
-    messages = [result(0), {**result(1), "model": "pump-7"}]
+    messages = [result(0), {**result(1), "model": "pump_7"}]
     publisher = Publisher(publish_config(kafka, mosquitto, topic), DEVICE)
     assert publisher.deliver(messages) == ["kafka", "kafka"]
     records = kafka.messages(topic, has_all(ids(messages)))
-    assert [r["key"] for r in records] == ["gw-test/autoencoder", "gw-test/pump-7"]
+    assert [r["key"] for r in records] == ["gw-test/autoencoder", "gw-test/pump_7"]
     assert [r["value"] for r in records] == messages
 
 
@@ -368,6 +369,90 @@ def test_silent_brokers_cost_one_bounded_attempt_each(
         with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
             assert Publisher(cfg, DEVICE).deliver([result(i) for i in range(50)]) == [None] * 50
     assert [r.getMessage().split()[0] for r in caplog.records] == ["kafka", "mqtt"]
+
+
+class FakeMqttBroker:
+    """A TCP server that speaks just enough MQTT to fail after the CONNACK: it accepts
+    the session, then `mode` "no-puback" reads every PUBLISH and acknowledges none,
+    "stops-reading" reads nothing more (a hung broker: the client's send buffer fills),
+    "drops" closes the connection once a PUBLISH arrives."""
+
+    CONNACK = b"\x20\x02\x00\x00"  # session accepted
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.done = threading.Event()
+        self.server = socket.socket()
+        # A small receive buffer (inherited by the accepted socket), so that a broker that
+        # stops reading fills the client's send buffer after a few MB on any host.
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(1)
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            conn.recv(65536)  # the CONNECT
+            conn.sendall(self.CONNACK)
+            if self.mode == "drops":
+                conn.recv(1)
+                return
+            while not self.done.is_set():
+                if self.mode == "no-puback":
+                    conn.settimeout(0.1)
+                    with contextlib.suppress(TimeoutError):
+                        if not conn.recv(65536):
+                            return
+                else:
+                    self.done.wait(0.1)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.server.close()
+
+
+def paho_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("paho-mqtt-client-")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("mode", "payload", "why", "within"),
+    [
+        # Not acknowledged: never counted as delivered, whatever reached the broker.
+        ("no-puback", 100, "no PUBACK before the timeout", (2.0, 3.0)),
+        # 25 MB: DISCONNECT cannot be written either; the socket is shut down after the
+        # grace (1 s), so paho's thread ends and loop_stop() returns.
+        ("stops-reading", 500_000, "no PUBACK before the timeout", (2.9, 4.5)),
+        # A lost connection ends the wait at once, not at the deadline.
+        ("drops", 100, "connection lost", (0.0, 1.5)),
+    ],
+)
+def test_mqtt_broker_failing_after_connack_costs_one_bounded_attempt(
+    mode: str, payload: int, why: str, within: tuple[float, float], caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = FakeMqttBroker(mode)
+    cfg = PublishConfig(
+        order=("mqtt",), mqtt=MqttConfig(host="127.0.0.1", port=broker.port, timeout=2)
+    )
+    messages = [{**result(i), "model_meta": {"blob": "x" * payload}} for i in range(50)]
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
+            assert Publisher(cfg, DEVICE).deliver(messages) == [None] * 50
+        took = time.monotonic() - started
+    finally:
+        broker.close()
+    assert within[0] <= took < within[1], took
+    [line] = caplog.records
+    text = line.getMessage()
+    assert text.startswith(f"mqtt 127.0.0.1:{broker.port}: 50 of 50 result(s) not acknowledged")
+    assert why in text, text
+    assert not paho_threads(), "paho's network thread outlived the attempt"
 
 
 def test_unsafe_secret_file_is_reported_not_raised(
