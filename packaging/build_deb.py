@@ -56,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LIB = "usr/lib/smocsd"
 UNIT = REPO / "systemd" / "smocsd.service"
+SCHEMAS = "usr/share/smocsd/schemas"
 
 
 @dataclass(frozen=True)
@@ -830,6 +831,10 @@ def build(
         for example in sorted((REPO / "systemd" / "examples").glob("*.conf")):
             put(root, f"{doc}/examples/{example.name}", example)
         put(root, "usr/share/man/man1/smocsd.1.gz", gzip_n((HERE / "smocsd.1").read_bytes()))
+        # The JSON Schemas of the messages and metadata.json, where a consumer on the
+        # gateway finds them without knowing the private library path.
+        for schema in sorted((REPO / "smocsd" / "schemas").glob("*.schema.json")):
+            put(root, f"{SCHEMAS}/{schema.name}", schema)
         put(root, "usr/share/lintian/overrides/smocsd", HERE / "lintian-overrides")
 
         size = installed_size_kib(root)

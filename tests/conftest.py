@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import write_config
+from schemacheck import check_received
 from services import (
     CertificateAuthority,
     Kafka,
@@ -41,6 +42,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         slow = item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames)
         item.add_marker(pytest.mark.slow if slow else pytest.mark.fast)
+
+
+@pytest.fixture(autouse=True)
+def _received_messages_pass_their_schemas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every message a test reads back from Kafka or Mosquitto passes the JSON Schema it
+    names (tests/schemacheck.py)."""
+    check_received(monkeypatch)
 
 
 @pytest.fixture

@@ -133,10 +133,18 @@ def test_contents_control_and_conffile(pkg: Package) -> None:
         "usr/share/doc/smocsd/examples/shared-sqlite.conf",
         "usr/share/doc/smocsd/examples/credentials.conf",
         "usr/share/man/man1/smocsd.1.gz",
+        "usr/share/smocsd/schemas/training-result-1.schema.json",
+        "usr/share/smocsd/schemas/alarm-1.schema.json",
+        "usr/share/smocsd/schemas/model-1.schema.json",
         "usr/lib/smocsd/smocsd/cli.py",
     ):
         assert (root / path).is_file(), path
     assert (root / "etc/smocsd/smocsd.toml").read_text() == (REPO / "conf/smocsd.toml").read_text()
+    # Every JSON Schema of smocsd/schemas, as they are, where consumers look for them.
+    schemas = sorted((REPO / "smocsd/schemas").glob("*.schema.json"))
+    shipped = root / build_deb.SCHEMAS
+    assert sorted(p.name for p in shipped.iterdir()) == [s.name for s in schemas]
+    assert all((shipped / s.name).read_bytes() == s.read_bytes() for s in schemas)
     assert (root / "DEBIAN/conffiles").read_text() == "/etc/smocsd/smocsd.toml\n"
     control = pkg.control()
     assert control["Version"] == build_deb.package_version(pkg.codename)
