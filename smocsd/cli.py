@@ -343,10 +343,10 @@ def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
         _print_json(messages)
     else:
         for m in messages:
-            print(
-                f"{m['timestamp']}  {m['message_id']}  {m['model']} v{m['version']}  {m['outcome']}"
-            )
-        print(f"{len(messages)} result(s) waiting")
+            # A training result has an outcome; an alarm event message has its event.
+            what = m.get("outcome") or f"alarm {m.get('state')}"
+            print(f"{m['timestamp']}  {m['message_id']}  {m['model']} v{m['version']}  {what}")
+        print(f"{len(messages)} message(s) waiting")
     return EX_OK
 
 

@@ -536,12 +536,13 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append("publish.mqtt.ca_file: set tls = true to use it")
     if m.password_file and not m.username:
         problems.append("publish.mqtt.password_file: needs username")
-    size = len(m.topic.replace(DEVICE_ID_PLACEHOLDER, cfg.daemon.device_id).encode())
-    if size > MQTT_TOPIC_MAX_BYTES:
-        problems.append(
-            f"publish.mqtt.topic: {size} bytes with device_id filled in, "
-            f"MQTT allows {MQTT_TOPIC_MAX_BYTES}"
-        )
+    for key, topic in (("topic", m.topic), ("alarm_topic", m.alarm_topic)):
+        size = len(topic.replace(DEVICE_ID_PLACEHOLDER, cfg.daemon.device_id).encode())
+        if size > MQTT_TOPIC_MAX_BYTES:
+            problems.append(
+                f"publish.mqtt.{key}: {size} bytes with device_id filled in, "
+                f"MQTT allows {MQTT_TOPIC_MAX_BYTES}"
+            )
 
 
 def _defaults(env: dict[str, str]) -> tuple[str, Path]:

@@ -10,6 +10,7 @@ state.json after every step, so no window is scored twice or skipped across a re
 
 from __future__ import annotations
 
+import copy
 import logging
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -207,18 +208,24 @@ class LiveScorer:
             log.warning("scoring: %d rows waiting, scoring the newest %d", new, cap)
             new, pos.recent = cap, []
         readings = self.source.read_newest(new + model.window_size - 1)
-        rows, errors, pos.recent = decide(model, readings, pos.last_order, pos.recent)
-        messages = self._events(model, rows, errors)
+        # Decided on a copy, kept only once every message is in the outbox: a put that
+        # fails (a full disk) leaves the position as it was, and the retry opens the same
+        # event again instead of losing its "open" message.
+        after = copy.deepcopy(pos)
+        rows, errors, after.recent = decide(model, readings, after.last_order, after.recent)
+        messages = self._events(after, model, rows, errors)
         for message in messages:
             outbox.put(message)
-        pos.last_order = int(readings.order[-1])
-        pos.version = self.version
+        after.last_order = int(readings.order[-1])
+        after.version = self.version
+        self.position = after
         self._save()
         return rows, len(messages)
 
-    def _events(self, model: Model, rows: list[ScoredRow], errors: np.ndarray) -> list[dict]:
+    def _events(
+        self, pos: Position, model: Model, rows: list[ScoredRow], errors: np.ndarray
+    ) -> list[dict]:
         messages = []
-        pos = self.position
         for row, err in zip(rows, errors, strict=True):
             where = {"order": row.order, "time": row.time}
             event = pos.event
@@ -238,12 +245,16 @@ class LiveScorer:
                         threshold=model.threshold,
                         errors=dict.fromkeys(model.channels, 0.0),
                     )
-                    messages.append(event.message(self.cfg, "open"))
-                    log.warning("alarm opened at order %d, score %.4g", row.order, row.score)
+                    opened = True
+                else:
+                    opened = False
                 event.last, event.quiet = where, 0
                 event.peak_score = max(event.peak_score, row.score)
                 for name, e in zip(model.channels, err, strict=True):
                     event.errors[name] += float(e)
+                if opened:  # after its first window's errors: the shares name the drivers
+                    messages.append(event.message(self.cfg, "open"))
+                    log.warning("alarm opened at order %d, score %.4g", row.order, row.score)
             elif event is not None:
                 event.quiet += 1
                 if event.quiet >= self.cfg.scoring.close_after:

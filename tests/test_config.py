@@ -298,15 +298,21 @@ def test_mqtt_topic(topic, fragment):
     assert line.startswith("c.toml: publish.mqtt.topic: ") and fragment in line, line
 
 
-def test_mqtt_topic_length_counts_utf8_bytes_with_device_id_filled_in():
+@pytest.mark.parametrize("key", ["topic", "alarm_topic"])
+def test_mqtt_topic_length_counts_utf8_bytes_with_device_id_filled_in(key):
+    other = "alarm_topic" if key == "topic" else "topic"
+
     def topic_with(device_id: str) -> str:
-        return f"[daemon]\ndevice_id = '{device_id}'\n[publish.mqtt]\ntopic = 't/{{device_id}}'\n"
+        return (
+            f"[daemon]\ndevice_id = '{device_id}'\n"
+            f"[publish.mqtt]\n{key} = 't/{{device_id}}'\n{other} = 'o'\n"
+        )
 
     assert parse(topic_with("x" * 65533), env=ENV)  # 't/' + 65533 bytes: the limit
     (line,) = problems(topic_with("x" * 65534))
     assert (
         line
-        == "c.toml: publish.mqtt.topic: 65536 bytes with device_id filled in, MQTT allows 65535"
+        == f"c.toml: publish.mqtt.{key}: 65536 bytes with device_id filled in, MQTT allows 65535"
     )
     (line,) = problems(topic_with("é" * 32767))  # 32769 characters, 65536 bytes
     assert "65536 bytes" in line
