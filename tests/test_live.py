@@ -165,3 +165,33 @@ def test_an_emptied_table_is_said_once_not_at_every_poll(trained, caplog):
     assert len(rows) == 21  # the first whole window ends at the tenth new row
     scorer.close()
     outbox.close()
+
+
+def test_an_alarm_survives_a_failed_put_and_names_its_drivers(trained, monkeypatch):
+    """A put that fails (a full disk) keeps scoring's position, so the retried step opens
+    the same event again, with its first window's channels ranked; `outbox list` shows it."""
+    state, path = trained
+    outbox = Outbox(state / "outbox.db")
+    scorer = LiveScorer(config.load(path))
+    scorer.step(outbox)  # starts at row 3000
+    insert(state / "readings.db", 30, vibration_factor=8.0)
+    put = Outbox.put
+
+    def full(self, message):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Outbox, "put", full)
+    with pytest.raises(OSError):
+        scorer.step(outbox)
+    assert scorer.position.last_order == 3000 and scorer.position.event is None
+    monkeypatch.setattr(Outbox, "put", put)
+    rows, queued = scorer.step(outbox)
+    assert queued == 1 and any(r.anomalous for r in rows)
+    (message,) = [m for m in outbox.pending() if m.get("schema") == "smocsd.alarm/1"]
+    assert message["state"] == "open"
+    assert message["channels"][0]["name"] == "vibration", message["channels"]
+    assert message["channels"][0]["share"] > 0.5, message["channels"]
+    scorer.close()
+    outbox.close()
+    listed = smocsd("outbox", "list", config=path, check=True).stdout
+    assert f"{message['message_id']}  autoencoder v1  alarm open" in listed, listed
