@@ -33,7 +33,15 @@ from smocsd import demo
 # Fixtures that start a real server, and modules that build packages, boot containers or
 # install from PyPI: a test that uses one is `slow`.
 SLOW_FIXTURES = frozenset(
-    {"kafka", "mosquitto", "postgres", "kafka_server", "mosquitto_server", "postgres_server"}
+    {
+        "kafka",
+        "mosquitto",
+        "postgres",
+        "kafka_server",
+        "mosquitto_server",
+        "postgres_server",
+        "node_exporter",
+    }
 )
 SLOW_MODULES = frozenset({"test_systemd", "test_deb", "test_arm64", "test_source_install"})
 
