@@ -20,7 +20,7 @@ from .scoring import AlarmRule, channel_errors, open_session, shares
 from .sources import Readings
 from .state import utcnow
 from .store import ModelStore
-from .trainers import TrainSpec, make_trainer, onnxruntime_version
+from .trainers import Trainer, TrainSpec, make_trainer, onnxruntime_version, resolve_backend
 from .windows import (
     DataError,
     Normalization,
@@ -60,10 +60,32 @@ def _file_entry(path: Path) -> dict:
 
 @dataclass
 class TrainingData:
-    readings: Readings
+    """What a cycle keeps of the rows it read: the windows (one float32 matrix of normalized
+    rows), the raw rows of the validation windows (to score them in the current model's
+    normalization) and a summary. The float64 readings go before training starts."""
+
     split: Split
     windows: int  # valid windows in all, before the train/validation split
     time: TimeCheck
+    rows: int  # rows read
+    dropped: int  # rows with a missing or non-numeric value
+    first_order: int
+    last_order: int
+    val_rows: np.ndarray  # raw rows val_offset.. covering every validation window
+    val_offset: int
+
+
+# Windows scored per channel_errors call when only their scores are kept: its per-channel
+# errors (12 bytes a window at 3 channels) then never exist for all windows at once.
+SCORE_CHUNK = 1 << 16
+
+
+def _scores_into(out: np.ndarray, session: Any, windows: WindowSet, n_channels: int) -> np.ndarray:
+    """`out[i]`: window i's score, channel_errors(...).mean(axis=1) a chunk at a time."""
+    for lo in range(0, len(windows), SCORE_CHUNK):
+        part = WindowSet(windows.z, windows.starts[lo : lo + SCORE_CHUNK], windows.size)
+        np.mean(channel_errors(session, part, n_channels), axis=1, out=out[lo : lo + len(part)])
+    return out
 
 
 # A trained_at this far ahead of the clock is a clock that was reset, not drift.
@@ -122,7 +144,8 @@ def _gate(job: AutoencoderJob) -> str | None:
 class AutoencoderJob(TrainingJob):
     def build_model(self) -> None:
         t = self.config.training
-        self.trainer = make_trainer(t.backend)
+        resolve_backend(t.backend)  # an unknown or missing backend fails the cycle here
+        self._trainer: Trainer | None = None
         self.spec = TrainSpec(
             n_features=t.window_size * len(self.config.source.channels),
             hidden=t.hidden,
@@ -135,6 +158,15 @@ class AutoencoderJob(TrainingJob):
         )
         self.store = ModelStore.of(self.config)
         self.version: int | None = None
+
+    @property
+    def trainer(self) -> Trainer:
+        """The backend's trainer, imported when first used: a tick that finds nothing to
+        train loads neither ONNX Runtime's training API nor onnx (a tenth of a second of
+        CPU and 25 MB at every check_interval)."""
+        if self._trainer is None:
+            self._trainer = make_trainer(self.config.training.backend)
+        return self._trainer
 
     def get_training_data(self) -> TrainingData | None:
         t, channels = self.config.training, self.config.source.channels
@@ -163,6 +195,7 @@ class AutoencoderJob(TrainingJob):
         breaks, time_check = check_time(readings.time, t.max_gap)
         self._report_time(readings, time_check)
         starts = valid_starts(bad, t.window_size, t.stride, breaks)
+        del breaks
         try:
             sp = split(readings.values, starts, t.window_size, t.validation_fraction)
         except DataError as exc:
@@ -173,11 +206,22 @@ class AutoencoderJob(TrainingJob):
                 f"break them into runs shorter than window_size ({t.window_size})"
             )
             return None
-        data = TrainingData(readings=readings, split=sp, windows=len(starts), time=time_check)
+        first, end = int(sp.val.starts[0]), int(sp.val.starts[-1]) + t.window_size
+        data = TrainingData(
+            split=sp,
+            windows=len(starts),
+            time=time_check,
+            rows=len(bad),
+            dropped=int(bad.sum()),
+            first_order=int(readings.order[0]),
+            last_order=int(readings.order[-1]),
+            val_rows=readings.values[first:end].copy(),
+            val_offset=first,
+        )
         self.logger.info(
             "read %d rows (%d dropped): %d training and %d validation windows",
-            len(bad),
-            bad.sum(),
+            data.rows,
+            data.dropped,
             len(data.split.train),
             len(data.split.val),
         )
@@ -251,16 +295,16 @@ class AutoencoderJob(TrainingJob):
         sp, threads = self.data.split, self.config.training.threads
         channels = len(self.config.source.channels)
         session = open_session(self.staging / "model.onnx", threads)
-        errors = channel_errors(session, sp.val, channels)
-        scores = errors.mean(axis=1)
-        train_scores = channel_errors(session, sp.train, channels).mean(axis=1)
+        # Every window's score in one array, training windows first, filled in place.
+        all_scores = np.empty(len(sp.train) + len(sp.val), np.float32)
+        train_scores = _scores_into(all_scores[: len(sp.train)], session, sp.train, channels)
+        errors = channel_errors(session, sp.val, channels)  # per channel: channel_error
+        scores = np.mean(errors, axis=1, out=all_scores[len(sp.train) :])
         self.val_loss = float(scores.mean())
         t, m = self.config.training, self.config.model
         # Training and validation windows together: more evidence for the tail, and the
         # validation windows (the newest) carry whatever drift there already is.
-        self.threshold_fit = threshold.fit(
-            np.concatenate([train_scores, scores]), t.window_size, t.stride, m.false_alarm_rate
-        )
+        self.threshold_fit = threshold.fit(all_scores, t.window_size, t.stride, m.false_alarm_rate)
         self.score_quantiles = {
             "validation": threshold.quantiles(scores),
             "training": threshold.quantiles(train_scores),
@@ -315,8 +359,9 @@ class AutoencoderJob(TrainingJob):
             self.logger.info("current v%d has other channels or window size: not compared", current)
             return None
         norm = Normalization.from_meta(meta["normalization"])
-        raw = np.nan_to_num(self.data.readings.values)
-        windows = WindowSet(norm.apply(raw), val.starts, val.size)
+        data = self.data
+        z = norm.apply(data.val_rows, missing=0.0)
+        windows = WindowSet(z, val.starts - data.val_offset, val.size)
         session = open_session(self.store.path(current) / "model.onnx", threads)
         errors = channel_errors(session, windows, len(cfg.source.channels))
         return current, float(errors.mean())
@@ -340,8 +385,7 @@ class AutoencoderJob(TrainingJob):
             self.store.discard(self.staging)
             raise
         self.store.commit(self.version, self.staging, promote=promote)
-        readings = self.data.readings
-        self.state.update(last_order=int(readings.order[-1]), trained_at=time.time())
+        self.state.update(last_order=self.data.last_order, trained_at=time.time())
         outcome = "promoted" if promote else "rejected"
         if not promote:
             self.logger.warning(
@@ -365,7 +409,7 @@ class AutoencoderJob(TrainingJob):
             raise DataError(f"training diverged: {', '.join(bad)}; nothing saved")
 
     def _metadata(self, metrics: dict, eval_results: dict, promote: bool) -> dict[str, Any]:
-        cfg, readings, sp = self.config, self.data.readings, self.data.split
+        cfg, data, sp = self.config, self.data, self.data.split
         meta: dict[str, Any] = {
             "format": "smocsd.model/1",
             "name": cfg.model.name,
@@ -388,19 +432,19 @@ class AutoencoderJob(TrainingJob):
             "threshold_fit": self.threshold_fit.to_meta(),
             "score_quantiles": self.score_quantiles,
             "alarm": AlarmRule(cfg.model.alarm_above, cfg.model.alarm_of).to_meta(),
-            "time": self.data.time.to_meta(),
+            "time": data.time.to_meta(),
             "channel_error": self.channel_error,
             "metrics": metrics,
             "history": self.epochs.to_meta(),
             "eval": eval_results,
             "data": {
-                "rows": len(readings.order),
-                "dropped_rows": int(readings.bad_rows.sum()),
-                "windows": self.data.windows,
+                "rows": data.rows,
+                "dropped_rows": data.dropped,
+                "windows": data.windows,
                 "train_windows": len(sp.train),
                 "val_windows": len(sp.val),
-                "first_order": int(readings.order[0]),
-                "last_order": int(readings.order[-1]),
+                "first_order": data.first_order,
+                "last_order": data.last_order,
             },
             "files": {},  # filled in below, once report.html is written
             "software": {

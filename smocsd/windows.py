@@ -1,8 +1,10 @@
 """Sliding windows over readings: quality checks, the train/validation split, normalization.
 
-Windows are never materialized as a whole (200 000 rows x 50 x 3 would be 120 MB
-of float32): a window is a start row, and `WindowSet.batch` gathers the rows of
-a batch of windows when the trainer asks for it.
+Windows are never materialized as a whole (200 000 rows x 10 x 3 would be 24 MB of
+float32, ten times the rows they are cut from): a window is a start row in one float32
+matrix of normalized rows, and `WindowSet.batch` copies out a batch of windows when the
+trainer asks for it. Nothing here holds a second full-size copy of the rows: the
+normalization is fitted and applied a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -10,10 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 
 class DataError(Exception):
     """The readings cannot be trained on (a channel without any valid value, too few windows)."""
+
+
+# Rows per block when fitting or applying a normalization: float64 temporaries of a few MB
+# instead of copies of all rows.
+BLOCK_ROWS = 1 << 16
+
+
+def _blocks(n: int) -> range:
+    return range(0, n, BLOCK_ROWS)
 
 
 @dataclass(frozen=True)
@@ -24,9 +36,24 @@ class Normalization:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, rows: np.ndarray) -> Normalization:
-        mean = rows.mean(axis=0)
-        std = rows.std(axis=0)
+    def fit(cls, rows: np.ndarray, where: np.ndarray | None = None) -> Normalization:
+        """Mean and standard deviation of `rows[where]` (all rows when None), a block at a
+        time without copying the selected rows, and equal to numpy's mean(axis=0) and
+        std(axis=0) of the copy to the last bit: those add row after row, and so do these,
+        carrying the running sum from block to block."""
+
+        def column_sums(transform) -> np.ndarray:
+            total = np.zeros((1, rows.shape[1]))
+            for lo in _blocks(len(rows)):
+                block = rows[lo : lo + BLOCK_ROWS]
+                if where is not None:
+                    block = block[where[lo : lo + BLOCK_ROWS]]
+                total = np.add.reduce(np.concatenate([total, transform(block)]), axis=0)[None]
+            return total[0]
+
+        count = len(rows) if where is None else int(np.count_nonzero(where))
+        mean = column_sums(lambda block: block) / count
+        std = np.sqrt(column_sums(lambda block: np.square(block - mean)) / count)
         # A constant channel carries no information but must not divide by zero.
         scale = np.where(std > 1e-8 * np.maximum(1.0, np.abs(mean)), std, 1.0)
         return cls(mean=mean, scale=scale)
@@ -38,34 +65,49 @@ class Normalization:
     def to_meta(self) -> dict:
         return {"kind": "zscore", "mean": self.mean.tolist(), "scale": self.scale.tolist()}
 
-    def apply(self, values: np.ndarray) -> np.ndarray:
-        return ((values - self.mean) / self.scale).astype(np.float32)
+    def apply(self, values: np.ndarray, missing: float | None = None) -> np.ndarray:
+        """float32 (values - mean) / scale, computed in float64 a block of rows at a time;
+        with `missing`, NaN and infinite values come out as that instead."""
+        out = np.empty(values.shape, np.float32)
+        for lo in _blocks(len(values)):
+            block = (values[lo : lo + BLOCK_ROWS] - self.mean) / self.scale
+            if missing is not None:
+                block[~np.isfinite(block)] = missing
+            out[lo : lo + BLOCK_ROWS] = block
+        return out
 
 
 class WindowSet:
     """Windows of `size` rows starting at `starts` in the normalized row matrix `z`.
 
-    `batch` flattens time-major (x[t0,c0], x[t0,c1], ..., x[t1,c0], ...), which is
-    exactly the row-major layout of z[start:start+size].
+    A window flattens time-major (x[t0,c0], x[t0,c1], ..., x[t1,c0], ...), which is exactly
+    the row-major layout of z[start:start+size]: so every window of z is one row of a
+    strided view of z's buffer (no copy), and a batch is a gather of whole rows of it.
     """
 
     def __init__(self, z: np.ndarray, starts: np.ndarray, size: int):
-        self.z = z
+        self.z = np.ascontiguousarray(z, dtype=np.float32)
         self.starts = starts
         self.size = size
-        self.n_features = size * z.shape[1]
-        self._offsets = np.arange(size)
+        channels = self.z.shape[1]
+        self.n_features = size * channels
+        flat = self.z.reshape(-1)
+        if len(flat) >= self.n_features:
+            # Row s of `view` is z[s:s+size] flattened: the n_features floats from s*channels.
+            self.view = sliding_window_view(flat, self.n_features)[::channels]
+        else:  # fewer rows than a window: no window at all
+            self.view = np.empty((0, self.n_features), np.float32)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def batch(self, indices: np.ndarray) -> np.ndarray:
-        rows = self.starts[indices][:, None] + self._offsets
-        return self.z[rows].reshape(len(indices), self.n_features)
+        """float32 (len(indices), n_features), C-contiguous: windows starts[indices]."""
+        return self.view[self.starts[indices]]
 
     def batches(self, batch_size: int = 4096):
         for i in range(0, len(self), batch_size):
-            yield self.batch(np.arange(i, min(i + batch_size, len(self))))
+            yield self.view[self.starts[i : i + batch_size]]
 
 
 @dataclass(frozen=True)
@@ -109,8 +151,9 @@ def check_time(time: np.ndarray, max_gap: float | None) -> tuple[np.ndarray, Tim
     if n == 0 or missing.all():
         return breaks, TimeCheck(np.nan, np.nan, 0, 0, 0, int(missing.sum()))
     step = np.diff(time)
-    forward = step[step > 0]
-    interval = float(np.median(forward)) if len(forward) else np.nan
+    forward = step[step > 0]  # a copy of our own: the median may reorder it in place
+    interval = float(np.median(forward, overwrite_input=True)) if len(forward) else np.nan
+    del forward
     if max_gap is None:
         max_gap = AUTO_GAP_INTERVALS * interval
     with np.errstate(invalid="ignore"):
@@ -138,14 +181,24 @@ def valid_starts(
     n = len(bad_rows)
     if n < size:
         return np.empty(0, np.int64)
-    bad_before = np.concatenate(([0], np.cumsum(bad_rows)))
-    starts = np.arange(0, n - size + 1, stride)
-    ok = bad_before[starts + size] == bad_before[starts]
+    # Running counts (int32: 4 bytes a row) compared through views, one bool per start.
+    bad_before = _count_before(bad_rows)
+    ok = bad_before[size:] == bad_before[: n - size + 1]
+    del bad_before
     if breaks is not None:
         # breaks at rows start+1 .. start+size-1 split the window; one at `start` does not.
-        breaks_before = np.concatenate(([0], np.cumsum(breaks)))
-        ok &= breaks_before[starts + size] == breaks_before[starts + 1]
-    return starts[ok]
+        breaks_before = _count_before(breaks)
+        ok &= breaks_before[size:] == breaks_before[1 : n - size + 2]
+    if stride == 1:
+        return np.flatnonzero(ok)
+    return np.flatnonzero(ok[::stride]) * stride
+
+
+def _count_before(mask: np.ndarray) -> np.ndarray:
+    """counts[i]: how many of mask[:i] are set (len(mask) + 1 entries)."""
+    counts = np.zeros(len(mask) + 1, np.int32 if len(mask) < 2**31 else np.int64)
+    np.cumsum(mask, dtype=counts.dtype, out=counts[1:])
+    return counts
 
 
 @dataclass(frozen=True)
@@ -160,20 +213,25 @@ def split(values: np.ndarray, starts: np.ndarray, size: int, validation_fraction
 
     Training windows that overlap the first validation window are left out, so no
     validation row is ever seen in training; the normalization is fitted on the rows
-    of training windows only.
+    of training windows only. `values` is only read: the windows are cut from one
+    float32 normalized copy (missing values, in no window, are zeros there).
     """
     if len(starts) < 2:
         raise DataError(f"too few valid windows to train on ({len(starts)} in all)")
     n_val = max(1, round(len(starts) * validation_fraction))
     val_starts = starts[-n_val:]
-    train_starts = starts[:-n_val]
-    train_starts = train_starts[train_starts + size <= val_starts[0]]
+    # Sorted starts: the training windows end before the first validation window begins.
+    train_starts = starts[: np.searchsorted(starts[:-n_val], val_starts[0] - size, "right")]
     if len(train_starts) == 0:
         raise DataError(f"too few valid windows to train on ({len(starts)} in all)")
-    edges = np.zeros(len(values) + 1, np.int64)
-    np.add.at(edges, train_starts, 1)
-    np.add.at(edges, train_starts + size, -1)
-    covered = np.cumsum(edges[:-1]) > 0  # rows inside at least one training window
-    norm = Normalization.fit(values[covered])
-    z = norm.apply(np.nan_to_num(values))  # bad rows are in no window; zero them to stay finite
+    norm = Normalization.fit(values, covered_rows(len(values), train_starts, size))
+    z = norm.apply(values, missing=0.0)
     return Split(WindowSet(z, train_starts, size), WindowSet(z, val_starts, size), norm)
+
+
+def covered_rows(n: int, starts: np.ndarray, size: int) -> np.ndarray:
+    """Mask of the n rows inside at least one of the windows at (sorted, unique) `starts`."""
+    edges = np.zeros(n + 1, np.int32)
+    edges[starts] += 1  # unique indices: no np.add.at needed
+    edges[size:][starts] -= 1  # at starts + size, without an array of those
+    return np.cumsum(edges[:-1], out=edges[:-1]) > 0

@@ -246,3 +246,82 @@ def test_numpy_backend_never_imports_onnxruntime_training(tmp_path: Path) -> Non
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "model.onnx").is_file()
+
+
+class RecordingSession:
+    """A Session that records every training batch and learns nothing."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def train_step(self, x: np.ndarray) -> float:
+        self.batches.append(x.copy())
+        return 1.0
+
+    def squared_error(self, x: np.ndarray) -> float:
+        return float(x.size)
+
+    def keep_best(self) -> None:
+        pass
+
+    def restore_best(self) -> None:
+        pass
+
+
+class CountingWindows(ArrayWindows):
+    def __init__(self, rows: np.ndarray) -> None:
+        super().__init__(rows)
+        self.gathers = 0
+
+    def batch(self, indices: np.ndarray) -> np.ndarray:
+        self.gathers += 1
+        return super().batch(indices)
+
+
+def test_windows_are_gathered_in_blocks_and_fed_batch_by_batch_in_shuffled_order() -> None:
+    from smocsd.trainers._common import GATHER_WINDOWS, run_epochs
+
+    rows = np.arange(5000 * 2, dtype=np.float32).reshape(5000, 2)
+    train, val = CountingWindows(rows), ArrayWindows(rows[:10])
+    session, progress = RecordingSession(), Recorder()
+    run_epochs(
+        spec(n_features=2, batch_size=48, epochs=2, patience=5), train, val, progress, session
+    )
+    order = np.arange(5000)
+    rng = np.random.default_rng((0, 1))  # run_epochs' own shuffling stream
+    expected = []
+    for _ in range(2):
+        rng.shuffle(order)
+        expected += [rows[order[i : i + 48]] for i in range(0, 5000, 48)]
+    assert len(session.batches) == len(expected) == 2 * 105
+    for got, want in zip(session.batches, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    blocks_per_epoch = -(-5000 // (GATHER_WINDOWS // 48 * 48))
+    assert train.gathers == 2 * blocks_per_epoch < len(expected)
+    assert progress.calls == len(expected) + 2  # every train step, and one validation batch
+
+
+def test_ort_training_leaves_the_callers_floats_alone(data, tmp_path: Path) -> None:
+    """ORT flushes denormals to zero while it trains (ort.session_options), and sets that
+    flag on the thread that creates the session for good: fit runs in a thread of its own."""
+    tiny = np.array([1e-39], np.float32)  # a denormal float32
+    assert (tiny * np.float32(1.0))[0] != 0
+    fit("ort", spec(epochs=1), data, tmp_path / "v")
+    assert (tiny * np.float32(1.0))[0] != 0
+
+
+def test_numpy_adamw_flushes_moments_before_they_turn_denormal() -> None:
+    from smocsd.trainers.numpy import FLUSH_EVERY, AdamW
+
+    params = np.ones(4, np.float32)
+    grads = np.array([1.0, 1.0, 1.0, 1.0], np.float32)
+    adamw = AdamW(params, grads, 1e-3)
+    adamw.step()
+    grads[:2] = 0.0  # two weights whose gradient stays zero: their moments only decay
+    tiny = np.finfo(np.float32).tiny
+    for _ in range(40 * FLUSH_EVERY):
+        adamw.step()
+        for moment in (adamw.m, adamw.v):
+            assert not ((moment != 0) & (np.abs(moment) < tiny)).any()
+    assert (adamw.m[:2] == 0).all() and (adamw.m[2:] > 0.5).all()
+    assert (adamw.v[2:] > 0.5).all()

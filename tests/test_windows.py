@@ -90,3 +90,62 @@ def test_no_usable_time_windows_by_order_alone():
     breaks, check = check_time(np.full(10, np.nan), None)
     assert not breaks.any() and check.no_time == 10 and np.isnan(check.interval)
     assert check.to_meta()["max_gap_s"] is None
+
+
+def test_a_batch_is_the_rows_of_its_windows_cut_from_one_matrix():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(500, 3))
+    values[[40, 300]] = np.nan
+    starts = valid_starts(~np.isfinite(values).all(axis=1), 7, 2)
+    sp = split(values, starts, 7, 0.25)
+    for windows in (sp.train, sp.val):
+        # every window is a row of a strided view of the one float32 matrix: no copy
+        assert np.shares_memory(windows.view, sp.train.z) and windows.z is sp.train.z
+        idx = rng.permutation(len(windows))[:50]
+        x = windows.batch(idx)
+        assert x.dtype == np.float32 and x.flags.c_contiguous and x.shape == (50, 21)
+        expected = np.stack([windows.z[s : s + 7].ravel() for s in windows.starts[idx]])
+        np.testing.assert_array_equal(x, expected)
+        np.testing.assert_array_equal(
+            np.concatenate(list(windows.batches(16))), windows.batch(np.arange(len(windows)))
+        )
+
+
+def test_valid_starts_are_those_of_the_definition():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        n, size, stride = (
+            int(rng.integers(1, 200)),
+            int(rng.integers(2, 12)),
+            int(rng.integers(1, 4)),
+        )
+        bad, breaks = rng.random(n) < 0.05, rng.random(n) < 0.05
+        expected = [
+            s
+            for s in range(0, n - size + 1, stride)
+            if not bad[s : s + size].any() and not breaks[s + 1 : s + size].any()
+        ]
+        assert list(valid_starts(bad, size, stride, breaks)) == expected
+
+
+def test_normalization_a_block_at_a_time_is_that_of_all_rows_at_once(monkeypatch):
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(1000, 3)) * [0.1, 10, 1e4] + [20, -5, 3e5]
+    values[[10, 500, 501]] = [np.nan, np.inf, 7.0]
+    starts = valid_starts(~np.isfinite(values).all(axis=1), 10, 1)
+    whole = split(values, starts, 10, 0.2)
+    monkeypatch.setattr("smocsd.windows.BLOCK_ROWS", 37)
+    blocks = split(values, starts, 10, 0.2)
+    covered = np.zeros(1000, bool)
+    for s in whole.train.starts:
+        covered[s : s + 10] = True
+    rows = values[covered]
+    # Bit for bit numpy's statistics of the rows (so models do not change with the blocks)
+    for sp in (whole, blocks):
+        np.testing.assert_array_equal(sp.normalization.mean, rows.mean(axis=0))
+        np.testing.assert_array_equal(sp.normalization.scale, rows.std(axis=0))
+    np.testing.assert_array_equal(blocks.train.z, whole.train.z)
+    finite = np.isfinite(values)
+    expected = ((values - rows.mean(axis=0)) / rows.std(axis=0)).astype(np.float32)
+    np.testing.assert_allclose(whole.train.z[finite], expected[finite], rtol=1e-5, atol=1e-6)
+    assert (whole.train.z[~finite] == 0).all()  # missing values (in no window) are zeros

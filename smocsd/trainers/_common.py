@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 # Validation needs no gradients, so larger batches only save per-call overhead; they stay
 # small enough that between_batches (the watchdog ping) still comes every few milliseconds.
-EVAL_BATCH = 1024
+EVAL_BATCH = 4096
+# Training windows are gathered from the row matrix this many at a time (about 240 kB of
+# float32 at 30 features), then fed to the trainer batch by batch as views of the block.
+GATHER_WINDOWS = 2048
 
 T = TypeVar("T")
 
@@ -90,6 +93,14 @@ def validation_loss(session: Session, val: Windows, progress: Progress) -> float
     return total / (n * val.n_features)
 
 
+def _blocks(train: Windows, order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """The windows in `order`, copied out GATHER_WINDOWS (rounded to whole batches) at a
+    time: one gather per block instead of one per batch, the same batches in the same order."""
+    step = max(1, GATHER_WINDOWS // batch_size) * batch_size
+    for start in range(0, len(order), step):
+        yield train.batch(order[start : start + step])
+
+
 def run_epochs(
     spec: TrainSpec, train: Windows, val: Windows, progress: Progress, session: Session
 ) -> LoopResult:
@@ -97,7 +108,7 @@ def run_epochs(
     loss; leaves the session holding the best epoch's weights."""
     rng = np.random.default_rng((spec.seed, 1))  # a stream apart from the weight init's
     n = len(train)
-    order = np.arange(n)
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # shuffled in place
     best_val = math.inf
     best_train = math.nan
     stale = 0
@@ -105,10 +116,11 @@ def run_epochs(
     for epoch in range(1, spec.epochs + 1):
         rng.shuffle(order)
         total = 0.0
-        for start in range(0, n, spec.batch_size):
-            idx = order[start : start + spec.batch_size]
-            total += session.train_step(train.batch(idx)) * len(idx)
-            progress.between_batches()
+        for block in _blocks(train, order, spec.batch_size):
+            for start in range(0, len(block), spec.batch_size):
+                x = block[start : start + spec.batch_size]
+                total += session.train_step(x) * len(x)
+                progress.between_batches()
         train_loss = total / n
         val_loss = validation_loss(session, val, progress)
         progress.on_epoch(epoch, spec.epochs, train_loss, val_loss)

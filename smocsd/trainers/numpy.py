@@ -29,6 +29,15 @@ CHECKPOINT = "weights.npz"
 BETA1 = 0.9
 BETA2 = 0.999
 EPS = 1e-6
+# Moments smaller than this are set to zero every FLUSH_EVERY steps. The moments of a
+# weight whose gradient is zero (a unit that ReLU keeps off) decay by beta each step into
+# float32's denormal range (below 1.2e-38), where every operation on them takes a microcode
+# assist: numpy has no flush-to-zero mode, and a step got 20 % slower late in training.
+# Zeroed at 1e-30 they never get there (m, the faster, takes 170 steps from 1e-30 to
+# 1e-38); an update of m / (sqrt(v) + 1e-6) that small changes nothing. The ort backend
+# gets the same from ORT's own flush (ort.session_options).
+FLUSH_BELOW = 1e-30
+FLUSH_EVERY = 64
 
 
 class Network:
@@ -130,6 +139,9 @@ class AdamW:
         np.divide(self.m, tmp, out=tmp)
         tmp *= step_size
         self.params -= tmp
+        if t % FLUSH_EVERY == 0:
+            for moment in (self.m, self.v):
+                moment[np.abs(moment) < FLUSH_BELOW] = 0.0
 
 
 class _NumpySession:
