@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -149,3 +150,28 @@ def find_python(version: str) -> Path | None:
         if proc.returncode == 0 and proc.stdout.strip() == version:
             return Path(candidate)
     return None
+
+
+def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> int:
+    """`rows` more rows in a demo database, repeating its newest normal ones (vibration
+    scaled; scaled rows are labelled anomalous); returns the order value of the first."""
+    with sqlite3.connect(db) as conn:
+        last = conn.execute(
+            "SELECT ts, temperature, vibration, current FROM readings ORDER BY rowid DESC LIMIT 1"
+        ).fetchone()
+        recent = conn.execute(  # normal rows only: a copy of an anomaly is anomalous
+            "SELECT temperature, vibration, current FROM readings WHERE label = 0 "
+            "ORDER BY rowid DESC LIMIT ?",
+            (rows,),
+        ).fetchall()[::-1]
+        first = conn.execute("SELECT max(rowid) FROM readings").fetchone()[0] + 1
+        ts = last[0]
+        for i in range(rows):
+            t, v, c = recent[i % len(recent)]
+            ts += 1
+            conn.execute(
+                "INSERT INTO readings (ts, temperature, vibration, current, label) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (ts, t, v * vibration_factor, c, int(vibration_factor != 1.0)),
+            )
+    return first

@@ -8,10 +8,9 @@ import os
 import shutil
 import sqlite3
 import uuid
-from pathlib import Path
 
 import pytest
-from helpers import Running, smocsd, write_config
+from helpers import Running, insert, smocsd, write_config
 
 from smocsd import config, demo
 from smocsd.live import LiveScorer
@@ -26,31 +25,6 @@ def trained(tmp_path):
     path = write_config(tmp_path / "c.toml", state, scoring={"enabled": True})
     smocsd("train-once", config=path, check=True)
     return state, path
-
-
-def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> int:
-    """`rows` more rows repeating the newest normal ones (vibration scaled); returns the
-    order value of the first."""
-    with sqlite3.connect(db) as conn:
-        last = conn.execute(
-            "SELECT ts, temperature, vibration, current FROM readings ORDER BY rowid DESC LIMIT 1"
-        ).fetchone()
-        recent = conn.execute(  # normal rows only: a copy of an anomaly is anomalous
-            "SELECT temperature, vibration, current FROM readings WHERE label = 0 "
-            "ORDER BY rowid DESC LIMIT ?",
-            (rows,),
-        ).fetchall()[::-1]
-        first = conn.execute("SELECT max(rowid) FROM readings").fetchone()[0] + 1
-        ts = last[0]
-        for i in range(rows):
-            t, v, c = recent[i % len(recent)]
-            ts += 1
-            conn.execute(
-                "INSERT INTO readings (ts, temperature, vibration, current, label) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (ts, t, v * vibration_factor, c, int(vibration_factor != 1.0)),
-            )
-    return first
 
 
 def test_smocsd_score_agrees_with_live_scoring_row_for_row(trained):

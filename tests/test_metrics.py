@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import Running, write_config
+from helpers import Running, insert, write_config
 from services import NodeExporter, ServiceError, free_port
 
 from smocsd import config, demo, metrics
@@ -296,25 +295,6 @@ def test_a_file_that_cannot_be_written_is_logged_once_and_training_goes_on(tmp_p
     assert "smocsd_current_version{" in other.read_text()
 
 
-def _insert(db: Path, rows: int, vibration_factor: float = 1.0) -> None:
-    """`rows` more rows repeating the newest normal ones, vibration scaled."""
-    with sqlite3.connect(db) as conn:
-        ts, *_ = conn.execute("SELECT max(ts) FROM readings").fetchone()
-        recent = conn.execute(
-            "SELECT temperature, vibration, current FROM readings WHERE label = 0 "
-            "ORDER BY rowid DESC LIMIT ?",
-            (rows,),
-        ).fetchall()[::-1]
-        conn.executemany(
-            "INSERT INTO readings (ts, temperature, vibration, current, label) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [
-                (ts + i + 1, t, v * vibration_factor, c, int(vibration_factor != 1.0))
-                for i, (t, v, c) in enumerate(recent)
-            ],
-        )
-
-
 def _value(scrape: dict, name: str, **labels: str) -> float | None:
     """The value of the sample of `name` whose labels include `labels`."""
     found = [v for sample, v in scrape.get(name, []) if labels.items() <= sample.items()]
@@ -381,8 +361,8 @@ def test_node_exporter_serves_what_a_real_daemon_wrote(tmp_path, node_exporter):
         assert _value(scrape, "smocsd_alarms_total", **mod) == 0
 
         # An anomaly: live scoring opens an alarm event, and the file says so.
-        _insert(state / "readings.db", 30)
-        _insert(state / "readings.db", 8, vibration_factor=6.0)
+        insert(state / "readings.db", 30)
+        insert(state / "readings.db", 8, vibration_factor=6.0)
         scrape = until(
             lambda: _value(s := node_exporter.scrape(), "smocsd_alarms_total", **mod) and s,
             "smocsd_alarms_total 1",

@@ -11,14 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from helpers import smocsd, write_config
+from helpers import insert, smocsd, write_config
 from schemacheck import problems, validate
 
 from smocsd import config, demo, schemas
@@ -173,26 +172,6 @@ def test_failed_and_recovered_results_pass(tmp_path: Path) -> None:
     outbox.close()
     assert recovered["recovered"] is True
     validate(recovered)
-
-
-def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> None:
-    """`rows` more rows, copies of the newest normal ones with vibration scaled."""
-    with sqlite3.connect(db) as conn:
-        (ts,) = conn.execute("SELECT max(ts) FROM readings").fetchone()
-        recent = conn.execute(
-            "SELECT temperature, vibration, current FROM readings WHERE label = 0 "
-            "ORDER BY rowid DESC LIMIT ?",
-            (rows,),
-        ).fetchall()[::-1]
-        copies = [recent[i % len(recent)] for i in range(rows)]
-        conn.executemany(
-            "INSERT INTO readings (ts, temperature, vibration, current, label) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [
-                (ts + i + 1, t, v * vibration_factor, c, int(vibration_factor != 1.0))
-                for i, (t, v, c) in enumerate(copies)
-            ],
-        )
 
 
 def test_alarm_messages_pass(tmp_path: Path) -> None:
