@@ -16,7 +16,8 @@ import numpy as np
 
 from . import __version__, modelfile, report, threshold
 from .job import TrainingJob
-from .scoring import AlarmRule, channel_errors, open_session, shares
+from .labels import Kind, Label, Labels
+from .scoring import AlarmRule, Model, channel_errors, open_session, shares
 from .sources import Readings
 from .state import utcnow
 from .store import ModelStore
@@ -73,6 +74,10 @@ class TrainingData:
     last_order: int
     val_rows: np.ndarray  # raw rows val_offset.. covering every validation window
     val_offset: int
+    left_out: dict[str, Any]  # LeaveOut.summary of the rows read
+    # (values, time) of each run of rows the current model alarmed on, with the rows
+    # before it that its first windows and the alarm rule look back on
+    alarm_rows: list[tuple[np.ndarray, np.ndarray]]
 
 
 # Windows scored per channel_errors call when only their scores are kept: its per-channel
@@ -120,9 +125,17 @@ def _check_state(job: AutoencoderJob) -> None:
             job.state.pop("last_order")
 
 
+# A challenger must alarm on at least this share of the windows the current model alarmed
+# on (rows it was not trained on): below, it has begun to take the fault for normal.
+# Not all: the edges of an event sit near either threshold, and two thresholds fitted on
+# different rows disagree there.
+KEEP_ALARMS = 0.9
+
+
 def _gate(job: AutoencoderJob) -> str | None:
     """Why this tick must not train (None: go ahead)."""
     _check_state(job)
+    job.labels = Labels(job.config.state_dir).read()
     t = job.config.training
     last_order = job.state.get("last_order")
     if last_order is None:
@@ -131,6 +144,10 @@ def _gate(job: AutoencoderJob) -> str | None:
             return f"{total} rows of {t.min_training_samples} needed for the first training"
         return None
     if job.force:
+        return None
+    accepted = [x.id for x in job.labels if x.kind is Kind.ACCEPT]
+    if accepted and max(accepted) > job.state.get("labels_seen", 0):
+        job.logger.info("an accept label is new: training now, without waiting for the gates")
         return None
     new = job.db_manager.count_after(last_order)
     if new < t.min_new_samples:
@@ -158,6 +175,8 @@ class AutoencoderJob(TrainingJob):
         )
         self.store = ModelStore.of(self.config)
         self.version: int | None = None
+        self.labels: list[Label] = []  # in force at this cycle's gate
+        self.rejection: str | None = None  # why the challenger is not promoted
 
     @property
     def trainer(self) -> Trainer:
@@ -186,15 +205,29 @@ class AutoencoderJob(TrainingJob):
         empty = [c for c, ok in zip(channels, has_value, strict=True) if not ok]
         if empty and len(bad):
             raise DataError(f"channel(s) {', '.join(empty)} have no valid value in the rows read")
+        leave_out = self.leave_out()
+        left = leave_out.mask(readings.order)
         good = len(bad) - int(bad.sum())
-        if good < t.min_training_samples:
+        trainable = int((~bad & ~left).sum())
+        if trainable < t.min_training_samples:
             self.skip_reason = (
-                f"{good} valid rows of {t.min_training_samples} needed ({bad.sum()} rows dropped)"
+                f"{trainable} trainable rows of {t.min_training_samples} needed "
+                f"({bad.sum()} rows dropped, {int((left & ~bad).sum())} left out: the current "
+                "model alarmed on them or they are excluded; `smocsd accept` if they are "
+                "the new normal)"
+                if left.any()
+                else f"{good} valid rows of {t.min_training_samples} needed "
+                f"({bad.sum()} rows dropped)"
             )
             return None
+        if left.any():
+            self.logger.info(
+                "%d rows left out: the current model alarmed on them, or they are excluded",
+                int(left.sum()),
+            )
         breaks, time_check = check_time(readings.time, t.max_gap)
         self._report_time(readings, time_check)
-        starts = valid_starts(bad, t.window_size, t.stride, breaks)
+        starts = valid_starts(bad | left, t.window_size, t.stride, breaks)
         del breaks
         try:
             sp = split(readings.values, starts, t.window_size, t.validation_fraction)
@@ -217,6 +250,8 @@ class AutoencoderJob(TrainingJob):
             last_order=int(readings.order[-1]),
             val_rows=readings.values[first:end].copy(),
             val_offset=first,
+            left_out=leave_out.summary(readings.order),
+            alarm_rows=self._alarm_rows(readings, leave_out.alarms(readings.order)),
         )
         self.logger.info(
             "read %d rows (%d dropped): %d training and %d validation windows",
@@ -226,6 +261,21 @@ class AutoencoderJob(TrainingJob):
             len(data.split.val),
         )
         return data
+
+    def _alarm_rows(
+        self, readings: Readings, alarmed: np.ndarray
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The rows of each run the current model alarmed on, for the check that a
+        challenger still alarms there, each with the rows its windows look back on."""
+        back = self.config.training.window_size - 1 + self.config.model.alarm_of - 1
+        edges = np.diff(np.concatenate(([0], alarmed.astype(np.int8), [0])))
+        return [
+            (
+                readings.values[max(0, a - back) : b].copy(),
+                readings.time[max(0, a - back) : b].copy(),
+            )
+            for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True)
+        ]
 
     def _report_time(self, readings: Readings, check: TimeCheck) -> None:
         """Says, once per cycle, where the time column keeps rows out of windows."""
@@ -320,6 +370,8 @@ class AutoencoderJob(TrainingJob):
             )
         }
         previous = self._score_current(sp.val, threads)
+        champion_alarms, kept = self._kept_alarms(threads) if previous else (0, None)
+        self.rejection = self._rejection(previous, champion_alarms, kept)
         return {
             "val_score_p50": self.score_quantiles["validation"]["p50"],
             "val_score_p99": self.score_quantiles["validation"]["p99"],
@@ -329,6 +381,57 @@ class AutoencoderJob(TrainingJob):
             "previous_version": previous[0] if previous else None,
             "previous_val_loss": previous[1] if previous else None,
             "champion_problem": self.champion_problem,
+            "left_out_rows": self.data.left_out["rows"],
+            "champion_alarm_windows": champion_alarms,
+            "alarm_windows_kept": kept,
+            "rejection": self.rejection,
+        }
+
+    def _kept_alarms(self, threads: int) -> tuple[int, float | None]:
+        """(windows the current model alarms on among the rows it alarmed on before, the
+        share of them the challenger alarms on too); both score as a consumer does."""
+        if not self.data.alarm_rows or self.champion is None:
+            return 0, None
+        champion = Model(
+            self.store.path(self.champion), self.store.metadata(self.champion), threads
+        )
+        challenger = Model(self.staging, self._scoring_meta(), threads)
+        alarmed = kept = 0
+        for values, time_ in self.data.alarm_rows:
+            before = champion.score(values, time_).row_alarm(len(values))
+            after = challenger.score(values, time_).row_alarm(len(values))
+            alarmed += int(before.sum())
+            kept += int((before & after).sum())
+        return alarmed, (kept / alarmed if alarmed else None)
+
+    def _rejection(
+        self, previous: tuple[int, float] | None, alarms: int, kept: float | None
+    ) -> str | None:
+        """Why the challenger must not become current (None: it may)."""
+        if previous is None:
+            return None
+        version, previous_loss = previous
+        if kept is not None and kept < KEEP_ALARMS:
+            return (
+                f"alarms on {kept:.0%} of the {alarms} windows v{version} alarmed on "
+                f"(rows it was not trained on), {KEEP_ALARMS:.0%} needed: it would learn "
+                "the fault as normal"
+            )
+        if self.config.model.promote == "if-better" and self.val_loss > previous_loss:
+            return f"val_loss {self.val_loss:.4g} is worse than v{version}'s {previous_loss:.4g}"
+        return None
+
+    def _scoring_meta(self) -> dict[str, Any]:
+        """What scoring.Model needs of the challenger before its metadata.json exists."""
+        cfg = self.config
+        return {
+            "channels": list(cfg.source.channels),
+            "window_size": cfg.training.window_size,
+            "threshold": self.threshold_fit.threshold,
+            "threshold_fit": self.threshold_fit.to_meta(),
+            "alarm": AlarmRule(cfg.model.alarm_above, cfg.model.alarm_of).to_meta(),
+            "time": self.data.time.to_meta(),
+            "normalization": self.data.split.normalization.to_meta(),
         }
 
     def _check_champion(self) -> int | None:
@@ -369,12 +472,7 @@ class AutoencoderJob(TrainingJob):
     def save_model(self, model_metrics: dict, eval_results: dict) -> dict:
         try:
             self._check_finite(model_metrics)
-            previous = eval_results["previous_val_loss"]
-            promote = (
-                self.config.model.promote == "always"
-                or previous is None
-                or self.val_loss <= previous
-            )
+            promote = self.rejection is None
             meta = self._metadata(model_metrics, eval_results, promote)
             path = self.staging / "metadata.json"
             path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
@@ -385,16 +483,14 @@ class AutoencoderJob(TrainingJob):
             self.store.discard(self.staging)
             raise
         self.store.commit(self.version, self.staging, promote=promote)
-        self.state.update(last_order=self.data.last_order, trained_at=time.time())
+        self.state.update(
+            last_order=self.data.last_order,
+            trained_at=time.time(),
+            labels_seen=max((x.id for x in self.labels), default=0),
+        )
         outcome = "promoted" if promote else "rejected"
         if not promote:
-            self.logger.warning(
-                "v%d rejected: val_loss %.4g is worse than current v%d's %.4g",
-                self.version,
-                self.val_loss,
-                eval_results["previous_version"],
-                previous,
-            )
+            self.logger.warning("v%d rejected: %s", self.version, self.rejection)
         return {"version": self.version, "outcome": outcome, "model_meta": meta}
 
     def _check_finite(self, metrics: dict) -> None:
@@ -445,6 +541,7 @@ class AutoencoderJob(TrainingJob):
                 "val_windows": len(sp.val),
                 "first_order": data.first_order,
                 "last_order": data.last_order,
+                "left_out": data.left_out,
             },
             "files": {},  # filled in below, once report.html is written
             "software": {

@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__
 from . import config as config_mod
 from .config import Config, ConfigError
+from .labels import Kind, Label, LabelError, Labels
 from .outbox import Outbox, OutboxError
 from .store import ModelStore, StoreError, version_name
 from .systemd import configure_logging
@@ -37,6 +38,9 @@ _WRITERS = {
     ("demo", None),
     ("models", "rollback"),
     ("outbox", "flush"),
+    ("accept", None),
+    ("exclude", None),
+    ("labels", "remove"),
 }
 
 
@@ -167,6 +171,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         finally:
             outbox.close()
     backend, backend_problem = _training_backend(cfg)
+    labels = Labels(cfg.state_dir).read()
     status = {
         "device_id": cfg.daemon.device_id,
         "model": cfg.model.name,
@@ -179,6 +184,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "next_check": state.get("next_check"),
         "outbox_depth": depth,
         "scoring": _scoring_status(cfg, state.get("scoring")),
+        "labels": [x.to_json() for x in labels],
+        "left_out": _left_out(cfg, state),
         "state_dir": str(cfg.state_dir),
     }
     if args.json:
@@ -205,7 +212,22 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         lag = "?" if scoring["lag_rows"] is None else scoring["lag_rows"]
         where = f"row {scoring['last_order']} with v{scoring['version']}"
         print(f"scoring:     {where}, {lag} rows behind{alarm}")
+    spans = status["left_out"]
+    if spans:
+        kinds = ", ".join(f"{sum(s['why'] == w for s in spans)} {w}" for w in ("alarm", "spike"))
+        print(f"left out:    {len(spans)} range(s) of rows the current model alarmed on ({kinds})")
+    for x in labels:
+        print(f"label:       {x.describe()}")
     return EX_OK
+
+
+def _left_out(cfg: Config, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The screening record: row ranges kept out of training, and why."""
+    screened = (state.get("jobs", {}).get(cfg.model.name) or {}).get("screened") or {}
+    return [
+        {"first": first, "last": last, "why": why, "version": version}
+        for first, last, why, version, *_ in screened.get("spans", [])
+    ]
 
 
 def _scoring_status(cfg: Config, scoring: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -343,9 +365,15 @@ def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
         _print_json(messages)
     else:
         for m in messages:
-            # A training result has an outcome; an alarm event message has its event.
-            what = m.get("outcome") or f"alarm {m.get('state')}"
-            print(f"{m['timestamp']}  {m['message_id']}  {m['model']} v{m['version']}  {what}")
+            # A training result has an outcome, an alarm message its event's state, a
+            # label message its action.
+            if "label" in m:
+                what = f"label #{m['label']['id']} {m['label']['kind']} {m['action']}"
+                version = ""
+            else:
+                what = m.get("outcome") or f"alarm {m.get('state')}"
+                version = f" v{m['version']}"
+            print(f"{m['timestamp']}  {m['message_id']}  {m['model']}{version}  {what}")
         print(f"{len(messages)} message(s) waiting")
     return EX_OK
 
@@ -377,7 +405,8 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
         raise Failure(str(exc)) from None
     finally:
         source.close()
-    rows, _, _ = decide(model, readings, after, None)
+    excluded = [(x.first, x.last) for x in Labels(cfg.state_dir).read() if x.kind is Kind.EXCLUDE]
+    rows, _, _ = decide(model, readings, after, None, excluded)
     rows = [r for r in rows if args.to_order is None or r.order <= args.to_order]
     if args.json:
         for row in rows:
@@ -389,6 +418,93 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
         flag = "ANOMALOUS" if r.anomalous else ("over" if r.over else "")
         print(f"{r.order:>10}  {r.score:>10.4g}  {flag:9}  {top} {r.shares[top]:.0%}")
     print(f"{len(rows)} windows, {sum(r.anomalous for r in rows)} anomalous")
+    return EX_OK
+
+
+def _publish_label(cfg: Config, label: Label, action: str) -> None:
+    """The label's message into the outbox; the daemon delivers it at its next check."""
+    from .labels import message
+
+    outbox = Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max)
+    try:
+        outbox.put(message(label, action, cfg.daemon.device_id, cfg.model.name))
+    finally:
+        outbox.close()
+
+
+def _alarm_start(cfg: Config, state: dict[str, Any], labels: list[Label]) -> int | None:
+    """Where the alarm to accept began: live scoring's open event, else the newest run of
+    rows the cycle's screening recorded as alarmed and no accept label covers yet."""
+    event = (state.get("scoring") or {}).get("event")
+    if event:
+        return int(event["start"]["order"])
+    screened = (state.get("jobs", {}).get(cfg.model.name) or {}).get("screened") or {}
+    accepted = [x for x in labels if x.kind is Kind.ACCEPT]
+    starts = [
+        int(first)
+        for first, last, why, *_ in screened.get("spans", [])
+        if why == "alarm" and not any(x.covers(first) and x.covers(last) for x in accepted)
+    ]
+    return max(starts, default=None)
+
+
+def cmd_accept(cfg: Config, args: argparse.Namespace) -> int:
+    from .state import State
+
+    _require_state_dir(cfg)
+    labels = Labels(cfg.state_dir)
+    first, last = args.from_order, args.to_order
+    if first is None:
+        first = _alarm_start(cfg, State(cfg.state_dir).read(), labels.read())
+        if first is None:
+            raise Failure("no alarm to accept (none open, none recorded): give --from ORDER")
+    if last is None:
+        last = _newest_order(cfg)
+    label = labels.add(Kind.ACCEPT, first, last, args.reason)
+    _publish_label(cfg, label, "added")
+    print(f"added {label.describe()}: the next check trains on these rows")
+    return EX_OK
+
+
+def _newest_order(cfg: Config) -> int:
+    """The order value of the newest row now: what an accept without --to reaches to."""
+    from .sources import SourceError, open_source
+
+    source = open_source(cfg.source)
+    try:
+        newest = source.max_order()
+    except SourceError as exc:
+        raise Failure(f"{exc}: give --to ORDER") from None
+    finally:
+        source.close()
+    if newest is None:
+        raise Failure("the table has no rows yet: give --to ORDER")
+    return newest
+
+
+def cmd_exclude(cfg: Config, args: argparse.Namespace) -> int:
+    _require_state_dir(cfg)
+    label = Labels(cfg.state_dir).add(Kind.EXCLUDE, args.from_order, args.to_order, args.reason)
+    _publish_label(cfg, label, "added")
+    print(f"added {label.describe()}: never trained on, never alarmed")
+    return EX_OK
+
+
+def cmd_labels(cfg: Config, args: argparse.Namespace) -> int:
+    _require_state_dir(cfg)
+    labels = Labels(cfg.state_dir)
+    if args.labels_command == "remove":
+        label = labels.remove(args.id)
+        _publish_label(cfg, label, "removed")
+        print(f"removed {label.describe()}")
+        return EX_OK
+    found = labels.read()
+    if args.json:
+        _print_json([x.to_json() for x in found])
+        return EX_OK
+    for x in found:
+        print(f"{x.created_at}  {x.describe()}")
+    print(f"{len(found)} label(s)")
     return EX_OK
 
 
@@ -471,6 +587,39 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--version", type=int, help="model version (default: current)")
     sp.add_argument("--json", action="store_true", help="JSON lines: order, time, score, ...")
 
+    sp = add(
+        "accept",
+        cmd_accept,
+        "this is the new normal: rows the current model alarmed on become trainable, and "
+        "the next check trains on them",
+    )
+    sp.add_argument(
+        "--from",
+        dest="from_order",
+        type=int,
+        help="first order value (default: where the open or newest recorded alarm began)",
+    )
+    sp.add_argument(
+        "--to", dest="to_order", type=int, help="last order value (default: the newest row now)"
+    )
+    sp.add_argument("--reason", default="", help="why, for the record and the fleet")
+    sp = add(
+        "exclude",
+        cmd_exclude,
+        "a maintenance or calibration period: never trained on, never alarmed",
+    )
+    sp.add_argument("--from", dest="from_order", type=int, required=True, help="first order value")
+    sp.add_argument("--to", dest="to_order", type=int, required=True, help="last order value")
+    sp.add_argument("--reason", default="", help="why, for the record and the fleet")
+    sp = add("labels", cmd_labels, "list the accept and exclude labels, or remove one")
+    lsub = sp.add_subparsers(dest="labels_command", metavar="ACTION")
+    lsub.add_parser("list", parents=[common], help="the labels in force").add_argument(
+        "--json", action="store_true"
+    )
+    lsub.add_parser("remove", parents=[common], help="remove label ID").add_argument("id", type=int)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(labels_command="list")
+
     sp = add("demo", cmd_demo, "write a SQLite database of simulated sensor readings")
     sp.add_argument("--rows", type=int, default=30000, help="rows to add (default 30000)")
     sp.add_argument("--db", metavar="PATH", help="database file (default: source.path)")
@@ -530,7 +679,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     args.config_path = config_mod.config_path(getattr(args, "config", None))
-    action = getattr(args, "models_command", None) or getattr(args, "outbox_command", None)
+    action = (
+        getattr(args, "models_command", None)
+        or getattr(args, "outbox_command", None)
+        or getattr(args, "labels_command", None)
+    )
     try:
         if args.command == "demo" and not args.config_path.exists():
             cfg = config_mod.parse("")  # demo works before any config is written
@@ -548,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EX_CONFIG
-    except (Failure, StoreError, OutboxError) as exc:  # each names its file
+    except (Failure, StoreError, OutboxError, LabelError) as exc:  # each names its file
         print(f"smocsd: {exc}", file=sys.stderr)
         return EX_FAIL
     except OSError as exc:

@@ -165,6 +165,11 @@ def _max_gap(value: Any) -> float | None:
     return None if value == "auto" else _positive_duration()(value)
 
 
+def _off_or_duration(value: Any) -> float | None:
+    """'off' (None) or a duration longer than zero."""
+    return None if value == "off" else _positive_duration()(value)
+
+
 def _path(value: Any) -> Path:
     return Path(_nonempty_str(value))
 
@@ -357,6 +362,9 @@ class ModelConfig:
     false_alarm_rate: float = _opt(0.001, _float(0.0, 0.5, low_open=True, high_open=True))
     alarm_above: int = _opt(2, _int(1))
     alarm_of: int = _opt(3, _int(1))
+    # A change the current model has alarmed on without a break for this long is accepted
+    # as the new normal (a label by "accept_after", published); off: until a person acts.
+    accept_after: float | None = _opt(None, _off_or_duration)
 
 
 @dataclass(frozen=True)
@@ -398,6 +406,7 @@ class KafkaConfig:
     bootstrap_servers: str = _opt("localhost:9092", _nonempty_str)  # $KAFKA_BROKER_URL overrides
     topic: str = _opt("training-results", _kafka_topic)
     alarm_topic: str = _opt("anomaly-alarms", _kafka_topic)  # live scoring's alarm events
+    label_topic: str = _opt("smocsd-labels", _kafka_topic)  # accept and exclude labels
     security_protocol: str | None = _opt(
         None, _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
     )
@@ -414,6 +423,7 @@ class MqttConfig:
     port: int = _opt(1883, _int(1, 65535))
     topic: str = _opt("smocsd/{device_id}/training-results", _mqtt_topic)
     alarm_topic: str = _opt("smocsd/{device_id}/alarms", _mqtt_topic)
+    label_topic: str = _opt("smocsd/{device_id}/labels", _mqtt_topic)
     qos: int = _opt(1, _int(0, 2))
     tls: bool = _opt(False, _bool)
     ca_file: Path | None = _opt(None, _path)
@@ -536,7 +546,11 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append("publish.mqtt.ca_file: set tls = true to use it")
     if m.password_file and not m.username:
         problems.append("publish.mqtt.password_file: needs username")
-    for key, topic in (("topic", m.topic), ("alarm_topic", m.alarm_topic)):
+    for key, topic in (
+        ("topic", m.topic),
+        ("alarm_topic", m.alarm_topic),
+        ("label_topic", m.label_topic),
+    ):
         size = len(topic.replace(DEVICE_ID_PLACEHOLDER, cfg.daemon.device_id).encode())
         if size > MQTT_TOPIC_MAX_BYTES:
             problems.append(

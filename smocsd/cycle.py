@@ -62,6 +62,7 @@ class CycleResult:
     timestamp: str = field(default_factory=utcnow)
     recovered: bool = False  # enqueued from the model store after the original was lost
     job_state: dict[str, Any] | None = None  # to commit; None keeps the previous state
+    labels: list[dict[str, Any]] = field(default_factory=list)  # label messages to publish
 
     def message(self, cfg: Config) -> dict[str, Any]:
         """The object published (and printed by train-once)."""
@@ -214,7 +215,12 @@ def call_hooks(
         progress.ping()
         data = job.get_training_data()
         if data is None:
-            return CycleResult(Outcome.SKIPPED, reason=job.skip_reason, job_state=job.state)
+            return CycleResult(
+                Outcome.SKIPPED,
+                reason=job.skip_reason,
+                job_state=job.state,
+                labels=job.label_messages,
+            )
         progress.ping()
         metrics = _mapping(job.train_model(data), "train_model")
         del data  # the job may still hold what eval needs; the cycle holds nothing
@@ -232,12 +238,18 @@ def call_hooks(
             # enqueued again from the store (reconcile) carries the same message_id.
             message_id=model_meta.get("result_id") or str(uuid.uuid4()),
             job_state=job.state,
+            labels=job.label_messages,
         )
     except NoDatabase as exc:
         return CycleResult(Outcome.SKIPPED, reason=str(exc))
     except Exception as exc:
         log.debug("cycle failed", exc_info=True)
-        return CycleResult(Outcome.FAILED, getattr(job, "version", None), error=error_line(exc))
+        return CycleResult(
+            Outcome.FAILED,
+            getattr(job, "version", None),
+            error=error_line(exc),
+            labels=job.label_messages if job is not None else [],
+        )
     finally:
         source.close()
 
@@ -382,6 +394,13 @@ def _record(cfg: Config, outbox: Outbox, result: CycleResult) -> bool:
     and reconcile() enqueues a saved version's result once the disk takes it again.
     """
     queued = True
+    # Labels the cycle made (model.accept_after) are in labels.json already; their
+    # messages go first, so a consumer learns of the label before of the model it made.
+    for message in result.labels:
+        try:
+            outbox.put(message)
+        except Exception as exc:
+            log.error("label message not queued: %s", exc)
     if result.outcome is not Outcome.SKIPPED:
         try:
             outbox.put(result.message(cfg))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the daemon imports this module and must not load numpy through sources
     from .config import Config
+    from .screen import LeaveOut
     from .sources import Source
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,13 @@ class TrainingJob(ABC):
     `progress` (call `progress.between_batches()` in long loops: it honours stop
     requests and shows the daemon that training is alive), `force` (train-once
     --force) and `state` (persistent per-job dict, saved after a successful save_model
-    or a skip, never after a failure). Set `skip_reason` before returning None from
-    get_training_data.
+    or a skip, never after a failure; smocsd keeps its screening record under its
+    "screened" key). Set `skip_reason` before returning None from get_training_data.
+
+    Call `leave_out()` in get_training_data, after deciding to train, and keep its
+    rows out of every training and validation window: the rows the current model
+    alarmed on and the operator's excluded periods, less the accepted ones. A job that
+    trains on them learns a persistent fault as the new normal.
 
     The hooks run in a child process of the daemon, one per cycle: a crash, an OOM kill
     or a hang there is a `failed` result, and the daemon keeps running.
@@ -90,7 +96,19 @@ class TrainingJob(ABC):
         self.force = force
         self.state: dict[str, Any] = dict(state or {})
         self.skip_reason = "not enough data"
+        self.label_messages: list[dict[str, Any]] = []  # labels this cycle made, to publish
+        self._leave_out: LeaveOut | None = None
         self.build_model()
+
+    def leave_out(self) -> LeaveOut:
+        """The rows not to train on (`mask(order)` marks them); found once per cycle by
+        scoring the rows that arrived since the last one with the current model, so call
+        it only once the job has decided to train."""
+        if self._leave_out is None:
+            from .screen import screen  # numpy and onnxruntime: the child's imports
+
+            self._leave_out, self.label_messages = screen(self)
+        return self._leave_out
 
     @abstractmethod
     def build_model(self) -> None:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import copy
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import scoring
 from .config import Config
+from .labels import Kind, LabelError, Labels
 from .outbox import Outbox
 from .publish import ALARM_SCHEMA
 from .scoring import Model, shares
@@ -50,26 +53,17 @@ class ScoredRow:
 
 
 def decide(
-    model: Model, readings: Readings, after: int | None, recent: list[bool] | None
+    model: Model,
+    readings: Readings,
+    after: int | None,
+    recent: list[bool] | None,
+    excluded: Sequence[tuple[int, int]] = (),
 ) -> tuple[list[ScoredRow], np.ndarray, list[bool]]:
-    """Scores the windows of `readings` that end past order `after`.
-
-    `recent` holds the last `alarm_of - 1` windows' over-threshold decisions before them;
-    None takes them from the windows of `readings` ending at or before `after` (a range
-    read with its context, as `smocsd score` does). Returns the rows, their windows'
-    per-channel errors, and the new `recent`.
-    """
-    scored = model.score(readings.values, readings.time)
-    end_order = readings.order[scored.end]
-    new = np.ones(len(end_order), bool) if after is None else end_order > after
-    keep = model.rule.of - 1
-    if recent is None:
-        recent = scored.over[~new].tolist()[-keep:] if keep else []
-    over = scored.over[new]
-    alarm = model.rule.apply(np.concatenate([np.array(recent, bool), over]))[len(recent) :]
-    errors = scored.errors[new]
-    share = shares(errors)
-    ends = scored.end[new]
+    """Scores the windows of `readings` that end past order `after` (scoring.decide), as
+    rows: the rows, their windows' per-channel errors, and the new `recent`."""
+    d = scoring.decide(
+        model, readings.values, readings.time, readings.order, after, recent, excluded
+    )
     rows = [
         ScoredRow(
             order=int(readings.order[i]),
@@ -79,10 +73,9 @@ def decide(
             anomalous=bool(a),
             shares={c: round(float(x), 4) for c, x in zip(model.channels, sh, strict=True)},
         )
-        for i, s, o, a, sh in zip(ends, scored.score[new], over, alarm, share, strict=True)
+        for i, s, o, a, sh in zip(d.ends, d.score, d.over, d.alarm, shares(d.errors), strict=True)
     ]
-    recent = (list(recent) + over.tolist())[-keep:] if keep else []
-    return rows, errors, recent
+    return rows, d.errors, d.recent
 
 
 @dataclass
@@ -153,6 +146,24 @@ class LiveScorer:
         self.model: Model | None = None
         self.version: int | None = None
         self.refused: int | None = None  # a current version that failed to load, said once
+        self.labels = Labels(cfg.state_dir)
+        self._labels_seen: tuple[int, list[tuple[int, int]]] | None = None  # (mtime, ranges)
+
+    def excluded(self) -> list[tuple[int, int]]:
+        """The operator's excluded periods (read again when labels.json changes); an
+        unreadable file is said once and excludes nothing until it is fixed."""
+        try:
+            mtime = self.labels.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return []
+        if self._labels_seen is None or self._labels_seen[0] != mtime:
+            try:
+                ranges = [(x.first, x.last) for x in self.labels.read() if x.kind is Kind.EXCLUDE]
+            except LabelError as exc:
+                log.error("scoring: excluded periods not applied: %s", exc)
+                ranges = []
+            self._labels_seen = (mtime, ranges)
+        return self._labels_seen[1]
 
     def close(self) -> None:
         if self.source is not None:
@@ -212,7 +223,9 @@ class LiveScorer:
         # fails (a full disk) leaves the position as it was, and the retry opens the same
         # event again instead of losing its "open" message.
         after = copy.deepcopy(pos)
-        rows, errors, after.recent = decide(model, readings, after.last_order, after.recent)
+        rows, errors, after.recent = decide(
+            model, readings, after.last_order, after.recent, self.excluded()
+        )
         messages = self._events(after, model, rows, errors)
         for message in messages:
             outbox.put(message)

@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from smocsd.config import ConfigError, KafkaConfig, MqttConfig, PublishConfig, read_secret
+from smocsd.labels import LABEL_SCHEMA
 
 log = logging.getLogger("smocsd.publish")
 
@@ -42,9 +43,15 @@ _KAFKA_REFUSED = frozenset(
 ALARM_SCHEMA = "smocsd.alarm/1"
 
 
-def is_alarm(message: dict) -> bool:
-    """Alarm events (smocsd/live.py) go to their own topics; training results to theirs."""
-    return message.get("schema") == ALARM_SCHEMA
+def topic_of(cfg: KafkaConfig | MqttConfig, message: dict) -> str:
+    """Alarm events (smocsd/live.py) and labels (smocsd/labels.py) go to their own
+    topics, training results to theirs."""
+    schema = message.get("schema")
+    if schema == ALARM_SCHEMA:
+        return cfg.alarm_topic
+    if schema == LABEL_SCHEMA:
+        return cfg.label_topic
+    return cfg.topic
 
 
 def _payload(message: dict) -> bytes:
@@ -197,7 +204,7 @@ class KafkaSink:
         for i, message in enumerate(messages):
             try:
                 producer.produce(
-                    self.cfg.alarm_topic if is_alarm(message) else self.cfg.topic,
+                    topic_of(self.cfg, message),
                     value=_payload(message),
                     key=f"{message['device_id']}/{message['model']}".encode(),
                     on_delivery=on_delivery(i),
@@ -430,7 +437,7 @@ class MqttSink:
         """Queues `message` on its device's topic; None, logged, if paho refuses it. The
         device_id comes from the stored result, out of reach of the config's checks, and
         one such result must not fail the others of the call."""
-        pattern = self.cfg.alarm_topic if is_alarm(message) else self.cfg.topic
+        pattern = topic_of(self.cfg, message)
         topic = pattern.replace("{device_id}", str(message["device_id"]))
         try:
             return client.publish(topic, _payload(message), qos=self.cfg.qos)

@@ -7,6 +7,7 @@ recipe all decide the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,74 @@ class Model:
         score = errors.mean(axis=1)
         over = score > self.threshold
         return Scored(starts + self.window_size - 1, errors, score, over, self.rule.apply(over))
+
+
+def in_ranges(order: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Per row: is its order value inside one of the inclusive (first, last) ranges?"""
+    if not len(ranges):
+        return np.zeros(len(order), bool)
+    # Merged into disjoint sorted ranges, each row finds its candidate by bisection.
+    firsts, lasts = [], []
+    for first, last in sorted(ranges):
+        if firsts and first <= lasts[-1]:
+            lasts[-1] = max(lasts[-1], last)
+        else:
+            firsts.append(first)
+            lasts.append(last)
+    i = np.searchsorted(np.array(firsts), order, "right") - 1
+    return (i >= 0) & (order <= np.array(lasts)[np.maximum(i, 0)])
+
+
+def touching(rows: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
+    """Per window (of `size` rows, ending at row index `ends`): does it hold a marked row?"""
+    before = np.concatenate(([0], np.cumsum(rows, dtype=np.int64)))
+    return before[ends + 1] > before[np.maximum(ends + 1 - size, 0)]
+
+
+@dataclass(frozen=True)
+class Decided:
+    """The windows ending past `after`, decided in row order (`smocsd score`, live scoring
+    and the cycle's screening of new rows share this)."""
+
+    ends: np.ndarray  # row index of each window's last row
+    errors: np.ndarray  # (windows, channels)
+    score: np.ndarray
+    over: np.ndarray  # above the threshold, and in no excluded period
+    alarm: np.ndarray  # the alarm rule fires
+    recent: list[bool]  # the last `of - 1` decisions, to carry into the next call
+
+
+def decide(
+    model: Model,
+    values: np.ndarray,
+    time: np.ndarray,
+    order: np.ndarray,
+    after: int | None,
+    recent: list[bool] | None,
+    excluded: Sequence[tuple[int, int]] = (),
+) -> Decided:
+    """Decides the windows of the rows that end past order `after`.
+
+    `recent` holds the last `alarm_of - 1` windows' over-threshold decisions before them;
+    None takes them from the windows ending at or before `after` (a range read with its
+    context). A window that touches an excluded period (the operator's `smocsd exclude`:
+    maintenance, calibration) is never over the threshold, so it never raises an alarm.
+    """
+    scored = model.score(values, time)
+    new = np.ones(len(scored.end), bool) if after is None else order[scored.end] > after
+    over = scored.over
+    if excluded:
+        over = over & ~touching(in_ranges(order, excluded), scored.end, model.window_size)
+    keep = model.rule.of - 1
+    if recent is None:
+        recent = over[~new].tolist()[-keep:] if keep else []
+    over = over[new]
+    alarm = model.rule.apply(np.concatenate([np.array(recent, bool), over]))[len(recent) :]
+    return Decided(
+        ends=scored.end[new],
+        errors=scored.errors[new],
+        score=scored.score[new],
+        over=over,
+        alarm=alarm,
+        recent=(list(recent) + over.tolist())[-keep:] if keep else [],
+    )

@@ -298,14 +298,16 @@ def test_mqtt_topic(topic, fragment):
     assert line.startswith("c.toml: publish.mqtt.topic: ") and fragment in line, line
 
 
-@pytest.mark.parametrize("key", ["topic", "alarm_topic"])
+@pytest.mark.parametrize("key", ["topic", "alarm_topic", "label_topic"])
 def test_mqtt_topic_length_counts_utf8_bytes_with_device_id_filled_in(key):
-    other = "alarm_topic" if key == "topic" else "topic"
+    others = "".join(
+        f"{other} = 'o'\n" for other in ("topic", "alarm_topic", "label_topic") if other != key
+    )
 
     def topic_with(device_id: str) -> str:
         return (
             f"[daemon]\ndevice_id = '{device_id}'\n"
-            f"[publish.mqtt]\n{key} = 't/{{device_id}}'\n{other} = 'o'\n"
+            f"[publish.mqtt]\n{key} = 't/{{device_id}}'\n{others}"
         )
 
     assert parse(topic_with("x" * 65533), env=ENV)  # 't/' + 65533 bytes: the limit

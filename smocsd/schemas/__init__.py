@@ -1,6 +1,6 @@
 """The JSON Schemas (draft 2020-12) of what smocsd publishes and writes.
 
-Each document names its own schema: a training result or an alarm message in its
+Each document names its own schema: a training result, an alarm or a label message in its
 "schema" field, a version's metadata.json in its "format" field. The files here are
 package data, and every .deb also installs them in /usr/share/smocsd/schemas/, so a
 consumer can validate with any JSON Schema validator without importing smocsd.
@@ -29,6 +29,7 @@ DIRECTORY = Path(__file__).resolve().parent
 FILES = {
     "smocsd.training-result/1": "training-result-1.schema.json",
     "smocsd.alarm/1": "alarm-1.schema.json",
+    "smocsd.label/1": "label-1.schema.json",
     "smocsd.model/1": "model-1.schema.json",
 }
 

@@ -1,0 +1,149 @@
+"""The operator's say over what is normal: state_dir/labels.json, and its messages.
+
+Two kinds of label, each a range of the order column:
+
+- accept: "this is the new normal" (a repaired pump, a new recipe). Rows the current
+  model alarmed on become trainable again, and the next check trains at once.
+- exclude: a maintenance or calibration period, never trained on and never alarmed.
+
+The file is rewritten whole by `write_atomic` under `labels.lock`, so a crash at any
+instant leaves the old list or the new one; ids only grow (`next_id`), so a removed
+label's id never names another. No numpy here: the daemon and `status` read labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .state import utcnow
+from .store import write_atomic
+
+FORMAT = "smocsd.labels/1"
+LABEL_SCHEMA = "smocsd.label/1"
+FILE = "labels.json"
+
+
+class LabelError(Exception):
+    """labels.json cannot be read or a label cannot be made; one line naming the file."""
+
+
+class Kind(str, Enum):
+    ACCEPT = "accept"
+    EXCLUDE = "exclude"
+
+
+class By(str, Enum):
+    OPERATOR = "operator"  # smocsd accept / exclude
+    ACCEPT_AFTER = "accept_after"  # model.accept_after: a change that lasted
+
+
+@dataclass(frozen=True)
+class Label:
+    id: int
+    kind: Kind
+    first: int  # order column, inclusive
+    last: int  # inclusive
+    reason: str
+    by: By
+    created_at: str
+
+    def covers(self, order: int) -> bool:
+        return self.first <= order <= self.last
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "kind": self.kind.value, "by": self.by.value}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Label:
+        return cls(
+            id=int(data["id"]),
+            kind=Kind(data["kind"]),
+            first=int(data["first"]),
+            last=int(data["last"]),
+            reason=str(data.get("reason", "")),
+            by=By(data.get("by", "operator")),
+            created_at=str(data["created_at"]),
+        )
+
+    def describe(self) -> str:
+        reason = f": {self.reason}" if self.reason else ""
+        by = "" if self.by is By.OPERATOR else f" (by {self.by.value})"
+        return f"#{self.id} {self.kind.value} {self.first}..{self.last}{by}{reason}"
+
+
+class Labels:
+    """state_dir/labels.json: the labels in force."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / FILE
+
+    def _load(self) -> tuple[int, list[Label]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return 1, []
+        except (OSError, ValueError) as exc:
+            raise LabelError(f"{self.path}: unreadable: {exc}") from None
+        try:
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
+            labels = [Label.from_json(item) for item in data["labels"]]
+            next_id = max([int(data["next_id"]), *(label.id + 1 for label in labels)])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise LabelError(f"{self.path}: not a labels file: {exc}") from None
+        return next_id, labels
+
+    def read(self) -> list[Label]:
+        """The labels, oldest first (none when the file does not exist)."""
+        return self._load()[1]
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path.with_name("labels.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write(self, next_id: int, labels: list[Label]) -> None:
+        doc = {"format": FORMAT, "next_id": next_id, "labels": [x.to_json() for x in labels]}
+        write_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode())
+
+    def add(
+        self, kind: Kind, first: int, last: int, reason: str = "", by: By = By.OPERATOR
+    ) -> Label:
+        if first > last:
+            raise LabelError(f"--from {first} is after --to {last}")
+        with self._locked():
+            next_id, labels = self._load()
+            label = Label(next_id, kind, first, last, reason, by, utcnow())
+            self._write(next_id + 1, [*labels, label])
+        return label
+
+    def remove(self, label_id: int) -> Label:
+        with self._locked():
+            next_id, labels = self._load()
+            gone = [x for x in labels if x.id == label_id]
+            if not gone:
+                raise LabelError(f"{self.path}: no label #{label_id}")
+            self._write(next_id, [x for x in labels if x.id != label_id])
+        return gone[0]
+
+
+def message(label: Label, action: str, device_id: str, model: str) -> dict[str, Any]:
+    """The smocsd.label/1 message: what a gateway was told, for the fleet's central side."""
+    return {
+        "schema": LABEL_SCHEMA,
+        "message_id": str(uuid.uuid4()),
+        "device_id": device_id,
+        "model": model,
+        "action": action,  # "added" or "removed"
+        "label": label.to_json(),
+        "timestamp": utcnow(),
+    }
