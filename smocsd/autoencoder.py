@@ -17,7 +17,7 @@ import numpy as np
 from . import __version__, modelfile, report, threshold
 from .job import TrainingJob
 from .labels import Kind, Label, Labels
-from .scoring import AlarmRule, Model, channel_errors, open_session, shares
+from .scoring import AlarmRule, Model, channel_errors, in_ranges, open_session, shares
 from .sources import Readings
 from .state import utcnow
 from .store import ModelStore
@@ -230,7 +230,8 @@ class AutoencoderJob(TrainingJob):
         starts = valid_starts(bad | left, t.window_size, t.stride, breaks)
         del breaks
         try:
-            sp = split(readings.values, starts, t.window_size, t.validation_fraction)
+            accepted = in_ranges(readings.order[starts], leave_out.accepted)
+            sp = split(readings.values, starts, t.window_size, t.validation_fraction, accepted)
         except DataError as exc:
             # NULLs, gaps or time disorder every few rows leave no complete window: more
             # rows will not help until they stop, so say so instead of training on nothing.

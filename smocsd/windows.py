@@ -208,20 +208,40 @@ class Split:
     normalization: Normalization
 
 
-def split(values: np.ndarray, starts: np.ndarray, size: int, validation_fraction: float) -> Split:
+def split(
+    values: np.ndarray,
+    starts: np.ndarray,
+    size: int,
+    validation_fraction: float,
+    accepted: np.ndarray | None = None,
+) -> Split:
     """The newest `validation_fraction` of windows validate; the rest train.
 
-    Training windows that overlap the first validation window are left out, so no
-    validation row is ever seen in training; the normalization is fitted on the rows
-    of training windows only. `values` is only read: the windows are cut from one
-    float32 normalized copy (missing values, in no window, are zeros there).
+    Training windows that overlap a validation window are left out, so no validation
+    row is ever seen in training; the normalization is fitted on the rows of training
+    windows only. `values` is only read: the windows are cut from one float32 normalized
+    copy (missing values, in no window, are zeros there).
+
+    `accepted` (per start) marks windows in rows the operator accepted as the new normal:
+    those are split the same way among themselves. An accepted change is the newest data,
+    and a split by age alone would validate on all of it and train on none, so the next
+    model would go on alarming on it.
     """
     if len(starts) < 2:
         raise DataError(f"too few valid windows to train on ({len(starts)} in all)")
-    n_val = max(1, round(len(starts) * validation_fraction))
-    val_starts = starts[-n_val:]
-    # Sorted starts: the training windows end before the first validation window begins.
-    train_starts = starts[: np.searchsorted(starts[:-n_val], val_starts[0] - size, "right")]
+    if accepted is None or accepted.all() or not accepted.any():
+        n_val = max(1, round(len(starts) * validation_fraction))
+        val_starts = starts[-n_val:]
+        # Sorted starts: the training windows end before the first validation window.
+        train_starts = starts[: np.searchsorted(starts[:-n_val], val_starts[0] - size, "right")]
+    else:
+        validate = np.zeros(len(starts), bool)
+        for group in (np.flatnonzero(accepted), np.flatnonzero(~accepted)):
+            validate[group[-max(1, round(len(group) * validation_fraction)) :]] = True
+        val_starts = starts[validate]
+        val_before = _count_before(covered_rows(len(values), val_starts, size))
+        others = starts[~validate]
+        train_starts = others[val_before[others + size] == val_before[others]]
     if len(train_starts) == 0:
         raise DataError(f"too few valid windows to train on ({len(starts)} in all)")
     norm = Normalization.fit(values, covered_rows(len(values), train_starts, size))
