@@ -129,7 +129,7 @@ def _check_state(job: AutoencoderJob) -> None:
 # on (rows it was not trained on): below, it has begun to take the fault for normal.
 # Not all: the edges of an event sit near either threshold, and two thresholds fitted on
 # different rows disagree there.
-KEEP_ALARMS = 0.9
+KEEP_ALARMS = 0.98
 
 
 def _gate(job: AutoencoderJob) -> str | None:

@@ -292,6 +292,41 @@ def _comparison(meta: dict) -> str:
     return f"<p>{escape(sentence)}</p>{_table(rows)}"
 
 
+WHY = {
+    "alarm": "the model that was current alarmed on them",
+    "spike": "one window far above its threshold",
+    "excluded": "an excluded period (smocsd exclude)",
+}
+
+
+def left_out_section(meta: dict) -> str:
+    """The rows kept out of training and why, and the accepted ranges trained on."""
+    ev = meta.get("eval") or {}
+    left = (meta.get("data") or {}).get("left_out")
+    if left is None:
+        return "<p class='note'>Not recorded (saved before smocsd screened new rows).</p>"
+    rows: list[tuple[str, Any]] = [("rows left out", left.get("rows"))]
+    rows += [
+        (f"{r.get('first')} … {r.get('last')}: {WHY.get(r.get('why'), '?')}", r.get("rows"))
+        for r in left.get("ranges") or []
+    ]
+    rows += [
+        (f"{r.get('first')} … {r.get('last')}: accepted as normal, trained on", r.get("rows"))
+        for r in left.get("accepted") or []
+    ]
+    kept = ev.get("alarm_windows_kept")
+    if ev.get("champion_alarm_windows"):
+        rows.append(
+            (
+                f"of the {ev['champion_alarm_windows']} windows the champion alarms on there, "
+                "this version alarms on",
+                f"{kept:.1%}" if isinstance(kept, (int, float)) else None,
+            )
+        )
+    note = f"<p>Not promoted: {escape(str(ev['rejection']))}.</p>" if ev.get("rejection") else ""
+    return f"{_table(rows)}{note}"
+
+
 def render(meta: dict) -> str:
     """The whole report.html of the version `meta` (its metadata.json) describes."""
     version = meta.get("version")
@@ -353,6 +388,7 @@ def render(meta: dict) -> str:
         f"{_fmt(over)}.</p>"
         f"<h2>Error by channel</h2>{channel_figure(meta.get('channel_error') or {})}"
         f"<h2>Data</h2>{seen}"
+        f"<h2>Left out of training</h2>{left_out_section(meta)}"
         f"<h2>Against the champion</h2>{_comparison(meta)}"
         f"<p class='note'>Written by {footer} from this version's metadata.json.</p>"
         "</body></html>\n"
