@@ -23,6 +23,9 @@ torch, as in the daemon's environment (see NO_TORCH).
    first training and retraining (warm start, the current model compared).
 4. idle: `smocsd run` with nothing to train: the daemon's RSS, and its CPU and that of
    the training children it starts once per check_interval to find nothing to do.
+5. screen: a retraining cycle (a champion, then training.min_new_samples new rows that it
+   does not alarm on): what scoring the new rows before training (`leave_out()`,
+   smocsd/screen.py) and the check that the challenger keeps the champion's alarms add.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import dataclasses
 import json
 import os
 import platform
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -76,6 +80,12 @@ class TimedJob(AutoencoderJob):
 
     def get_training_data(self):
         return _timed("read + window", super().get_training_data)
+
+    def leave_out(self):
+        return _timed("  of which screening", super().leave_out)
+
+    def _kept_alarms(self, threads):
+        return _timed("  of which alarms kept", super()._kept_alarms, threads)
 
     def train_model(self, data):
         metrics = _timed("fit (train + validate + export)", super().train_model, data)
@@ -274,7 +284,54 @@ def one_cycle(db: str, backend: str, rows: int) -> dict:
     }
 
 
-CHILD = {"one_cycle": one_cycle, "bare": bare}
+def retrain(db: str, backend: str, rows: int) -> dict:
+    """Phase times of a retraining cycle: a champion trained on `rows` rows, then
+    training.min_new_samples normal rows appended (copies of the newest, which it saw)."""
+    TIMES.clear()
+    with tempfile.TemporaryDirectory(prefix="smocsd-perf-") as state:
+        extra = "job = '__main__:TimedJob'\nmin_interval = 0\n"
+        text = cycle_config(Path(state), Path(db), backend, rows, extra)
+        cfg = config.parse(text)
+        first = call_hooks(cfg, force=True, progress=CycleProgress(), job_state=None)
+        with sqlite3.connect(db) as conn:  # new rows the champion knows: no alarm
+            conn.execute(
+                "INSERT INTO readings (ts, temperature, vibration, current, label) "
+                "SELECT ts + (SELECT max(ts) - min(ts) + 10 FROM readings), temperature, "
+                "vibration, current, 0 FROM readings WHERE label = 0 AND rowid > "
+                "(SELECT max(rowid) FROM readings) - ?",
+                (cfg.training.min_new_samples,),
+            )
+        TIMES.clear()
+        started = clock()
+        result = call_hooks(cfg, force=False, progress=CycleProgress(), job_state=first.job_state)
+        TIMES["whole cycle"] = clock() - started
+    assert result.outcome in (Outcome.PROMOTED, Outcome.REJECTED), result
+    assert result.eval["champion_alarm_windows"] == 0, result.eval
+    return {"times": {k: v.tolist() for k, v in TIMES.items() if k != "epochs"}}
+
+
+def screen_table(tmp: Path, rows: int, repeats: int) -> None:
+    print(
+        f"\nA retraining cycle, {rows:,} rows and a champion, no alarm: CPU s (median of "
+        f"{repeats})\n"
+    )
+    print("| backend | whole cycle | screening | alarms kept | both, share of the cycle |")
+    print("|---|---:|---:|---:|---:|")
+    for backend in BACKENDS:
+        runs = []
+        for i in range(repeats):
+            db = tmp / f"screen-{backend}-{i}" / "readings.db"  # each run appends rows
+            demo.write(db, rows)
+            runs.append(in_child("retrain", str(db), backend, rows)["times"])
+        t = {name: median([r.get(name, [0, 0]) for r in runs])[1] for name in runs[0]}
+        added = t["  of which screening"] + t.get("  of which alarms kept", 0.0)
+        print(
+            f"| {backend} | {t['whole cycle']:.2f} | {t['  of which screening']:.3f} | "
+            f"{t.get('  of which alarms kept', 0.0):.3f} | {added / t['whole cycle']:.1%} |"
+        )
+
+
+CHILD = {"one_cycle": one_cycle, "bare": bare, "retrain": retrain}
 
 
 def cycle_table(tmp: Path, rows: int, repeats: int) -> None:
@@ -518,7 +575,7 @@ def main() -> int:
     parser.add_argument("--rss-rows", default="10000,100000,200000,1000000")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of the idle daemon")
     parser.add_argument("--idle-interval", type=float, default=10.0, help="its check_interval")
-    parser.add_argument("--only", default="cycle,backends,rss,idle")
+    parser.add_argument("--only", default="cycle,backends,rss,idle,screen")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # in_child's
     args = parser.parse_args()
     if args.child:
@@ -543,6 +600,8 @@ def main() -> int:
             rss_table(tmp, [int(n) for n in args.rss_rows.split(",")])
         if "idle" in only:
             idle_table(tmp, args.idle, args.idle_interval)
+        if "screen" in only:
+            screen_table(tmp, args.rows, args.repeats)
     return 0
 
 

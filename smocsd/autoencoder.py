@@ -145,9 +145,10 @@ def _gate(job: AutoencoderJob) -> str | None:
         return None
     if job.force:
         return None
-    accepted = [x.id for x in job.labels if x.kind is Kind.ACCEPT]
-    if accepted and max(accepted) > job.state.get("labels_seen", 0):
+    accepted = max((x.id for x in job.labels if x.kind is Kind.ACCEPT), default=0)
+    if accepted > job.state.get("accept_tried", 0):
         job.logger.info("an accept label is new: training now, without waiting for the gates")
+        job.state["accept_tried"] = accepted
         return None
     new = job.db_manager.count_after(last_order)
     if new < t.min_new_samples:
@@ -484,11 +485,10 @@ class AutoencoderJob(TrainingJob):
             self.store.discard(self.staging)
             raise
         self.store.commit(self.version, self.staging, promote=promote)
-        self.state.update(
-            last_order=self.data.last_order,
-            trained_at=time.time(),
-            labels_seen=max((x.id for x in self.labels), default=0),
-        )
+        self.state.update(last_order=self.data.last_order, trained_at=time.time())
+        if promote:  # the accepted rows it trained on are normal to the current model now
+            screened = self.state["screened"]
+            screened["accepted_through"] = screened["accept_known"]
         outcome = "promoted" if promote else "rejected"
         if not promote:
             self.logger.warning("v%d rejected: %s", self.version, self.rejection)

@@ -171,7 +171,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         finally:
             outbox.close()
     backend, backend_problem = _training_backend(cfg)
-    labels = Labels(cfg.state_dir).read()
+    try:
+        labels, labels_problem = Labels(cfg.state_dir).read(), None
+    except LabelError as exc:  # status shows the rest, and says what is wrong
+        labels, labels_problem = [], str(exc)
     status = {
         "device_id": cfg.daemon.device_id,
         "model": cfg.model.name,
@@ -185,6 +188,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "outbox_depth": depth,
         "scoring": _scoring_status(cfg, state.get("scoring")),
         "labels": [x.to_json() for x in labels],
+        "labels_problem": labels_problem,
         "left_out": _left_out(cfg, state),
         "state_dir": str(cfg.state_dir),
     }
@@ -215,9 +219,11 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     spans = status["left_out"]
     if spans:
         kinds = ", ".join(f"{sum(s['why'] == w for s in spans)} {w}" for w in ("alarm", "spike"))
-        print(f"left out:    {len(spans)} range(s) of rows the current model alarmed on ({kinds})")
+        print(f"left out:    {len(spans)} range(s) of rows alarmed on, not trained on ({kinds})")
     for x in labels:
         print(f"label:       {x.describe()}")
+    if labels_problem:
+        print(f"labels:      UNREADABLE: {labels_problem}")
     return EX_OK
 
 
@@ -433,19 +439,21 @@ def _publish_label(cfg: Config, label: Label, action: str) -> None:
 
 
 def _alarm_start(cfg: Config, state: dict[str, Any], labels: list[Label]) -> int | None:
-    """Where the alarm to accept began: live scoring's open event, else the newest run of
-    rows the cycle's screening recorded as alarmed and no accept label covers yet."""
-    event = (state.get("scoring") or {}).get("event")
-    if event:
-        return int(event["start"]["order"])
+    """Where the alarm to accept began: the start of the recorded run of alarmed rows
+    (a window's margin before the first alarm, earlier bursts joined) that holds live
+    scoring's open event, else of the newest such run no accept label covers yet."""
     screened = (state.get("jobs", {}).get(cfg.model.name) or {}).get("screened") or {}
     accepted = [x for x in labels if x.kind is Kind.ACCEPT]
-    starts = [
-        int(first)
+    spans = [
+        (int(first), int(last))
         for first, last, why, *_ in screened.get("spans", [])
         if why == "alarm" and not any(x.covers(first) and x.covers(last) for x in accepted)
     ]
-    return max(starts, default=None)
+    event = (state.get("scoring") or {}).get("event")
+    if event:
+        start = int(event["start"]["order"])
+        return next((first for first, last in spans if first <= start <= last), start)
+    return max((first for first, _ in spans), default=None)
 
 
 def cmd_accept(cfg: Config, args: argparse.Namespace) -> int:

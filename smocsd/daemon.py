@@ -23,6 +23,7 @@ from . import cycle, metrics, systemd
 from .config import Config, ConfigError
 from .cycle import CycleResult, Outcome
 from .job import Stopped
+from .labels import Labels
 from .outbox import Outbox
 from .publish import Publisher
 from .state import State
@@ -109,7 +110,9 @@ def prepare_state_dir(cfg: Config) -> None:
     cycle, its half-built version is work in progress, not a leftover.
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in State(cfg.state_dir).remove_leftovers():
+    for leftover in (
+        State(cfg.state_dir).remove_leftovers() + Labels(cfg.state_dir).remove_leftovers()
+    ):
         log.warning("removed %s left by an interrupted write", leftover)
     with cycle.cycle_lock(cfg.state_dir) as locked:
         for leftover in ModelStore.of(cfg).recover() if locked else ():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .state import utcnow
-from .store import write_atomic
+from .store import remove_temp_files, write_atomic
 
 FORMAT = "smocsd.labels/1"
 LABEL_SCHEMA = "smocsd.label/1"
@@ -125,6 +125,11 @@ class Labels:
             label = Label(next_id, kind, first, last, reason, by, utcnow())
             self._write(next_id + 1, [*labels, label])
         return label
+
+    def remove_leftovers(self) -> list[str]:
+        """Temp files of writes a crash interrupted; under the lock, so never a live one."""
+        with self._locked():
+            return remove_temp_files(self.path)
 
     def remove(self, label_id: int) -> Label:
         with self._locked():

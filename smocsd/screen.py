@@ -100,12 +100,16 @@ class LeaveOut:
         return (recorded & ~accepted) | scoring.in_ranges(order, self._ranges(Why.EXCLUDED))
 
     def alarms(self, order: np.ndarray) -> np.ndarray:
-        """Per row: in a recorded alarm and neither accepted nor excluded; a challenger
-        must still alarm on these (autoencoder's check that it cannot forget)."""
-        alarmed = scoring.in_ranges(order, self._ranges(Why.ALARM))
-        return alarmed & ~scoring.in_ranges(
-            order, self.accepted + tuple(self._ranges(Why.EXCLUDED))
-        )
+        """Per row: in a recorded alarm that no accepted or excluded range touches; a
+        challenger must still alarm on these (autoencoder's check that it cannot forget).
+        A partly accepted alarm is out of the check whole: its rest is the same change."""
+        unchecked = [*self.accepted, *self._ranges(Why.EXCLUDED)]
+        checked = [
+            (first, last)
+            for first, last in self._ranges(Why.ALARM)
+            if not any(a <= last and first <= b for a, b in unchecked)
+        ]
+        return scoring.in_ranges(order, checked)
 
     def summary(self, order: np.ndarray) -> dict[str, Any]:
         """For metadata.json and the result: how many of these rows were left out, and
@@ -192,6 +196,7 @@ class Screening:
         self.after: int | None = self.record.get("to", job.state.get("last_order"))
         self.labels = Labels(self.cfg.state_dir)
         self.messages: list[dict[str, Any]] = []  # label messages for the outbox
+        self.pending_from: int | None = None  # first row of accepts no current model knows
 
     def run(self) -> LeaveOut:
         in_force = self.labels.read()
@@ -200,19 +205,32 @@ class Screening:
             self.log.warning("screening: order column went backwards: its record starts again")
             self.spans, self.after = [], None
         excluded = [(x.first, x.last) for x in in_force if x.kind is Kind.EXCLUDE]
+        # Accepted, but no model trained on them is current yet: the current model goes on
+        # alarming on the rows that arrive meanwhile, which are the same new normal.
+        through = self.record.get("accepted_through", 0)
+        pending = [x.first for x in in_force if x.kind is Kind.ACCEPT and x.id > through]
+        self.pending_from = min(pending, default=None)
         champion = self._champion()
         newest_time = None
         if champion is not None and self.after is not None and newest is not None:
             newest_time = self._screen(*champion, excluded)
         self._prune()
         in_force += self._accept_lasting(in_force, newest_time)
+        # What a model trained now knows: on promotion its job sets accepted_through to it.
+        self.record["accept_known"] = max(
+            (x.id for x in in_force if x.kind is Kind.ACCEPT), default=0
+        )
         self.record.update(spans=[s.to_json() for s in self.spans])
         if self.after is not None:
             self.record["to"] = self.after
         self.job.state["screened"] = self.record
+        accepted = [(x.first, x.last) for x in in_force if x.kind is Kind.ACCEPT]
+        if self.pending_from is not None and self.after is not None:
+            accepted.append((self.pending_from, max(self.after, *(b for _, b in accepted))))
+        accepted = list(dict.fromkeys(accepted))
         return LeaveOut(
             spans=(*self.spans, *(Span(a, b, Why.EXCLUDED) for a, b in excluded)),
-            accepted=tuple((x.first, x.last) for x in in_force if x.kind is Kind.ACCEPT),
+            accepted=tuple(accepted),
         )
 
     def _champion(self) -> tuple[int, scoring.Model] | None:
@@ -253,6 +271,9 @@ class Screening:
         for end in d.ends[(d.score > far_above(model.meta)) & ~d.alarm]:
             spike[max(0, end - w + 1) : end + 1] = True
         spike &= ~alarm
+        if self.pending_from is not None:  # not recorded: see run()
+            alarm &= order < self.pending_from
+            spike &= order < self.pending_from
         found = []
         for why, mask in ((Why.ALARM, alarm), (Why.SPIKE, spike)):
             for start, end in _runs(mask):

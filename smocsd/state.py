@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .store import TMP_PREFIX, write_atomic
+from .store import remove_temp_files, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,4 @@ class State:
     def remove_leftovers(self) -> list[str]:
         """Temp files of writes a crash interrupted; under the lock, so never a live one."""
         with self._locked():
-            leftovers = list(self.path.parent.glob(f"{TMP_PREFIX}{self.path.name}.*"))
-            for p in leftovers:
-                p.unlink(missing_ok=True)
-        return [p.name for p in leftovers]
+            return remove_temp_files(self.path)

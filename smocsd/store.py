@@ -70,6 +70,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def remove_temp_files(path: Path) -> list[str]:
+    """The temp files write_atomic(path) leaves when killed: removed; their names. Call
+    it under the lock that the file's writers hold, so that none of them is a live one."""
+    leftovers = list(path.parent.glob(f"{TMP_PREFIX}{path.name}.*"))
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return [p.name for p in leftovers]
+
+
 class ModelStore:
     def __init__(self, root: Path, keep_versions: int):
         # Created by the first allocate(), not here: reading commands create nothing.
