@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from smocsd import cli, config, cycle, metrics, outbox, publish, schemas
+from smocsd import cli, config, cycle, labels, metrics, outbox, publish, schemas
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,8 +87,10 @@ NOT_KEYS = {"model.onnx", "metrics.conf", "metrics.val_loss"}
 
 
 def test_the_unset_keys_are_those_without_a_default():
-    # training.max_gap's None is its default "auto", which the documents write.
-    unset = {key for key, f in KEYS.items() if f.default in (None, "")} - {"training.max_gap"}
+    # training.max_gap's None is its default "auto", and model.accept_after's its default
+    # "off", which the documents write.
+    words = {"training.max_gap", "model.accept_after"}
+    unset = {key for key, f in KEYS.items() if f.default in (None, "")} - words
     assert unset == set(UNSET), "update UNSET above and the documents"
 
 
@@ -367,6 +369,7 @@ SMOCSD = ROOT / "smocsd"
     [
         (cycle.RESULT_SCHEMA, SMOCSD / "cycle.py", "message", {outbox.DROPPED_FIELD}),
         (publish.ALARM_SCHEMA, SMOCSD / "live.py", "message", {outbox.DROPPED_FIELD}),
+        (labels.LABEL_SCHEMA, SMOCSD / "labels.py", "message", {outbox.DROPPED_FIELD}),
         ("smocsd.model/1", SMOCSD / "autoencoder.py", "_metadata", set()),
     ],
 )

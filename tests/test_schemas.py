@@ -1,6 +1,6 @@
 """The JSON Schemas in smocsd/schemas: valid draft 2020-12 documents named by URNs, passed
 by everything smocsd emits (results of each backend and of a user job, failed and recovered
-results, alarm events, metadata.json) and failing what is wrong.
+results, alarm events, label messages, metadata.json) and failing what is wrong.
 
 The helper that checks a document against the schema it names is tests/schemacheck.py;
 conftest passes every message a test reads back from the real brokers through it.
@@ -22,6 +22,8 @@ from schemacheck import problems, validate
 
 from smocsd import config, demo, schemas
 from smocsd.cycle import RESULT_SCHEMA, reconcile
+from smocsd.labels import LABEL_SCHEMA, By, Kind, Labels
+from smocsd.labels import message as label_message
 from smocsd.live import LiveScorer
 from smocsd.outbox import Outbox
 from smocsd.publish import ALARM_SCHEMA
@@ -54,7 +56,7 @@ def test_every_file_is_a_draft_2020_12_schema_named_by_a_urn() -> None:
 
 
 def test_the_names_the_code_emits_have_a_schema() -> None:
-    assert {RESULT_SCHEMA, ALARM_SCHEMA, "smocsd.model/1"} == set(schemas.FILES)
+    assert {RESULT_SCHEMA, ALARM_SCHEMA, LABEL_SCHEMA, "smocsd.model/1"} == set(schemas.FILES)
 
 
 def test_shared_definitions_are_the_same_in_every_file() -> None:
@@ -64,16 +66,17 @@ def test_shared_definitions_are_the_same_in_every_file() -> None:
             defs.setdefault(key, []).append(value)
     for key, values in defs.items():
         assert all(v == values[0] for v in values), f"$defs/{key} differs between files"
-    assert len(defs["device_id"]) == 3 and len(defs["utc_time"]) == 3
+    assert len(defs["device_id"]) == 4 and len(defs["utc_time"]) == 4
+    assert len(defs["model_name"]) == 3 and len(defs["outbox_dropped"]) == 3
 
 
 def test_only_the_job_defined_parts_are_open() -> None:
     """The envelopes are closed; what TrainingJob hooks return is open to a user job's
     fields (and the built-in fields stay required where the built-in job wrote them)."""
-    result, alarm, model = (
-        schemas.load(n) for n in (RESULT_SCHEMA, ALARM_SCHEMA, "smocsd.model/1")
+    result, alarm, label, model = (
+        schemas.load(n) for n in (RESULT_SCHEMA, ALARM_SCHEMA, LABEL_SCHEMA, "smocsd.model/1")
     )
-    for schema in (result, alarm, model):
+    for schema in (result, alarm, label, model, label["properties"]["label"]):
         assert schema["additionalProperties"] is False
     for hook_output in ("metrics", "eval", "model_meta"):
         assert "additionalProperties" not in result["properties"][hook_output]
@@ -197,6 +200,38 @@ def test_alarm_messages_pass(tmp_path: Path) -> None:
         validate(message)
 
 
+def test_label_messages_pass(tmp_path: Path) -> None:
+    """Built by smocsd.labels.message from labels as labels.json keeps them, and as the
+    commands queue them."""
+    labels = Labels(tmp_path)
+    made = [
+        labels.add(Kind.ACCEPT, 18231, 18262, "bearing replaced"),
+        labels.add(Kind.EXCLUDE, 120000, 121500),  # no --reason: ""
+        labels.add(Kind.ACCEPT, 90000, 95000, "alarmed for 49.0 h", By.ACCEPT_AFTER),
+    ]
+    assert labels.read() == made
+    for made_label in made:
+        for action in ("added", "removed"):
+            validate(label_message(made_label, action, "gw-01", "autoencoder"))
+
+    state = tmp_path / "state"
+    state.mkdir()
+    path = write_config(tmp_path / "c.toml", state)
+    smocsd(
+        "exclude", "--from", "10", "--to", "20", "--reason", "calibration", config=path, check=True
+    )
+    smocsd("labels", "remove", "1", config=path, check=True)
+    outbox = Outbox(state / "outbox.db")
+    queued = outbox.pending()
+    outbox.close()
+    assert [(m["action"], m["label"]["kind"]) for m in queued] == [
+        ("added", "exclude"),
+        ("removed", "exclude"),
+    ]
+    for m in queued:
+        validate(m)
+
+
 # ---------------------------------------------------------------- and what is wrong fails
 
 
@@ -230,6 +265,26 @@ def result() -> dict:
         "metrics": {"val_loss": 0.5, "a_user_metric": [1, None]},
         "eval": {},
         "model_meta": {"anything": {"a user job": "writes"}},
+    }
+
+
+def label() -> dict:
+    return {
+        "schema": "smocsd.label/1",
+        "message_id": "5c1f0d9e-2b7a-4e63-9f08-7d3a1c6b4e21",
+        "device_id": "gw-01",
+        "model": "autoencoder",
+        "action": "added",
+        "label": {
+            "id": 3,
+            "kind": "accept",
+            "first": 18231,
+            "last": 18262,
+            "reason": "bearing replaced",
+            "by": "operator",
+            "created_at": "2026-11-28T05:00:00Z",
+        },
+        "timestamp": "2026-11-28T05:00:01Z",
     }
 
 
@@ -315,6 +370,31 @@ def test_alarm_schema_rejects(change: str, why: str) -> None:
     validate(broken(alarm(), 'state = "open"') | {"end": None})
     validate(broken(alarm(), "peak_score = null"))  # a score that was not finite
     found = problems(broken(alarm(), change))
+    assert any(why in p for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ('label/kind = "maybe"', "'maybe' is not one of ['accept', 'exclude']"),
+        ("del label/id", "'id' is a required property"),
+        ("del label/reason", "'reason' is a required property"),
+        ("del action", "'action' is a required property"),
+        ('action = "changed"', "is not one of ['added', 'removed']"),
+        ("label/id = 0", "less than the minimum of 1"),
+        ('label/first = "18231"', "is not of type 'integer'"),
+        ('label/by = "daemon"', "is not one of ['operator', 'accept_after']"),
+        ('label/created_at = "yesterday"', "does not match"),
+        ("label/extra = 1", "Additional properties are not allowed ('extra' was unexpected)"),
+        ("version = 3", "Additional properties are not allowed ('version' was unexpected)"),
+        ('device_id = "gw/01"', "does not match"),
+        ('schema = "smocsd.label/2"', "names no known schema"),
+    ],
+)
+def test_label_schema_rejects(change: str, why: str) -> None:
+    validate(label())
+    validate(broken(label(), 'label/reason = ""'))  # no --reason given
+    found = problems(broken(label(), change))
     assert any(why in p for p in found), found
 
 
