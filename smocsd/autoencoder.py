@@ -486,9 +486,6 @@ class AutoencoderJob(TrainingJob):
             raise
         self.store.commit(self.version, self.staging, promote=promote)
         self.state.update(last_order=self.data.last_order, trained_at=time.time())
-        if promote:  # the accepted rows it trained on are normal to the current model now
-            screened = self.state["screened"]
-            screened["accepted_through"] = screened["accept_known"]
         outcome = "promoted" if promote else "rejected"
         if not promote:
             self.logger.warning("v%d rejected: %s", self.version, self.rejection)

@@ -228,6 +228,11 @@ def call_hooks(
         eval_results = _mapping(job.eval_model(), "eval_model")
         progress.ping()
         outcome, version, model_meta = _saved(job.save_model(metrics, eval_results))
+        screened = job.state.get("screened")
+        if outcome is Outcome.PROMOTED and screened:
+            # The accepted rows it trained on are normal to the current model now: no
+            # accept label it knew is pending any more (smocsd/screen.py).
+            screened["accepted_through"] = screened.get("accept_known", 0)
         return CycleResult(
             outcome,
             version,
