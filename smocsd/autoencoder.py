@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__, modelfile, report, threshold
 from .job import TrainingJob
-from .labels import Kind, Label, Labels
+from .labels import Kind, Label, LabelError, Labels
 from .scoring import AlarmRule, Model, channel_errors, in_ranges, open_session, shares
 from .sources import Readings
 from .state import utcnow
@@ -135,7 +135,10 @@ KEEP_ALARMS = 0.98
 def _gate(job: AutoencoderJob) -> str | None:
     """Why this tick must not train (None: go ahead)."""
     _check_state(job)
-    job.labels = Labels(job.config.state_dir).read()
+    try:
+        job.labels = Labels(job.config.state_dir).read()
+    except LabelError:  # fails the cycle in leave_out(), once there is something to train
+        job.labels = []
     t = job.config.training
     last_order = job.state.get("last_order")
     if last_order is None:
@@ -415,7 +418,7 @@ class AutoencoderJob(TrainingJob):
         version, previous_loss = previous
         if kept is not None and kept < KEEP_ALARMS:
             return (
-                f"alarms on {kept:.0%} of the {alarms} windows v{version} alarmed on "
+                f"alarms on {kept:.1%} of the {alarms} windows v{version} alarmed on "
                 f"(rows it was not trained on), {KEEP_ALARMS:.0%} needed: it would learn "
                 "the fault as normal"
             )

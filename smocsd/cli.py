@@ -431,11 +431,14 @@ def _publish_label(cfg: Config, label: Label, action: str) -> None:
     """The label's message into the outbox; the daemon delivers it at its next check."""
     from .labels import message
 
-    outbox = Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max)
     try:
-        outbox.put(message(label, action, cfg.daemon.device_id, cfg.model.name))
-    finally:
-        outbox.close()
+        outbox = Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max)
+        try:
+            outbox.put(message(label, action, cfg.daemon.device_id, cfg.model.name))
+        finally:
+            outbox.close()
+    except OutboxError as exc:  # the label itself is in labels.json: no need to repeat it
+        raise Failure(f"{exc}; {label.describe()} was {action} all the same") from None
 
 
 def _alarm_start(cfg: Config, state: dict[str, Any], labels: list[Label]) -> int | None:

@@ -97,7 +97,7 @@ class Labels:
                 raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
             labels = [Label.from_json(item) for item in data["labels"]]
             next_id = max([int(data["next_id"]), *(label.id + 1 for label in labels)])
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
             raise LabelError(f"{self.path}: not a labels file: {exc}") from None
         return next_id, labels
 

@@ -147,15 +147,17 @@ class LiveScorer:
         self.version: int | None = None
         self.refused: int | None = None  # a current version that failed to load, said once
         self.labels = Labels(cfg.state_dir)
-        self._labels_seen: tuple[int, list[tuple[int, int]]] | None = None  # (mtime, ranges)
+        self._labels_seen: tuple[tuple, list[tuple[int, int]]] | None = None  # (file, ranges)
 
     def excluded(self) -> list[tuple[int, int]]:
         """The operator's excluded periods (read again when labels.json changes); an
         unreadable file is said once and excludes nothing until it is fixed."""
         try:
-            mtime = self.labels.path.stat().st_mtime_ns
+            st = self.labels.path.stat()
         except FileNotFoundError:
             return []
+        # Every write renames a new file into place: a new inode, even within one mtime tick.
+        mtime = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._labels_seen is None or self._labels_seen[0] != mtime:
             try:
                 ranges = [(x.first, x.last) for x in self.labels.read() if x.kind is Kind.EXCLUDE]

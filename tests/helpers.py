@@ -172,6 +172,12 @@ def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> int:
             conn.execute(
                 "INSERT INTO readings (ts, temperature, vibration, current, label) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (ts, t, v * vibration_factor, c, int(vibration_factor != 1.0)),
+                (
+                    ts,
+                    t,
+                    None if v is None else v * vibration_factor,
+                    c,
+                    int(vibration_factor != 1.0),
+                ),
             )
     return first

@@ -33,6 +33,8 @@ READERS = [
     ("models", "show", "1"),
     ("outbox", "list"),
     ("outbox", "list", "--json"),
+    ("labels",),
+    ("labels", "list", "--json"),
 ]
 
 

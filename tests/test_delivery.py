@@ -76,3 +76,49 @@ def test_kafka_down_mqtt_then_outbox_then_flush(gateway, kafka, mosquitto):
     assert "delivered 1, 0 waiting" in flushed.stdout
     records = kafka.messages(topic, until=lambda r: len(r) >= 1)
     assert [r["value"]["message_id"] for r in records] == [second["message_id"]]
+
+
+def test_labels_reach_kafka_and_mqtt_on_their_own_topics(tmp_path, kafka, mosquitto):
+    """`smocsd exclude` and `smocsd labels remove` queue smocsd.label/1 messages, which go
+    to publish.kafka.label_topic, or publish.mqtt.label_topic when Kafka is down."""
+    state = tmp_path / "state"
+    state.mkdir()
+    topic = f"labels-{tmp_path.name}"
+
+    def configure(kafka_port: int | None = None):
+        return write_config(
+            tmp_path / "c.toml",
+            state,
+            publish={"order": ["kafka", "mqtt"]},
+            **{
+                "publish.kafka": {
+                    "bootstrap_servers": f"127.0.0.1:{kafka_port or kafka.port}",
+                    "topic": f"results-{tmp_path.name}",
+                    "label_topic": topic,
+                    "timeout": "5s",
+                },
+                "publish.mqtt": {
+                    "host": "127.0.0.1",
+                    "port": mosquitto.port,
+                    "label_topic": f"smocsd/{{device_id}}/{topic}",
+                    "timeout": "5s",
+                },
+            },
+        )
+
+    cfg = configure()
+    smocsd("exclude", "--from", "10", "--to", "20", config=cfg, check=True)
+    (added,) = json.loads(smocsd("outbox", "list", "--json", config=cfg, check=True).stdout)
+    assert (added["schema"], added["action"]) == ("smocsd.label/1", "added")
+    assert "delivered 1, 0 waiting" in smocsd("outbox", "flush", config=cfg, check=True).stdout
+    records = kafka.messages(topic, until=lambda r: len(r) >= 1)
+    assert records == [{"key": "gw-test/autoencoder", "value": added}]
+
+    cfg = configure(kafka_port=closed_port())
+    with mosquitto.subscriber(f"smocsd/gw-test/{topic}") as sub:
+        smocsd("labels", "remove", "1", config=cfg, check=True)
+        (removed,) = json.loads(smocsd("outbox", "list", "--json", config=cfg, check=True).stdout)
+        assert "delivered 1, 0 waiting" in smocsd("outbox", "flush", config=cfg).stdout
+        got = sub.messages(until=lambda m: len(m) >= 1)
+    assert got == [(f"smocsd/gw-test/{topic}", removed)]
+    assert (removed["action"], removed["label"]) == ("removed", added["label"])

@@ -218,3 +218,59 @@ def test_models_show_prints_the_essentials(trained):
     assert lines["report"].strip().endswith("v000002/report.html")
     shown = json.loads(smocsd("models", "show", "2", "--json", config=config, check=True).stdout)
     assert shown == meta
+
+
+LEFT_OUT_ROW = re.compile(r"<tr><th>(.*?)</th><td[^>]*>(.*?)</td></tr>")
+
+
+def test_the_left_out_section_says_which_rows_why_and_what_was_accepted():
+    rejection = (
+        "alarms on 50% of the 108 windows v2 alarmed on (rows it was not trained on), "
+        "98% needed: it would learn the fault as <normal>"
+    )
+    meta = {
+        "version": 3,
+        "outcome": "rejected",
+        "data": {
+            "left_out": {
+                "rows": 420,
+                "ranges": [
+                    {"first": 3283, "last": 3420, "why": "alarm", "rows": 138},
+                    {"first": 3500, "last": 3510, "why": "spike", "rows": 11},
+                    {"first": 3600, "last": 3870, "why": "excluded", "rows": 271},
+                    {"first": 3900, "last": 3900, "why": "a future reason", "rows": 1},
+                ],
+                "accepted": [{"first": 4000, "last": 4600, "rows": 601}],
+            }
+        },
+        "eval": {"champion_alarm_windows": 108, "alarm_windows_kept": 0.5, "rejection": rejection},
+    }
+    section = report.left_out_section(meta)
+    assert f"<h2>Left out of training</h2>{section}<h2>Against the champion</h2>" in (
+        report.render(meta)
+    )
+    assert LEFT_OUT_ROW.findall(section) == [
+        ("rows left out", "420"),
+        ("3283 … 3420: the model that was current alarmed on them", "138"),
+        ("3500 … 3510: one window far above its threshold", "11"),
+        ("3600 … 3870: an excluded period (smocsd exclude)", "271"),
+        ("3900 … 3900: ?", "1"),
+        ("4000 … 4600: accepted as normal, trained on", "601"),
+        ("of the 108 windows the champion alarms on there, this version alarms on", "50.0%"),
+    ]
+    assert section.endswith(
+        "<p>Not promoted: alarms on 50% of the 108 windows v2 alarmed on (rows it was not "
+        "trained on), 98% needed: it would learn the fault as &lt;normal&gt;.</p>"
+    )
+
+
+def test_the_left_out_section_of_a_version_with_nothing_left_out_or_not_recorded():
+    # A first version: screened, nothing left out, no champion to keep the alarms of.
+    meta = {"data": {"left_out": {"rows": 0, "ranges": [], "accepted": []}}, "eval": {}}
+    assert LEFT_OUT_ROW.findall(report.left_out_section(meta)) == [("rows left out", "0")]
+    assert "Not promoted" not in report.left_out_section(meta)
+    # Saved before smocsd screened new rows: no left_out at all.
+    not_recorded = "<p class='note'>Not recorded (saved before smocsd screened new rows).</p>"
+    for old in ({}, {"data": {"rows": 3000}, "eval": {"val_loss": 0.5}}):
+        assert report.left_out_section(old) == not_recorded
+        assert f"<h2>Left out of training</h2>{not_recorded}" in report.render(old)

@@ -384,6 +384,10 @@ def test_upgrade_restarts_and_keeps_models_outbox_and_config(box: Box) -> None:
     pid = box.show("MainPID")["MainPID"]
     versions = box.c.run("ls", MODELS).stdout.split()
     current = box.c.run("readlink", f"{MODELS}/current").stdout
+    # The operator's labels are state too; the label's message waits in the outbox.
+    box.as_smocsd("exclude", "--from", "1", "--to", "2", "--reason", "before the upgrade")
+    labels = json.loads(box.as_smocsd("labels", "--json").stdout)
+    assert labels[-1]["reason"] == "before the upgrade", labels
     outbox = {m["message_id"] for m in json.loads(box.as_smocsd("outbox", "list", "--json").stdout)}
     assert outbox, "results kept with publish.order = [] should be in the outbox"
     config = box.read(CONFIG)
@@ -400,6 +404,7 @@ def test_upgrade_restarts_and_keeps_models_outbox_and_config(box: Box) -> None:
     assert box.c.run("readlink", f"{MODELS}/current").stdout == current
     after = json.loads(box.as_smocsd("outbox", "list", "--json").stdout)
     assert outbox <= {m["message_id"] for m in after}
+    assert json.loads(box.as_smocsd("labels", "--json").stdout) == labels
     assert box.read(CONFIG) == config
 
 
