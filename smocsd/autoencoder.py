@@ -18,6 +18,7 @@ from . import __version__, modelfile, report, threshold
 from .job import TrainingJob
 from .labels import Kind, Label, LabelError, Labels
 from .scoring import AlarmRule, Model, channel_errors, in_ranges, open_session, shares
+from .screen import JOIN_WINDOWS
 from .sources import Readings
 from .state import utcnow
 from .store import ModelStore
@@ -126,7 +127,8 @@ def _check_state(job: AutoencoderJob) -> None:
 
 
 # A challenger must alarm on at least this share of the windows the current model alarmed
-# on (rows it was not trained on): below, it has begun to take the fault for normal.
+# on (rows it was not trained on, in alarms of at least JOIN_WINDOWS windows' worth of
+# rows): below, it has begun to take the fault for normal.
 # Not all: the edges of an event sit near either threshold, and two thresholds fitted on
 # different rows disagree there.
 KEEP_ALARMS = 0.98
@@ -256,7 +258,9 @@ class AutoencoderJob(TrainingJob):
             val_rows=readings.values[first:end].copy(),
             val_offset=first,
             left_out=leave_out.summary(readings.order),
-            alarm_rows=self._alarm_rows(readings, leave_out.alarms(readings.order)),
+            alarm_rows=self._alarm_rows(
+                readings, leave_out.alarms(readings.order, JOIN_WINDOWS * t.window_size)
+            ),
         )
         self.logger.info(
             "read %d rows (%d dropped): %d training and %d validation windows",

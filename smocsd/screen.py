@@ -99,15 +99,19 @@ class LeaveOut:
         accepted = scoring.in_ranges(order, self.accepted)
         return (recorded & ~accepted) | scoring.in_ranges(order, self._ranges(Why.EXCLUDED))
 
-    def alarms(self, order: np.ndarray) -> np.ndarray:
-        """Per row: in a recorded alarm that no accepted or excluded range touches; a
-        challenger must still alarm on these (autoencoder's check that it cannot forget).
-        A partly accepted alarm is out of the check whole: its rest is the same change."""
+    def alarms(self, order: np.ndarray, lasting: int) -> np.ndarray:
+        """Per row: in a recorded alarm of at least `lasting` of these rows that no
+        accepted or excluded range touches; a challenger must still alarm on these
+        (autoencoder's check that it cannot forget). A partly accepted alarm is out of
+        the check whole: its rest is the same change. A short one is out too: a model
+        forgets a fault that lasts, while a few windows a champion alarmed on alone are
+        as likely its own false alarm, which no challenger need repeat."""
         unchecked = [*self.accepted, *self._ranges(Why.EXCLUDED)]
         checked = [
             (first, last)
             for first, last in self._ranges(Why.ALARM)
             if not any(a <= last and first <= b for a, b in unchecked)
+            and np.count_nonzero((order >= first) & (order <= last)) >= lasting
         ]
         return scoring.in_ranges(order, checked)
 
@@ -261,7 +265,9 @@ class Screening:
         order = readings.order
         d = scoring.decide(model, readings.values, readings.time, order, self.after, None, excluded)
         alarm = np.zeros(len(order), bool)
-        for end in d.ends[d.alarm]:
+        # The margin counted in decided windows as well as in rows: a dropout or a time gap
+        # between a fault's first rows and its first alarm would use up a margin of rows.
+        for end in d.ends[_widen(d.alarm, w, w)]:
             alarm[max(0, end - w + 1) : end + 1] = True
         first_new = int(np.searchsorted(order, self.after, "right"))
         if any(s.why is Why.ALARM and s.last >= self.after for s in self.spans):
