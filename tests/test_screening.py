@@ -577,3 +577,37 @@ def test_a_screened_span_goes_once_older_than_the_newest_max_rows(tmp_path, plan
     assert train_once(path)["outcome"] != "skipped"
     assert newest(db) - span[1] >= max_rows
     assert fault_spans() == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_retrain_does_not_close_an_open_alarm_event(tmp_path, backend):
+    """Live scoring opens an event on a fault that persists; the retrains that follow
+    train without its rows, so the model they leave current goes on alarming on it and
+    the event stays open (no `closed` message), whatever version scores."""
+    state, path = normal_plant(tmp_path, backend)
+    db = state / "readings.db"
+    assert train_once(path)["outcome"] == "promoted"
+    cfg = config.load(path)
+    outbox = Outbox(state / "outbox.db")
+    scorer = LiveScorer(cfg)
+    try:
+        assert scorer.step(outbox) == ([], 0)  # scoring starts at the newest row
+        append(db, ROUND, shift=FAULT)
+        scorer.step(outbox)
+        assert scorer.position.event is not None, "the fault opened no event"
+        event_id = scorer.position.event.event_id
+        for _ in range(2):
+            assert train_once(path)["outcome"] in ("promoted", "rejected")
+            append(db, ROUND, shift=FAULT)
+            rows, _ = scorer.step(outbox)
+            assert scorer.position.event is not None and scorer.position.event.event_id == event_id
+            assert anomalous([r.to_json() for r in rows]) >= 0.9
+        assert (
+            scorer.version
+            == json.loads(smocsd("status", "--json", config=path).stdout)["current_version"]
+        )
+    finally:
+        scorer.close()
+        outbox.close()
+    states = [m["state"] for m in outbox_messages(path) if m.get("schema") == "smocsd.alarm/1"]
+    assert states == ["open"], states
