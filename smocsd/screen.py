@@ -99,19 +99,16 @@ class LeaveOut:
         accepted = scoring.in_ranges(order, self.accepted)
         return (recorded & ~accepted) | scoring.in_ranges(order, self._ranges(Why.EXCLUDED))
 
-    def alarms(self, order: np.ndarray, lasting: int) -> np.ndarray:
-        """Per row: in a recorded alarm of at least `lasting` of these rows that no
-        accepted or excluded range touches; a challenger must still alarm on these
-        (autoencoder's check that it cannot forget). A partly accepted alarm is out of
-        the check whole: its rest is the same change. A short one is out too: a model
-        forgets a fault that lasts, while a few windows a champion alarmed on alone are
-        as likely its own false alarm, which no challenger need repeat."""
+    def alarms(self, order: np.ndarray) -> np.ndarray:
+        """Per row: in a recorded alarm that no accepted or excluded range touches; a
+        challenger must still alarm where the champion alarms on these (autoencoder's
+        check that it cannot forget). A partly accepted alarm is out of the check whole:
+        its rest is the same change."""
         unchecked = [*self.accepted, *self._ranges(Why.EXCLUDED)]
         checked = [
             (first, last)
             for first, last in self._ranges(Why.ALARM)
             if not any(a <= last and first <= b for a, b in unchecked)
-            and np.count_nonzero((order >= first) & (order <= last)) >= lasting
         ]
         return scoring.in_ranges(order, checked)
 
