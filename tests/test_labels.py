@@ -109,30 +109,6 @@ def screened_alarms(state: Path) -> list[tuple[int, int]]:
 # --- a kill at any instant of the write
 
 
-def strace_kill(cmd: list[str], syscall: str, when: int) -> list[str]:
-    """cmd under strace, SIGKILLed on entering its `when`th call of `syscall`, which is
-    then never made: as abrupt as a power cut for what the process had left to do.
-
-    Not faults.strace_inject: strace 6.1 silently skips a signal= injection under
-    --seccomp-bpf, which that one always passes."""
-    problem = faults._strace_problem()
-    if problem:
-        faults._unavailable(problem)
-    return [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        f"trace={syscall}",
-        "-e",
-        f"inject={syscall}:signal=KILL:when={when}",
-        "--",
-        *cmd,
-    ]
-
-
 # The calls of an `smocsd exclude`, in order: the lock (flock), the temp file's write
 # and fsync, the rename over labels.json, the directory's fsync, then the outbox's
 # writes and syncs (pwrite64, fdatasync) and the "added" line (write). Nothing before
@@ -157,9 +133,8 @@ def test_labels_survive_a_kill_at_any_instant_of_their_write(plant):
             first = 100 * (highest + len(steps) + when)
             cmd = [sys.executable, "-m", "smocsd", "exclude", "--from", str(first)]
             cmd += ["--to", str(first + 9), "--config", str(cfg)]
-            proc = subprocess.run(
-                strace_kill(cmd, syscall, when), capture_output=True, text=True, env=env
-            )
+            kill = faults.strace_inject(cmd, syscall, "KILL", when)
+            proc = subprocess.run(kill, capture_output=True, text=True, env=env)
             # Never torn: the file reads, and holds the old list or the old one plus one.
             after = labels.read()
             assert after[: len(before)] == before, (syscall, when)
@@ -209,7 +184,7 @@ def test_the_temp_file_of_a_killed_label_write_goes_at_the_next_start(plant):
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "smocsd", "exclude", "--from", "1", "--to", "2"]
     cmd += ["--config", str(cfg)]
-    proc = subprocess.run(strace_kill(cmd, "rename", 1), capture_output=True, env=env)
+    proc = subprocess.run(faults.strace_inject(cmd, "rename", "KILL"), capture_output=True, env=env)
     assert proc.returncode in (-9, 137)
     (temp,) = temp_files(state)  # the killed write's, whole, never renamed
     smocsd("exclude", "--from", "3", "--to", "4", config=cfg, check=True)
