@@ -181,3 +181,22 @@ def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> int:
                 ),
             )
     return first
+
+
+def run_forked(argv: list[str], capfd) -> tuple[int, str, str]:
+    """main(argv) in a forked child, which may become another user: this interpreter may
+    live where that user cannot read, so everything is imported before the fork."""
+    from smocsd.cli import main
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = main(argv)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, wait_status = os.waitpid(pid, 0)
+    out, err = capfd.readouterr()
+    return os.waitstatus_to_exitcode(wait_status), out, err

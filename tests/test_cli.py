@@ -8,16 +8,14 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import smocsd, write_config
+from helpers import run_forked, smocsd, write_config
 
 from smocsd import demo
-from smocsd.cli import main
 from smocsd.store import ModelStore
 
 NOBODY = 65534
@@ -335,18 +333,10 @@ def test_a_writing_command_run_by_root_becomes_the_state_dirs_owner(shared_dir, 
     cfg = write_config(shared_dir / "c.toml", state)
     db = state / "readings.db"
     demo.write(shared_dir / "warm-up.db", 10)  # what demo imports on first use
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            code = main(["demo", "--rows", "100", "--db", str(db), "--config", str(cfg)])
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, wait_status = os.waitpid(pid, 0)
-    out, err = capfd.readouterr()
-    assert os.waitstatus_to_exitcode(wait_status) == 0, err
+    code, out, err = run_forked(
+        ["demo", "--rows", "100", "--db", str(db), "--config", str(cfg)], capfd
+    )
+    assert code == 0, err
     assert f"INFO smocsd: running as nobody, the owner of {state}\n" in err
     assert out == f"{db}: wrote 100 rows, 100 in all\n"
     nogroup = pwd.getpwuid(NOBODY).pw_gid

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import faults
 import pytest
-from helpers import smocsd, write_config
+from helpers import run_forked, smocsd, write_config
 from schemacheck import validate
 
 from smocsd import config, demo
-from smocsd.cli import main
 from smocsd.labels import FILE, Kind, Label, Labels
 from smocsd.live import LiveScorer
 from smocsd.outbox import Outbox
@@ -527,23 +526,6 @@ def nobodys_state() -> Iterator[tuple[Path, Path]]:
         yield state, write_config(root / "c.toml", state)
     finally:
         shutil.rmtree(root)
-
-
-def run_forked(argv: list[str], capfd: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """main(argv) in a forked child, which may become another user: this interpreter may
-    live where that user cannot read, and everything is imported already."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            code = main(argv)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, wait_status = os.waitpid(pid, 0)
-    out, err = capfd.readouterr()
-    return os.waitstatus_to_exitcode(wait_status), out, err
 
 
 @needs_root
