@@ -18,7 +18,7 @@ from . import __version__, modelfile, report, threshold
 from .job import TrainingJob
 from .labels import Kind, Label, LabelError, Labels
 from .scoring import AlarmRule, Model, channel_errors, in_ranges, open_session, shares
-from .screen import JOIN_WINDOWS
+from .screen import JOIN_WINDOWS, runs
 from .sources import Readings
 from .state import utcnow
 from .store import ModelStore
@@ -282,13 +282,12 @@ class AutoencoderJob(TrainingJob):
         """The rows of each run the current model alarmed on, for the check that a
         challenger still alarms there, each with the rows its windows look back on."""
         back = self.config.training.window_size - 1 + self.config.model.alarm_of - 1
-        edges = np.diff(np.concatenate(([0], alarmed.astype(np.int8), [0])))
         return [
             (
-                readings.values[max(0, a - back) : b].copy(),
-                readings.time[max(0, a - back) : b].copy(),
+                readings.values[max(0, a - back) : b + 1].copy(),
+                readings.time[max(0, a - back) : b + 1].copy(),
             )
-            for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True)
+            for a, b in runs(alarmed)
         ]
 
     def _report_time(self, readings: Readings, check: TimeCheck) -> None:

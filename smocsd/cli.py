@@ -22,7 +22,7 @@ from typing import Any
 from . import __version__
 from . import config as config_mod
 from .config import Config, ConfigError
-from .labels import Kind, Label, LabelError, Labels
+from .labels import Kind, Label, LabelError, Labels, ranges_of
 from .outbox import Outbox, OutboxError
 from .store import ModelStore, StoreError, version_name
 from .systemd import configure_logging
@@ -411,7 +411,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
         raise Failure(str(exc)) from None
     finally:
         source.close()
-    excluded = [(x.first, x.last) for x in Labels(cfg.state_dir).read() if x.kind is Kind.EXCLUDE]
+    excluded = ranges_of(Labels(cfg.state_dir).read(), Kind.EXCLUDE)
     rows, _, _ = decide(model, readings, after, None, excluded)
     rows = [r for r in rows if args.to_order is None or r.order <= args.to_order]
     if args.json:

@@ -141,6 +141,11 @@ class Labels:
         return gone[0]
 
 
+def ranges_of(labels: list[Label], kind: Kind) -> list[tuple[int, int]]:
+    """(first, last) of each label of `kind`: what scoring and screening apply."""
+    return [(x.first, x.last) for x in labels if x.kind is kind]
+
+
 def message(label: Label, action: str, device_id: str, model: str) -> dict[str, Any]:
     """The smocsd.label/1 message: what a gateway was told, for the fleet's central side."""
     return {

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import scoring
 from .config import Config
-from .labels import Kind, LabelError, Labels
+from .labels import Kind, LabelError, Labels, ranges_of
 from .outbox import Outbox
 from .publish import ALARM_SCHEMA
 from .scoring import Model, shares
@@ -160,7 +160,7 @@ class LiveScorer:
         mtime = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._labels_seen is None or self._labels_seen[0] != mtime:
             try:
-                ranges = [(x.first, x.last) for x in self.labels.read() if x.kind is Kind.EXCLUDE]
+                ranges = ranges_of(self.labels.read(), Kind.EXCLUDE)
             except LabelError as exc:
                 log.error("scoring: excluded periods not applied: %s", exc)
                 ranges = []

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .windows import Normalization, WindowSet, check_time, valid_starts
+from .windows import Normalization, WindowSet, check_time, holding, valid_starts
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,6 @@ def in_ranges(order: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarra
     return (i >= 0) & (order <= np.array(lasts)[np.maximum(i, 0)])
 
 
-def touching(rows: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
-    """Per window (of `size` rows, ending at row index `ends`): does it hold a marked row?"""
-    before = np.concatenate(([0], np.cumsum(rows, dtype=np.int64)))
-    return before[ends + 1] > before[np.maximum(ends + 1 - size, 0)]
-
-
 @dataclass(frozen=True)
 class Decided:
     """The windows ending past `after`, decided in row order (`smocsd score`, live scoring
@@ -171,7 +165,8 @@ def decide(
     new = np.ones(len(scored.end), bool) if after is None else order[scored.end] > after
     over = scored.over
     if excluded:
-        over = over & ~touching(in_ranges(order, excluded), scored.end, model.window_size)
+        w = model.window_size
+        over = over & ~holding(in_ranges(order, excluded), scored.end - w + 1, w)
     keep = model.rule.of - 1
     if recent is None:
         recent = over[~new].tolist()[-keep:] if keep else []

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import labels as labels_mod
 from . import scoring
-from .labels import By, Kind, Label, Labels
+from .labels import By, Kind, Label, Labels, ranges_of
 from .store import ModelStore
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class LeaveOut:
         return {"rows": int(left.sum()), "ranges": ranges, "accepted": accepted}
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, end] row indices (inclusive) of each run of True."""
     edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
     return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1, strict=True))
@@ -145,7 +145,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 def _widen(mask: np.ndarray, before: int, after: int) -> np.ndarray:
     """`mask` with every run grown by `before` rows ahead of it and `after` behind it."""
     out = mask.copy()
-    for start, end in _runs(mask):
+    for start, end in runs(mask):
         out[max(0, start - before) : end + after + 1] = True
     return out
 
@@ -153,8 +153,8 @@ def _widen(mask: np.ndarray, before: int, after: int) -> np.ndarray:
 def _join(mask: np.ndarray, gap: int) -> np.ndarray:
     """`mask` with the gaps of at most `gap` rows between two runs filled."""
     out = mask.copy()
-    runs = _runs(mask)
-    for (_, end), (start, _) in itertools.pairwise(runs):
+    found = runs(mask)
+    for (_, end), (start, _) in itertools.pairwise(found):
         if start - end - 1 <= gap:
             out[end + 1 : start] = True
     return out
@@ -205,7 +205,7 @@ class Screening:
         if self.after is not None and (newest is None or newest < self.after):
             self.log.warning("screening: order column went backwards: its record starts again")
             self.spans, self.after = [], None
-        excluded = [(x.first, x.last) for x in in_force if x.kind is Kind.EXCLUDE]
+        excluded = ranges_of(in_force, Kind.EXCLUDE)
         # Accepted, but no model trained on them is current yet: the current model goes on
         # alarming on the rows that arrive meanwhile, which are the same new normal.
         through = self.record.get("accepted_through", 0)
@@ -225,7 +225,7 @@ class Screening:
         if self.after is not None:
             self.record["to"] = self.after
         self.job.state["screened"] = self.record
-        accepted = [(x.first, x.last) for x in in_force if x.kind is Kind.ACCEPT]
+        accepted = ranges_of(in_force, Kind.ACCEPT)
         if self.pending_from is not None and self.after is not None:
             accepted.append((self.pending_from, max(self.after, *(b for _, b in accepted))))
         accepted = list(dict.fromkeys(accepted))
@@ -279,7 +279,7 @@ class Screening:
             spike &= order < self.pending_from
         found = []
         for why, mask in ((Why.ALARM, alarm), (Why.SPIKE, spike)):
-            for start, end in _runs(mask):
+            for start, end in runs(mask):
                 since = float(readings.time[start]) if np.isfinite(readings.time[start]) else None
                 found.append(Span(int(order[start]), int(order[end]), why, version, since))
         alarmed = int(d.alarm.sum())
@@ -312,7 +312,7 @@ class Screening:
         if limit is None or newest_time is None or self.after is None:
             return []
         added = []
-        accepted = [(x.first, x.last) for x in in_force if x.kind is Kind.ACCEPT]
+        accepted = ranges_of(in_force, Kind.ACCEPT)
         for s in self.spans:
             if s.why is not Why.ALARM or s.last < self.after or s.since is None:
                 continue

@@ -194,6 +194,12 @@ def valid_starts(
     return np.flatnonzero(ok[::stride]) * stride
 
 
+def holding(mask: np.ndarray, starts: np.ndarray, size: int) -> np.ndarray:
+    """Per window of `size` rows at `starts`: does it hold a row marked in `mask`?"""
+    before = _count_before(mask)
+    return before[starts + size] > before[starts]
+
+
 def _count_before(mask: np.ndarray) -> np.ndarray:
     """counts[i]: how many of mask[:i] are set (len(mask) + 1 entries)."""
     counts = np.zeros(len(mask) + 1, np.int32 if len(mask) < 2**31 else np.int64)
@@ -239,9 +245,8 @@ def split(
         for group in (np.flatnonzero(accepted), np.flatnonzero(~accepted)):
             validate[group[-max(1, round(len(group) * validation_fraction)) :]] = True
         val_starts = starts[validate]
-        val_before = _count_before(covered_rows(len(values), val_starts, size))
         others = starts[~validate]
-        train_starts = others[val_before[others + size] == val_before[others]]
+        train_starts = others[~holding(covered_rows(len(values), val_starts, size), others, size)]
     if len(train_starts) == 0:
         raise DataError(f"too few valid windows to train on ({len(starts)} in all)")
     norm = Normalization.fit(values, covered_rows(len(values), train_starts, size))
