@@ -33,11 +33,13 @@ def gateway(tmp_path, kafka, mosquitto):
                 "publish.kafka": {
                     "bootstrap_servers": f"127.0.0.1:{kafka_port or kafka.port}",
                     "topic": topic,
+                    "label_topic": f"labels-{tmp_path.name}",
                     "timeout": "5s",
                 },
                 "publish.mqtt": {
                     "host": "127.0.0.1",
                     "port": mqtt_port or mosquitto.port,
+                    "label_topic": f"smocsd/{{device_id}}/labels-{tmp_path.name}",
                     "timeout": "5s",
                 },
             },
@@ -78,33 +80,11 @@ def test_kafka_down_mqtt_then_outbox_then_flush(gateway, kafka, mosquitto):
     assert [r["value"]["message_id"] for r in records] == [second["message_id"]]
 
 
-def test_labels_reach_kafka_and_mqtt_on_their_own_topics(tmp_path, kafka, mosquitto):
+def test_labels_reach_kafka_and_mqtt_on_their_own_topics(gateway, tmp_path, kafka, mosquitto):
     """`smocsd exclude` and `smocsd labels remove` queue smocsd.label/1 messages, which go
     to publish.kafka.label_topic, or publish.mqtt.label_topic when Kafka is down."""
-    state = tmp_path / "state"
-    state.mkdir()
-    topic = f"labels-{tmp_path.name}"
-
-    def configure(kafka_port: int | None = None):
-        return write_config(
-            tmp_path / "c.toml",
-            state,
-            publish={"order": ["kafka", "mqtt"]},
-            **{
-                "publish.kafka": {
-                    "bootstrap_servers": f"127.0.0.1:{kafka_port or kafka.port}",
-                    "topic": f"results-{tmp_path.name}",
-                    "label_topic": topic,
-                    "timeout": "5s",
-                },
-                "publish.mqtt": {
-                    "host": "127.0.0.1",
-                    "port": mosquitto.port,
-                    "label_topic": f"smocsd/{{device_id}}/{topic}",
-                    "timeout": "5s",
-                },
-            },
-        )
+    configure, _ = gateway
+    topic = f"labels-{tmp_path.name}"  # the gateway's label topics
 
     cfg = configure()
     smocsd("exclude", "--from", "10", "--to", "20", config=cfg, check=True)
