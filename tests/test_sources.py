@@ -443,9 +443,13 @@ def test_a_writer_that_never_waits_is_never_locked_out(tmp_path):
         assert (locked, commits > 0) == (0, True)
         # The newest rows when the read began, the writer's first few among them, each once.
         assert len(got.order) == 200_000 and (np.diff(got.order) == 1).all()
-        assert got.order[0] > 10_000 and got.bad_rows.sum() > 2000
+        assert got.order[0] > 10_000
         made = got.order <= 210_000  # rows made above, not the writer's
-        assert (np.isnan(got.values[made, 1]) == ((got.order[made] - 1) % 97 == 0)).all()
+        holed = (got.order - 1) % 97 == 0
+        # How many of the made rows the read holds depends on the writer's pace: the
+        # holed ones among them are bad, the writer's rows never are.
+        assert made.sum() > 150_000 and (got.bad_rows == (made & holed)).all()
+        assert (np.isnan(got.values[made, 1]) == holed[made]).all()
         assert src.count_after(None) >= 210_000 and src.max_order() >= 210_000
     src.close()
     locking = source(db)
