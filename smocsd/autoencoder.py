@@ -8,6 +8,7 @@ import math
 import platform
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,16 @@ import numpy as np
 from . import __version__, modelfile, report, threshold
 from .job import TrainingJob
 from .labels import Kind, Label, LabelError, Labels
-from .scoring import AlarmRule, Model, channel_errors, in_ranges, open_session, shares
+from .scoring import (
+    AlarmRule,
+    Model,
+    ScoreKind,
+    WindowScore,
+    channel_errors,
+    in_ranges,
+    open_session,
+    shares,
+)
 from .screen import JOIN_WINDOWS, runs
 from .sources import Readings
 from .state import utcnow
@@ -86,12 +96,11 @@ class TrainingData:
 SCORE_CHUNK = 1 << 16
 
 
-def _scores_into(out: np.ndarray, session: Any, windows: WindowSet, n_channels: int) -> np.ndarray:
-    """`out[i]`: window i's score, channel_errors(...).mean(axis=1) a chunk at a time."""
+def _chunks(session: Any, windows: WindowSet, n_channels: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, channel_errors) of `windows`, SCORE_CHUNK windows at a time."""
     for lo in range(0, len(windows), SCORE_CHUNK):
         part = WindowSet(windows.z, windows.starts[lo : lo + SCORE_CHUNK], windows.size)
-        np.mean(channel_errors(session, part, n_channels), axis=1, out=out[lo : lo + len(part)])
-    return out
+        yield lo, channel_errors(session, part, n_channels)
 
 
 # A trained_at this far ahead of the clock is a clock that was reset, not drift.
@@ -358,12 +367,22 @@ class AutoencoderJob(TrainingJob):
         sp, threads = self.data.split, self.config.training.threads
         channels = len(self.config.source.channels)
         session = open_session(self.staging / "model.onnx", threads)
-        # Every window's score in one array, training windows first, filled in place.
+        val_errors = channel_errors(session, sp.val, channels)  # per channel: channel_error
+        self.val_loss = float(val_errors.mean())
+        kind = ScoreKind(self.config.model.score)
+        train_mean = np.zeros(channels)
+        if kind is ScoreKind.CHANNEL_MAX:  # the scale needs the training windows' errors
+            for _, errors in _chunks(session, sp.train, channels):
+                train_mean += errors.sum(axis=0)
+            train_mean /= max(len(sp.train), 1)
+        self.window_score = WindowScore.fit(kind, train_mean, val_errors)
+        # Every window's score in one array, training windows first.
         all_scores = np.empty(len(sp.train) + len(sp.val), np.float32)
-        train_scores = _scores_into(all_scores[: len(sp.train)], session, sp.train, channels)
-        errors = channel_errors(session, sp.val, channels)  # per channel: channel_error
-        scores = np.mean(errors, axis=1, out=all_scores[len(sp.train) :])
-        self.val_loss = float(scores.mean())
+        for lo, errors in _chunks(session, sp.train, channels):
+            all_scores[lo : lo + len(errors)] = self.window_score.apply(errors)[1]
+        train_scores = all_scores[: len(sp.train)]
+        scores = all_scores[len(sp.train) :]
+        scores[:] = self.window_score.apply(val_errors)[1]
         t, m = self.config.training, self.config.model
         # Training and validation windows together: more evidence for the tail, and the
         # validation windows (the newest) carry whatever drift there already is.
@@ -372,7 +391,7 @@ class AutoencoderJob(TrainingJob):
             "validation": threshold.quantiles(scores),
             "training": threshold.quantiles(train_scores),
         }
-        channel_mse = errors.mean(axis=0)
+        channel_mse = val_errors.mean(axis=0)
         self.channel_error = {
             name: {"val_mse": float(mse), "share": float(share)}
             for name, mse, share in zip(
@@ -443,6 +462,7 @@ class AutoencoderJob(TrainingJob):
         return {
             "channels": list(cfg.source.channels),
             "window_size": cfg.training.window_size,
+            **self.window_score.to_meta(),
             "threshold": self.threshold_fit.threshold,
             "threshold_fit": self.threshold_fit.to_meta(),
             "alarm": AlarmRule(cfg.model.alarm_above, cfg.model.alarm_of).to_meta(),
@@ -535,7 +555,7 @@ class AutoencoderJob(TrainingJob):
             "input_name": "input",
             "output_name": "reconstruction",
             "normalization": sp.normalization.to_meta(),
-            "score": "mse",
+            **self.window_score.to_meta(),
             "threshold": self.threshold_fit.threshold,
             "threshold_fit": self.threshold_fit.to_meta(),
             "score_quantiles": self.score_quantiles,

@@ -349,7 +349,7 @@ class TrainingConfig:
     epochs: int = _opt(50, _int(1))
     patience: int = _opt(5, _int(1))
     validation_fraction: float = _opt(0.2, _float(0.0, 1.0, low_open=True, high_open=True))
-    hidden: tuple[int, ...] = _opt((32, 8), _list_of(_int(1)))
+    hidden: tuple[int, ...] = _opt((32,), _list_of(_int(1)))
     threads: int = _opt(1, _int(1, 256))
     seed: int = _opt(0, _int(0))
 
@@ -359,7 +359,10 @@ class ModelConfig:
     name: str = _opt("autoencoder", _identifier)
     keep_versions: int = _opt(5, _int(1))
     promote: str = _opt("if-better", _choice("always", "if-better"))
-    false_alarm_rate: float = _opt(0.001, _float(0.0, 0.5, low_open=True, high_open=True))
+    # How a window's channel errors become its score (smocsd.scoring.ScoreKind): "mse"
+    # divides a fault in one channel of c by c (README, "Detection quality").
+    score: str = _opt("channel-max", _choice("channel-max", "mse"))
+    false_alarm_rate: float = _opt(0.0001, _float(0.0, 0.5, low_open=True, high_open=True))
     alarm_above: int = _opt(2, _int(1))
     alarm_of: int = _opt(3, _int(1))
     # A change the current model has alarmed on without a break for this long is accepted

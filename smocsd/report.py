@@ -184,7 +184,8 @@ def score_figure(meta: dict) -> str:
     x0, x1 = math.floor(min(xs) * 2) / 2, math.ceil(max(xs) * 2) / 2
     axes = _Axes(x0, x1, 0, 1.15)
     xticks = [(d, f"{10**d:.3g}") for d in range(math.ceil(x0), math.floor(x1) + 1)]
-    parts = [axes.frame("window score (MSE, log scale)", xticks, [])]
+    kind = meta.get("score", "mse")  # versions before channel-max say "mse" or nothing
+    parts = [axes.frame(f"window score ({kind}, log scale)", xticks, [])]
     if has_fit:
         # The log-normal in log10(score) is a normal; scaled to peak at 1.
         dist = NormalDist(median / math.log(10), scale / math.log(10))

@@ -27,8 +27,8 @@ def test_defaults_follow_the_contract():
     assert cfg.state_dir == Path("/srv/state")
     assert cfg.source.path == Path("/srv/state/readings.db")
     assert cfg.daemon.check_interval == 60
-    assert cfg.training.window_size == 10 and cfg.training.hidden == (32, 8)
-    assert cfg.training.max_gap is None and cfg.model.false_alarm_rate == 0.001
+    assert cfg.training.window_size == 10 and cfg.training.hidden == (32,)
+    assert cfg.training.max_gap is None and cfg.model.false_alarm_rate == 0.0001
     assert (cfg.model.alarm_above, cfg.model.alarm_of) == (2, 3)
     assert cfg.training.min_interval == 600
     assert cfg.model.promote == "if-better" and cfg.model.keep_versions == 5

@@ -1,4 +1,5 @@
-"""The threshold fit, the alarm rule and channel shares: what every consumer of a model applies."""
+"""The window score, the threshold fit, the alarm rule and channel shares: what every consumer
+of a model applies."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from smocsd import threshold
-from smocsd.scoring import AlarmRule, shares
+from smocsd.scoring import SCALE_FLOOR, AlarmRule, ScoreKind, WindowScore, shares
 
 
 def lognormal(n: int, seed: int = 0) -> np.ndarray:
@@ -64,3 +65,55 @@ def test_channel_shares_sum_to_one_and_name_the_culprit():
     s = shares(errors)
     np.testing.assert_allclose(s[0], [0.1, 0.1, 0.8])
     assert s[1].tolist() == [0, 0, 0]
+
+
+def channel_noise(windows: int, channels: int, seed: int = 0) -> np.ndarray:
+    """(windows, channels) per-channel errors of normal windows, each channel its own level."""
+    rng = np.random.default_rng(seed)
+    levels = np.geomspace(0.01, 1.0, channels)
+    return (levels * np.exp(rng.normal(0.0, 0.3, (windows, channels)))).astype(np.float32)
+
+
+def test_channel_max_sees_a_fault_in_one_channel_of_many_that_mse_divides():
+    """A fault that moves one quiet channel of 52 to ten times its normal error: the mean
+    over channels barely notices it, the largest scaled error is ten times normal."""
+    train, val = channel_noise(4000, 52), channel_noise(1000, 52, seed=1)
+    fault = channel_noise(200, 52, seed=2)
+    fault[:, 0] *= 10  # the quietest channel
+    for kind, seen in ((ScoreKind.MSE, False), (ScoreKind.CHANNEL_MAX, True)):
+        score = WindowScore.fit(kind, train.mean(axis=0), val)
+        fit = threshold.fit(score.apply(np.vstack([train, val]))[1], 1, 1, 0.001)
+        caught = (score.apply(fault)[1] > fit.threshold).mean()
+        assert (caught > 0.9) == seen, (kind, caught)
+        assert (score.apply(channel_noise(5000, 52, seed=3))[1] > fit.threshold).mean() < 0.01
+
+
+def test_a_channel_drifting_in_the_newest_rows_is_measured_against_its_drift():
+    """The validation windows (the newest rows) of channel 1 reconstruct three times worse
+    than its training windows: its scale carries that growth, so the drift already under
+    way does not alarm where an unscaled channel-max would."""
+    train, val = channel_noise(4000, 4), channel_noise(1000, 4, seed=1)
+    val[:, 1] *= 3
+    score = WindowScore.fit(ScoreKind.CHANNEL_MAX, train.mean(axis=0), val)
+    steady = np.quantile(val, 0.99, axis=0)
+    assert score.channel_scale[1] == pytest.approx(steady[1] * 3, rel=0.1)
+    assert score.channel_scale[[0, 2, 3]] == pytest.approx(steady[[0, 2, 3]], rel=0.05)
+    # a constant channel (no error at all) still gets a finite scale
+    train[:, 2] = val[:, 2] = 0.0
+    assert WindowScore.fit(ScoreKind.CHANNEL_MAX, train.mean(axis=0), val).channel_scale[2] == (
+        pytest.approx(SCALE_FLOOR)
+    )
+
+
+def test_a_model_saved_before_channel_max_scores_as_it_did():
+    """metadata.json of older versions says "mse" (or nothing): the mean, unscaled."""
+    errors = channel_noise(100, 3)
+    for meta in ({"score": "mse"}, {}):
+        score = WindowScore.from_meta(meta)
+        scaled, s = score.apply(errors)
+        assert score.kind is ScoreKind.MSE and scaled is errors
+        assert np.array_equal(s, errors.mean(axis=1))
+    new = WindowScore.fit(ScoreKind.CHANNEL_MAX, errors.mean(axis=0), errors)
+    again = WindowScore.from_meta(new.to_meta())
+    assert again.to_meta() == new.to_meta()
+    assert np.array_equal(again.apply(errors)[1], (errors / again.channel_scale).max(axis=1))
