@@ -57,13 +57,6 @@ class ScoreKind(str, Enum):
 # The channel's error on its validation windows that it is measured against: a high
 # quantile of it, so that one noisy channel is not an alarm on its own.
 SCALE_QUANTILE = 0.99
-# A channel whose validation windows (the newest rows, held out) reconstruct worse than
-# its training windows is drifting or was not learned from the few rows there were: its
-# scale grows by that ratio, so the drift already under way is not an alarm by the time
-# it has gone as far again. Chosen on the real benchmarks (bench/detect.py): on SKAB's
-# short runs the slowly warming temperature channels otherwise alarmed on ~half of the
-# normal rows.
-GROWTH_POWER = 1.0
 # Squared errors in normalized units below this are one value: a channel that is constant
 # in training still gets a finite ratio.
 SCALE_FLOOR = 1e-6
@@ -82,7 +75,7 @@ class WindowScore:
         if self.kind is ScoreKind.MSE:
             return errors, errors.mean(axis=1)
         scaled = (errors / self.channel_scale).astype(np.float32)
-        return scaled, (scaled.max(axis=1) if len(scaled) else np.empty(0, np.float32))
+        return scaled, scaled.max(axis=1)
 
     def to_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"score": self.kind.value}
@@ -100,11 +93,18 @@ class WindowScore:
     @classmethod
     def fit(cls, kind: ScoreKind, train_mean: np.ndarray, val_errors: np.ndarray) -> WindowScore:
         """The score of a new model from its channels' mean error on the training windows
-        and their errors on the validation windows (see SCALE_QUANTILE, GROWTH_POWER)."""
+        and their errors on the validation windows.
+
+        A channel whose validation windows (the newest rows, held out) reconstruct worse
+        than its training windows is drifting or was not learned from the few rows there
+        were: its scale grows by that ratio, so the drift already under way is not an alarm
+        by the time it has gone as far again. Chosen on the real benchmarks
+        (bench/detect.py): on SKAB's short runs the slowly warming temperature channels
+        otherwise alarmed on about half of the normal rows."""
         if kind is ScoreKind.MSE:
             return cls(kind)
         growth = np.maximum(val_errors.mean(axis=0) / np.maximum(train_mean, SCALE_FLOOR), 1.0)
-        scale = np.quantile(val_errors, SCALE_QUANTILE, axis=0) * growth**GROWTH_POWER
+        scale = np.quantile(val_errors, SCALE_QUANTILE, axis=0) * growth
         return cls(kind, np.maximum(scale, SCALE_FLOOR).astype(np.float32))
 
 
