@@ -5,7 +5,7 @@ classic baselines computed in the same run.
     .bench/bin/python bench/detect.py [--quick] [--datasets tep,skab-valve1,...]
 
 scikit-learn (for the simulations' baselines) is never a dependency of the daemon: the
-benchmark has its own environment. A default run takes about 3 minutes on 2 cores;
+benchmark has its own environment. A default run takes about 6 minutes on 2 cores;
 `--quick` skips the architecture grid.
 
 smocsd is run through its real code path: each run's training rows go into a SQLite file,
@@ -65,7 +65,7 @@ from scenarios import (
 )
 
 from smocsd import threshold
-from smocsd.config import TrainingConfig, parse
+from smocsd.config import ModelConfig, TrainingConfig, parse
 from smocsd.cycle import Outcome, call_hooks
 from smocsd.job import CycleProgress
 from smocsd.scoring import AlarmRule, Model, WindowScore, channel_errors, open_session
@@ -246,6 +246,15 @@ def _split_scores(cfg, run: Run, directory: Path, meta: dict) -> tuple[np.ndarra
     return train, val
 
 
+DEFAULTS = {"training": TrainingConfig(), "model": ModelConfig()}
+
+
+def _default(key: str) -> str:
+    """The default of an override's key ("key" of [training], or "section.key"), as _toml."""
+    section, _, name = key.rpartition(".")
+    return _toml(getattr(DEFAULTS[section or "training"], name))
+
+
 class Models:
     """Trained models by (dataset, run, overrides). A model is trained once per distinct
     training rows (the Tennessee Eastman files share d00) and scores each run it serves."""
@@ -260,7 +269,8 @@ class Models:
         return len(self._trained)
 
     def get(self, ds: Dataset, i: int, overrides: dict[str, Any] | None = None) -> Trained:
-        overrides = overrides or {}
+        # An override that names a default changes nothing: the defaults' models serve it.
+        overrides = {k: v for k, v in (overrides or {}).items() if _toml(v) != _default(k)}
         settings = tuple(sorted((k, _toml(v)) for k, v in overrides.items()))
         key = (ds.name, i, settings)
         if key not in self._cache:
@@ -470,9 +480,9 @@ def detectors(ds: Dataset, models: Models) -> dict[str, list[np.ndarray]]:
     defaults = models.all(ds)
     meta = defaults[0].meta
     rule = f"{meta['alarm']['above']} of {meta['alarm']['of']}"
-    out[f"smocsd defaults (window {meta['window_size']}, threshold.fit, {rule})"] = [
-        rows_alarmed(m.end, m.alarm, run) for m, run in zip(defaults, ds.runs, strict=True)
-    ]
+    out[f"smocsd defaults (window {meta['window_size']}, threshold.fit, {rule})"] = (
+        smocsd_decisions(ds, models)
+    )
     old = models.all(ds, OLD_DEFAULTS)
     out["smocsd old defaults (window 50, p99 of validation, 1 of 1)"] = [
         rows_alarmed(m.end, m.score > np.percentile(m.val_scores, 99), run)
@@ -648,12 +658,10 @@ def main() -> None:
     rows = []
     for ds in datasets:
         # "auto" is ort where onnxruntime-training imports: reuse those models.
-        auto = models.all(ds)
-        other = "numpy" if auto[0].meta["backend"] == "ort" else "ort"
-        by_backend = {auto[0].meta["backend"]: auto, other: models.all(ds, {"backend": other})}
+        auto = models.get(ds, 0).meta["backend"]
         ort, npy = (
-            [rows_alarmed(m.end, m.alarm, run) for m, run in zip(ms, ds.runs, strict=True)]
-            for ms in (by_backend["ort"], by_backend["numpy"])
+            smocsd_decisions(ds, models, {} if backend == auto else {"backend": backend})
+            for backend in ("ort", "numpy")
         )
         same = np.concatenate([a == b for a, b in zip(ort, npy, strict=True)])
         rows.append([ds.name, summary(ds, ort), summary(ds, npy), f"{same.mean():.4f}"])
@@ -677,13 +685,11 @@ def main() -> None:
     grid = [ds for ds in datasets if ds.name in GRID_DATASETS]
     if not args.quick and grid:
         print("\n## Window size, hidden layers, epochs (threshold.fit, 2 of 3)\n")
-        rows, d = [], TrainingConfig()
+        rows = []
         for w in (10, 20, 50):
             for hidden in ((32,), (32, 8), (64, 16)):
                 for epochs in (20, 50):
                     overrides = {"window_size": w, "hidden": hidden, "epochs": epochs}
-                    if (w, hidden, epochs) == (d.window_size, d.hidden, d.epochs):
-                        overrides = {}  # the defaults' models, already trained
                     row = [str(w), str(list(hidden)), str(epochs)]
                     for ds in grid:
                         row.append(summary(ds, smocsd_decisions(ds, models, overrides)))

@@ -128,10 +128,17 @@ def testbed() -> Dataset:
 # --- vendored files ----------------------------------------------------------------------
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+def _read_csv(path: Path, delimiter: str = ",") -> tuple[list[str], list[list[str]]]:
     with gzip.open(path, "rt", newline="") as f:
-        rows = list(csv.reader(io.StringIO(f.read())))
+        rows = list(csv.reader(io.StringIO(f.read()), delimiter=delimiter))
     return rows[0], rows[1:]
+
+
+def _utc_seconds(rows: list[list[str]]) -> np.ndarray:
+    """Epoch seconds of the rows' first column, an ISO 8601 time read as UTC."""
+    return np.array(
+        [datetime.fromisoformat(r[0]).replace(tzinfo=timezone.utc).timestamp() for r in rows]
+    )
 
 
 def gutentag() -> Dataset:
@@ -161,9 +168,7 @@ NAB_MARGIN = 288
 
 def nab_machine_temperature() -> Dataset:
     header, rows = _read_csv(DATA / "nab_machine_temperature" / "machine_temperature.csv.gz")
-    time = np.array(
-        [datetime.fromisoformat(r[0]).replace(tzinfo=timezone.utc).timestamp() for r in rows]
-    )
+    time = _utc_seconds(rows)
     values = np.array([[float(r[1])] for r in rows])
     labels = np.array([int(r[2]) for r in rows])
     n_train = int(np.argmax(labels != 0)) - NAB_MARGIN
@@ -225,14 +230,9 @@ def skab_valve1() -> Dataset:
     folder = DATA / "skab_valve1"
     runs, channels = [], ()
     for path in sorted(folder.glob("*.csv.gz"), key=lambda p: int(p.name.split(".")[0])):
-        with gzip.open(path, "rt", newline="") as f:
-            rows = list(csv.reader(f, delimiter=";"))
-        header = rows[0]
+        header, body = _read_csv(path, ";")
         channels = tuple(header[1:-2])
-        body = rows[1:]
-        time = np.array(
-            [datetime.fromisoformat(r[0]).replace(tzinfo=timezone.utc).timestamp() for r in body]
-        )
+        time = _utc_seconds(body)
         values = np.array([[float(v) for v in r[1:-2]] for r in body])
         labels = np.array([int(float(r[-2])) for r in body])
         runs.append(Run(values, time, labels, SKAB_TRAIN, path.name.split(".")[0]))
