@@ -430,6 +430,21 @@ def while_writing(db, timeout: float, read: Callable[[], Readings]) -> tuple[Rea
     return got, commits, locked
 
 
+# Reads tried until the writer has overlapped them: a loaded machine may schedule it late.
+ATTEMPTS = 20
+
+
+def assert_newest_snapshot(got: Readings, n: int) -> None:
+    """The newest `n` rows when the read began, each once; the file's rows with a hole are
+    bad and the writer's rows (above 210 000, as many as its pace allowed) never are."""
+    assert len(got.order) == n and (np.diff(got.order) == 1).all()
+    assert got.order[0] > 10_000
+    made = got.order <= 210_000
+    holed = (got.order - 1) % 97 == 0
+    assert (got.bad_rows == (made & holed)).all()
+    assert (np.isnan(got.values[made, 1]) == holed[made]).all()
+
+
 def test_a_writer_that_never_waits_is_never_locked_out(tmp_path):
     """A rollback-journal writer with busy timeout 0 fails whenever a reader holds SHARED
     at its commit: smocsd's reads take no lock, and are still consistent snapshots."""
@@ -438,25 +453,23 @@ def test_a_writer_that_never_waits_is_never_locked_out(tmp_path):
     make_db(db, rows, wal=False).close()
     src = source(db)
     src.check()
-    for _ in range(3):
+    overlapped = 0
+    for _ in range(ATTEMPTS):  # reads the writer committed during: how many is its pace
         got, commits, locked = while_writing(db, 0, lambda: src.read_newest(200_000))
-        assert (locked, commits > 0) == (0, True)
-        # The newest rows when the read began, the writer's first few among them, each once.
-        assert len(got.order) == 200_000 and (np.diff(got.order) == 1).all()
-        assert got.order[0] > 10_000
-        made = got.order <= 210_000  # rows made above, not the writer's
-        holed = (got.order - 1) % 97 == 0
-        # How many of the made rows the read holds depends on the writer's pace: the
-        # holed ones among them are bad, the writer's rows never are.
-        assert made.sum() > 150_000 and (got.bad_rows == (made & holed)).all()
-        assert (np.isnan(got.values[made, 1]) == holed[made]).all()
-        assert src.count_after(None) >= 210_000 and src.max_order() >= 210_000
+        assert locked == 0
+        overlapped += commits > 0
+        assert_newest_snapshot(got, 200_000)
+        if overlapped == 3:
+            break
+    assert overlapped == 3
+    assert src.count_after(None) >= 210_000 and src.max_order() >= 210_000
     src.close()
     locking = source(db)
     locking.lock_free = False  # as before: SHARED held while reading
     locking.chunk_rows = 200_000
-    _, _, locked = while_writing(db, 0, lambda: locking.read_newest(200_000))
-    assert locked > 0
+    assert any(
+        while_writing(db, 0, lambda: locking.read_newest(200_000))[2] > 0 for _ in range(ATTEMPTS)
+    )
 
 
 def test_a_chunked_read_never_keeps_a_rollback_journal_writer_waiting_long(tmp_path):
@@ -469,11 +482,14 @@ def test_a_chunked_read_never_keeps_a_rollback_journal_writer_waiting_long(tmp_p
     src = source(db)
     src.lock_free = False
     src.check()
-    got, commits, locked = while_writing(db, 0.05, lambda: src.read_newest(200_000))
-    assert (locked, commits > 0) == (0, True)
-    # The newest rows when the read began, the writer's first few among them, each once.
-    assert len(got.order) == 200_000 and (np.diff(got.order) == 1).all()
-    assert got.order[0] > 10_000 and got.bad_rows.sum() > 2000
+    for _ in range(ATTEMPTS):
+        got, commits, locked = while_writing(db, 0.05, lambda: src.read_newest(200_000))
+        assert locked == 0
+        assert_newest_snapshot(got, 200_000)
+        if commits:
+            break
+    assert commits > 0
     src.chunk_rows = 200_000  # one statement, as before chunking
-    _, _, locked = while_writing(db, 0.05, lambda: src.read_newest(200_000))
-    assert locked > 0
+    assert any(
+        while_writing(db, 0.05, lambda: src.read_newest(200_000))[2] > 0 for _ in range(ATTEMPTS)
+    )
