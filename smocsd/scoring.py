@@ -60,6 +60,12 @@ SCALE_QUANTILE = 0.99
 # Squared errors in normalized units below this are one value: a channel that is constant
 # in training still gets a finite ratio.
 SCALE_FLOOR = 1e-6
+# The score of a window that holds a reading beyond what the model can take (windows.py
+# MAX_READING and MAX_Z), or whose score came out NaN or infinite: float32's largest. It
+# is over every threshold, so such a window is an alarm and never a blind spot, and it is
+# finite, so every JSON that carries it is JSON and a consumer's `score > threshold`
+# holds. Scores of readings in range stay many orders of magnitude below it (MAX_Z).
+BEYOND_SCORE = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,9 @@ def channel_errors(session, windows: WindowSet, n_channels: int) -> np.ndarray:
 
 
 def shares(errors: np.ndarray) -> np.ndarray:
-    """Per-channel share (summing to 1) of each window's reconstruction error."""
+    """Per-channel share (summing to 1) of each window's reconstruction error; summed in
+    float64, where two channels at BEYOND_SCORE do not overflow."""
+    errors = np.asarray(errors, np.float64)
     total = errors.sum(axis=1, keepdims=True)
     return np.divide(errors, total, out=np.zeros_like(errors), where=total > 0)
 
@@ -169,17 +177,36 @@ class Model:
 
     def score(self, values: np.ndarray, time: np.ndarray) -> Scored:
         """Scores every window of `values` (rows x channels, oldest first) that has no
-        missing value and spans no time gap, with the model's threshold and alarm rule."""
-        bad = ~np.isfinite(values).all(axis=1)
+        missing value and spans no time gap, with the model's threshold and alarm rule.
+
+        A window holding a reading beyond what the model can take (Normalization.beyond),
+        or whose score is NaN or infinite, scores BEYOND_SCORE and is over the threshold;
+        its error goes to the channels holding such readings, or whose error is not
+        finite."""
+        missing = ~np.isfinite(values).all(axis=1)
         breaks, _ = check_time(time, self.max_gap)
-        starts = valid_starts(bad, self.window_size, 1, breaks)
-        z = self.normalization.apply(np.nan_to_num(values))
-        windows = WindowSet(z, starts, self.window_size)
+        w = self.window_size
+        starts = valid_starts(missing, w, 1, breaks)
+        # Readings beyond the model's range go in as zeros, so that the network sees only
+        # values it can take; the channels holding them are scored below.
+        z = self.normalization.apply(values, missing=0.0)
+        windows = WindowSet(z, starts, w)
         errors, score = self.window_score.apply(
             channel_errors(self.session, windows, len(self.channels))
         )
-        over = score > self.threshold
-        return Scored(starts + self.window_size - 1, errors, score, over, self.rule.apply(over))
+        cap = np.float32(BEYOND_SCORE)
+        errors = np.where(np.isfinite(errors), errors, cap)
+        capped = ~np.isfinite(score)
+        beyond = self.normalization.beyond(values)
+        if beyond.any():
+            held = np.column_stack(
+                [holding(beyond[:, c], starts, w) for c in range(beyond.shape[1])]
+            )
+            errors = np.where(held, cap, errors)
+            capped |= held.any(axis=1)
+        score = np.where(capped, cap, score)
+        over = capped | (score > self.threshold)
+        return Scored(starts + w - 1, errors, score, over, self.rule.apply(over))
 
 
 def in_ranges(order: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:

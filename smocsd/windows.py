@@ -28,6 +28,33 @@ def _blocks(n: int) -> range:
     return range(0, n, BLOCK_ROWS)
 
 
+# A reading of larger magnitude is beyond what a model can take, like a missing value in
+# training and an alarm in scoring. The fit's float64 sums of squared deviations, at most
+# (2e30)^2 a row, stay finite for any number of rows (1e308 alone overflows them), and
+# well below it lie every real unit's readings; at and above it, the sentinels that
+# instruments write for "overflow" or "no value" (SCPI's 9.9e37, float32's 3.4e38).
+MAX_READING = 1e30
+# A normalized value of larger magnitude is beyond what the float32 network can take.
+# float32 ends at 3.4e38: a squared error of about z^2 = 1e18 (the output is of the
+# input's order, as a trained autoencoder's is), summed over the ~1e7 elements of a
+# training batch's loss or divided by a channel_scale as small as scoring's SCALE_FLOOR
+# (1e-6), stays below 1e25, leaving the network's own gain 13 orders of magnitude. A
+# training row is at most sqrt(rows) standard deviations from the mean its own fit gave,
+# so it is rows the fit did not see (validation rows, new readings) that get there, or
+# those of a near-constant channel given scale 1; split() checks every row all the same.
+MAX_Z = 1e9
+
+
+def readings_beyond(values: np.ndarray) -> np.ndarray:
+    """Per value: finite, but of larger magnitude than MAX_READING (NaN and inf are
+    missing values, not this), a block of rows at a time."""
+    out = np.empty(values.shape, bool)
+    for lo in _blocks(len(values)):
+        block = np.abs(values[lo : lo + BLOCK_ROWS])
+        out[lo : lo + BLOCK_ROWS] = (block > MAX_READING) & (block < np.inf)
+    return out
+
+
 @dataclass(frozen=True)
 class Normalization:
     """Per-channel z-score: (x - mean) / scale."""
@@ -67,13 +94,28 @@ class Normalization:
 
     def apply(self, values: np.ndarray, missing: float | None = None) -> np.ndarray:
         """float32 (values - mean) / scale, computed in float64 a block of rows at a time;
-        with `missing`, NaN and infinite values come out as that instead."""
+        with `missing`, NaN and infinite values and those beyond what a model can take
+        (`beyond`) come out as that instead."""
         out = np.empty(values.shape, np.float32)
         for lo in _blocks(len(values)):
-            block = (values[lo : lo + BLOCK_ROWS] - self.mean) / self.scale
+            raw = values[lo : lo + BLOCK_ROWS]
+            with np.errstate(over="ignore", invalid="ignore"):
+                block = (raw - self.mean) / self.scale
             if missing is not None:
-                block[~np.isfinite(block)] = missing
+                block[~(np.abs(block) <= MAX_Z) | (np.abs(raw) > MAX_READING)] = missing
             out[lo : lo + BLOCK_ROWS] = block
+        return out
+
+    def beyond(self, values: np.ndarray) -> np.ndarray:
+        """Per value: finite, but beyond what a model in this normalization can take: of
+        larger magnitude than MAX_READING, or more than MAX_Z scales from the mean."""
+        out = np.empty(values.shape, bool)
+        for lo in _blocks(len(values)):
+            raw = values[lo : lo + BLOCK_ROWS]
+            with np.errstate(over="ignore", invalid="ignore"):
+                z = np.abs((raw - self.mean) / self.scale)
+            far = (np.abs(raw) > MAX_READING) | (z > MAX_Z)
+            out[lo : lo + BLOCK_ROWS] = far & np.isfinite(raw)
         return out
 
 
@@ -212,6 +254,11 @@ class Split:
     train: WindowSet
     val: WindowSet
     normalization: Normalization
+    # Rows that were in windows but lie beyond what a model in `normalization` can take
+    # (Normalization.beyond): their windows are left out, as those of missing values.
+    beyond_rows: int
+    beyond_channels: tuple[int, ...]  # the channels holding such a value
+    windows: int  # the valid windows left without them, before the split
 
 
 def split(
@@ -232,7 +279,50 @@ def split(
     those are split the same way among themselves. An accepted change is the newest data,
     and a split by age alone would validate on all of it and train on none, so the next
     model would go on alarming on it.
+
+    A row holding a value beyond what a model in the fitted normalization can take
+    (Normalization.beyond: a validation row, which the fit did not see, or a reading
+    beyond MAX_READING, which no fit sees) is left out like a missing value: the split is
+    made again without its windows, so that the newest windows left validate and the
+    normalization is fitted on the training rows left. The trainers never see such a
+    value.
     """
+    n = len(values)
+    # A reading beyond MAX_READING would overflow the fit's sums, whatever `starts` holds.
+    fittable = ~readings_beyond(values).any(axis=1)
+    far_rows, far_channels = np.zeros(n, bool), np.zeros(values.shape[1], bool)
+    while True:  # each round drops at least one window, until _partition finds too few
+        train_starts, val_starts = _partition(n, starts, size, validation_fraction, accepted)
+        norm = Normalization.fit(values, covered_rows(n, train_starts, size) & fittable)
+        beyond = norm.beyond(values)
+        far = beyond.any(axis=1) & covered_rows(n, starts, size)
+        if not far.any():
+            break
+        far_rows |= far
+        far_channels |= beyond[far].any(axis=0)
+        keep = ~holding(far, starts, size)
+        starts = starts[keep]
+        accepted = None if accepted is None else accepted[keep]
+    del beyond, fittable
+    z = norm.apply(values, missing=0.0)
+    return Split(
+        WindowSet(z, train_starts, size),
+        WindowSet(z, val_starts, size),
+        norm,
+        beyond_rows=int(far_rows.sum()),
+        beyond_channels=tuple(np.flatnonzero(far_channels).tolist()),
+        windows=len(starts),
+    )
+
+
+def _partition(
+    n: int,
+    starts: np.ndarray,
+    size: int,
+    validation_fraction: float,
+    accepted: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training starts, validation starts) of split(), for `n` rows."""
     if len(starts) < 2:
         raise DataError(f"too few valid windows to train on ({len(starts)} in all)")
     if accepted is None or accepted.all() or not accepted.any():
@@ -246,12 +336,10 @@ def split(
             validate[group[-max(1, round(len(group) * validation_fraction)) :]] = True
         val_starts = starts[validate]
         others = starts[~validate]
-        train_starts = others[~holding(covered_rows(len(values), val_starts, size), others, size)]
+        train_starts = others[~holding(covered_rows(n, val_starts, size), others, size)]
     if len(train_starts) == 0:
         raise DataError(f"too few valid windows to train on ({len(starts)} in all)")
-    norm = Normalization.fit(values, covered_rows(len(values), train_starts, size))
-    z = norm.apply(values, missing=0.0)
-    return Split(WindowSet(z, train_starts, size), WindowSet(z, val_starts, size), norm)
+    return train_starts, val_starts
 
 
 def covered_rows(n: int, starts: np.ndarray, size: int) -> np.ndarray:

@@ -3,11 +3,24 @@ of a model applies."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 
 from smocsd import threshold
-from smocsd.scoring import SCALE_FLOOR, AlarmRule, ScoreKind, WindowScore, shares
+from smocsd.scoring import (
+    BEYOND_SCORE,
+    SCALE_FLOOR,
+    AlarmRule,
+    Model,
+    ScoreKind,
+    WindowScore,
+    shares,
+)
+from smocsd.trainers.graph import build_model, init_weights
 
 
 def lognormal(n: int, seed: int = 0) -> np.ndarray:
@@ -117,3 +130,51 @@ def test_a_model_saved_before_channel_max_scores_as_it_did():
     again = WindowScore.from_meta(new.to_meta())
     assert again.to_meta() == new.to_meta()
     assert np.array_equal(again.apply(errors)[1], (errors / again.channel_scale).max(axis=1))
+
+
+def two_channel_model(directory: Path, output_bias: float = 0.0) -> Model:
+    """A version as scoring.Model loads it, windows of 4 rows of channels a and b: zero
+    weights, so it reconstructs every window as `output_bias` (0: the training mean) and
+    a window's score is its largest channel's mean squared z-score."""
+    n, hidden = 8, [4]
+    weights = {k: np.zeros_like(v) for k, v in init_weights(n, hidden, 0).items()}
+    weights["layer1.bias"] = np.full(n, output_bias, np.float32)
+    onnx.save(build_model(n, hidden, weights), directory / "model.onnx")
+    meta = {
+        "channels": ["a", "b"],
+        "window_size": 4,
+        "threshold": 25.0,
+        "score": "channel-max",
+        "channel_scale": [1.0, 1.0],
+        "alarm": {"kind": "k-of-n", "above": 2, "of": 3},
+        "time": {"max_gap_s": None},
+        "normalization": {"kind": "zscore", "mean": [10.0, 0.0], "scale": [2.0, 1.0]},
+    }
+    return Model(directory, meta)
+
+
+@pytest.mark.parametrize("reading", [1e308, -1e308, 1e35, 2e9, -3e12])
+def test_a_reading_beyond_what_the_model_can_take_is_an_alarm(tmp_path, reading):
+    """1e308 would be inf once normalized, 2e9 a squared error of 1e18 per element: the
+    windows holding either score BEYOND_SCORE, over the threshold, all of it channel b's."""
+    model = two_channel_model(tmp_path)
+    values = np.random.default_rng(0).normal(size=(30, 2)) * [2.0, 1.0] + [10.0, 0.0]
+    values[12, 1] = reading
+    scored = model.score(values, np.arange(30.0))
+    holding_it = (scored.end >= 12) & (scored.end <= 15)
+    assert scored.end.tolist() == list(range(3, 30))  # no window skipped
+    assert (scored.score[holding_it] == BEYOND_SCORE).all() and scored.over[holding_it].all()
+    assert not scored.over[~holding_it].any() and (scored.score[~holding_it] < 25).all()
+    assert scored.alarm[holding_it][1:].all()  # 2 of 3: from its second window on
+    np.testing.assert_allclose(shares(scored.errors[holding_it]), [[0.0, 1.0]] * 4, atol=1e-30)
+
+
+def test_a_window_score_that_is_not_finite_is_an_alarm(tmp_path):
+    """A network whose output is NaN (a model no check of smocsd would save): its windows
+    are over the threshold, never "not anomalous", with a score that JSON can carry."""
+    model = two_channel_model(tmp_path, output_bias=float("nan"))
+    values = np.random.default_rng(0).normal(size=(10, 2)) * [2.0, 1.0] + [10.0, 0.0]
+    scored = model.score(values, np.arange(10.0))
+    assert len(scored.end) == 7 and scored.over.all() and scored.alarm[1:].all()
+    assert (scored.score == BEYOND_SCORE).all() and np.isfinite(scored.errors).all()
+    json.dumps(scored.score.tolist(), allow_nan=False)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smocsd.windows import DataError, Normalization, check_time, split, valid_starts
+from smocsd.windows import (
+    MAX_Z,
+    DataError,
+    Normalization,
+    check_time,
+    readings_beyond,
+    split,
+    valid_starts,
+)
 
 
 def test_windows_flatten_time_major():
@@ -149,3 +157,51 @@ def test_normalization_a_block_at_a_time_is_that_of_all_rows_at_once(monkeypatch
     expected = ((values - rows.mean(axis=0)) / rows.std(axis=0)).astype(np.float32)
     np.testing.assert_allclose(whole.train.z[finite], expected[finite], rtol=1e-5, atol=1e-6)
     assert (whole.train.z[~finite] == 0).all()  # missing values (in no window) are zeros
+
+
+def test_a_reading_beyond_what_a_model_can_take_is_left_out_like_a_missing_value():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(400, 2)) * [1.0, 50.0] + [10.0, -300.0]
+    values[100, 0] = 1e308  # a training row: beyond MAX_READING, it would overflow the fit
+    values[200, 1] = -1e308
+    values[390, 1] = 1e20  # a validation row: representable, but ~1e18 scales off the mean
+    starts = valid_starts(np.zeros(400, bool), 10, 1)  # the caller knows of none of them
+    with np.errstate(all="raise"):  # no overflow anywhere on the way
+        sp = split(values, starts, 10, 0.2)
+    assert (sp.beyond_rows, sp.beyond_channels) == (3, (0, 1))
+    # The same split as if the three rows had been NULL, and the same normalization
+    bad = np.zeros(400, bool)
+    bad[[100, 200, 390]] = True
+    nulls = split(values, valid_starts(bad, 10, 1), 10, 0.2)
+    assert sp.windows == nulls.windows == 391 - 3 * 10
+    np.testing.assert_array_equal(sp.train.starts, nulls.train.starts)
+    np.testing.assert_array_equal(sp.val.starts, nulls.val.starts)
+    np.testing.assert_array_equal(sp.normalization.mean, nulls.normalization.mean)
+    np.testing.assert_array_equal(sp.normalization.scale, nulls.normalization.scale)
+    assert nulls.beyond_rows == 0
+    # What the trainers get: finite values, all well inside the range
+    for windows in (sp.train, sp.val):
+        x = windows.batch(np.arange(len(windows)))
+        assert np.isfinite(x).all() and np.abs(x).max() < 10
+
+
+def test_beyond_names_the_values_a_model_cannot_take():
+    norm = Normalization(mean=np.array([0.0, 1e6]), scale=np.array([1e-3, 1.0]))
+    values = np.array(
+        [
+            [MAX_Z * 1e-3 * 0.99, 1e6 + MAX_Z * 0.99],  # just inside
+            [MAX_Z * 1e-3 * 1.01, 1e6 - MAX_Z * 1.01],  # too many scales off the mean
+            [np.nan, np.inf],  # missing values, not this
+            [-1e31, 1e6],  # beyond MAX_READING
+        ]
+    )
+    assert norm.beyond(values).tolist() == [
+        [False, False],
+        [True, True],
+        [False, False],
+        [True, False],
+    ]
+    assert readings_beyond(values).tolist() == [[False, False]] * 3 + [[True, False]]
+    z = norm.apply(values, missing=0.0)
+    assert z.dtype == np.float32 and np.isfinite(z).all()
+    assert (z[1:3] == 0).all() and z[3, 0] == 0 and abs(z[0, 1]) > 0.9 * MAX_Z
