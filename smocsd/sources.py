@@ -22,6 +22,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +48,13 @@ class SourceError(Exception):
 
 class NoDatabase(SourceError):
     """The database does not exist yet; the cycle skips instead of failing."""
+
+
+class Moved(Enum):
+    """What became of the database file a source has open, as seen at its path."""
+
+    REPLACED = "replaced by another file"
+    DELETED = "deleted"
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class Source(ABC):
         self.table = ".".join(map(quote, cfg.table.split(".")))
         self.order = quote(cfg.order_column or "rowid")
         self._max_sql = f"SELECT max({self.order}) FROM {self.table}"
+        self._min_sql = f"SELECT min({self.order}) FROM {self.table}"
         # The time_column expression; None until this connection's columns are checked.
         self._time: str | None = None
 
@@ -118,6 +127,17 @@ class Source(ABC):
         """The largest order_column value; None when the table is empty."""
         top = self._run(lambda db: db.execute(self._max_sql).fetchall()[0][0])
         return None if top is None else int(top)
+
+    def min_order(self) -> int | None:
+        """The smallest order_column value; None when the table is empty."""
+        first = self._run(lambda db: db.execute(self._min_sql).fetchall()[0][0])
+        return None if first is None else int(first)
+
+    def moved(self) -> Moved | None:
+        """Whether the database this source has open is no longer the one its config names.
+        None here: a PostgreSQL database dropped or failed over ends the connection, and the
+        next read reconnects to whatever the DSN names now."""
+        return None
 
     def check(self) -> None:
         """Connects and checks the configured table and columns, even if this connection
@@ -293,7 +313,16 @@ class SQLiteSource(Source):
                 ) from None
             if stat.S_ISDIR(mode):  # SQLite would say "disk I/O error"
                 raise SourceError(f"{self.path}: is a directory, not a database file (source.path)")
-            conn = sqlite3.connect(
+            # The file descriptor before the connection: a file replaced between the two
+            # leaves the connection on the newer one, which moved() then sees; the other
+            # way round, moved() would compare the path with the newer file for good.
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise SourceError(
+                    f"{self.path}: unable to open database file: {exc.strerror}"
+                ) from None
+            conn = sqlite3.connect(  # an error here is _run's, which closes the fd
                 f"{self.path.absolute().as_uri()}?mode=ro",
                 uri=True,
                 timeout=0,
@@ -301,17 +330,26 @@ class SQLiteSource(Source):
                 check_same_thread=False,
             )
             conn.patience = self.cfg.busy_timeout
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            except OSError as exc:
-                conn.close()
-                raise SourceError(
-                    f"{self.path}: unable to open database file: {exc.strerror}"
-                ) from None
             if self.lock_free and _LockFree.applies(self._fd):
                 conn.lock_free = _LockFree(self.path, self._fd, self.cfg.busy_timeout)
             self._conn = conn
         return self._conn
+
+    def moved(self) -> Moved | None:
+        """Whether the file at `source.path` is still the one open: an open file that was
+        deleted or renamed over reads on, unlinked, and would never show a new row."""
+        if self._fd is None:
+            return None
+        opened = os.fstat(self._fd)
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return Moved.DELETED
+        except OSError:  # e.g. a directory on the way we may no longer search: no telling,
+            return None  # and the file open is still the likeliest database
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            return Moved.REPLACED
+        return None
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:

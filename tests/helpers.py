@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 # Small enough to train in a second or two, large enough to learn something.
@@ -154,8 +155,13 @@ def find_python(version: str) -> Path | None:
 
 def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> int:
     """`rows` more rows in a demo database, repeating its newest normal ones (vibration
-    scaled; scaled rows are labelled anomalous); returns the order value of the first."""
-    with sqlite3.connect(db) as conn:
+    scaled; scaled rows are labelled anomalous); returns the order value of the first.
+
+    The connection is closed on return, not left to the garbage collector: SQLite shares its
+    locks per file within a process, and a WAL database renamed while a connection here still
+    had it open failed to open under its new name ("disk I/O error").
+    """
+    with closing(sqlite3.connect(db)) as conn, conn:
         last = conn.execute(
             "SELECT ts, temperature, vibration, current FROM readings ORDER BY rowid DESC LIMIT 1"
         ).fetchone()
