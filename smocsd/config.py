@@ -6,6 +6,7 @@ so an operator fixes a bad file in one edit instead of one restart per typo.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pwd
@@ -24,6 +25,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
+
+log = logging.getLogger("smocsd")
 
 DEFAULT_PATH = Path("/etc/smocsd/smocsd.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/smocsd")
@@ -117,7 +120,9 @@ MAX_DURATION = 366 * 86400.0
 # beyond 2**31 - 1 ms (24.8 days) SQLite silently waits not at all, PostgreSQL refuses.
 _MAX_DB_TIMEOUT = 24 * 86400.0
 # librdkafka's request.timeout.ms takes at most 15 minutes; MQTT's keepalive (twice the
-# timeout) a 16-bit count of seconds. Longer would stall the daemon's tick anyway.
+# timeout) a 16-bit count of seconds. Longer would stall the daemon's tick anyway. Not
+# bounded by the unit's WatchdogSec (2 min): an attempt feeds the watchdog while it waits
+# (smocsd/publish.py, _SLICE).
 _MAX_SEND_TIMEOUT = 15 * 60.0
 
 
@@ -509,6 +514,30 @@ def _load_section(
     return cls(**kwargs)
 
 
+# A warning, not an error: the gateway connects all the same, and an upgrade must not stop
+# it with exit 78. The password itself is never printed.
+DSN_PASSWORD = (
+    "source.dsn: holds a password, which anyone who can read this file can read: "
+    "move it to the file source.password_file names (or the systemd credential pg-password)"
+)
+
+
+def _dsn_has_password(dsn: str) -> bool:
+    """Whether a libpq connection string holds a non-empty password, by libpq's own parser:
+    a URI's user:password@ or ?password=, or password= among key=value pairs, quoted or not.
+
+    Raises ValueError when libpq cannot parse it.
+    """
+    from psycopg import ProgrammingError  # libpq: loaded only for a configured DSN
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return bool(conninfo_to_dict(dsn).get("password"))
+    except ProgrammingError:
+        # libpq's message quotes the text next to the fault, which may be the password.
+        raise ValueError("not a libpq connection string (a URI or key=value pairs)") from None
+
+
 def _check(cfg: Config, problems: list[str]) -> None:
     """Checks that span several keys."""
     t, s = cfg.training, cfg.source
@@ -601,6 +630,12 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         state_dir=(daemon.state_dir or state_dir).absolute(),
     )
     source = sections["source"]
+    if source.dsn:
+        try:
+            if _dsn_has_password(source.dsn):
+                warnings.append(DSN_PASSWORD)
+        except ValueError as exc:
+            problems.append(f"source.dsn: {exc}")
     if source.kind == "sqlite":
         source = replace(source, path=daemon.state_dir / (source.path or "readings.db"))
     publish = sections["publish"]
@@ -647,12 +682,55 @@ def load(path: Path, env: dict[str, str] | None = None) -> Config:
     return parse(text, path=path, env=env)
 
 
-# The keys naming files the daemon reads: secrets, which must be owner-only, and CA files.
-SECRET_FILE_KEYS = (
-    "source.password_file",
-    "publish.kafka.sasl_password_file",
-    "publish.mqtt.password_file",
-)
+def state_dir_problem(cfg: Config) -> str | None:
+    """Why `run` and `train-once` would refuse the state directory, or None.
+
+    They create only its last component, in a parent that exists: a missing parent is a
+    disk not mounted yet or a typo higher up the path, and a state built there would start
+    afresh (no models, an empty outbox) where nobody looks.
+    """
+    path = cfg.state_dir
+    where = f"{cfg.path}: " if cfg.path else ""
+    if path.exists() and not path.is_dir():
+        return f"{where}daemon.state_dir: {path}: not a directory"
+    if not path.exists() and not path.parent.is_dir():
+        return (
+            f"{where}daemon.state_dir: {path} does not exist, nor does {path.parent} "
+            "(only the last component is created)"
+        )
+    return None
+
+
+def make_state_dir(cfg: Config) -> None:
+    """Makes the state directory of `run`, `train-once` and a reload if it is missing: its
+    last component only, as state_dir_problem allows, with a warning, since a mistyped path
+    would otherwise start a fresh empty state in silence. ConfigError when it cannot.
+
+    Under the unit, StateDirectory= has made the default one and the sandbox leaves no
+    other place writable, so a mistyped path fails here (read-only file system), at start.
+    """
+    problem = state_dir_problem(cfg)
+    if problem:
+        raise ConfigError([problem])
+    try:
+        cfg.state_dir.mkdir()
+    except FileExistsError:
+        return
+    except OSError as exc:
+        where = f"{cfg.path}: " if cfg.path else ""
+        raise ConfigError(
+            [f"{where}daemon.state_dir: {cfg.state_dir}: cannot create: {exc.strerror}"]
+        ) from None
+    log.warning("created the state directory %s (daemon.state_dir): no models yet", cfg.state_dir)
+
+
+# The keys naming files the daemon reads: secrets, which must be owner-only (each with the
+# systemd credential read when it is unset), and CA files.
+SECRET_FILE_KEYS = {
+    "source.password_file": "pg-password",
+    "publish.kafka.sasl_password_file": "kafka-password",
+    "publish.mqtt.password_file": "mqtt-password",
+}
 CA_FILE_KEYS = ("publish.kafka.ssl_ca_location", "publish.mqtt.ca_file")
 
 
@@ -664,8 +742,15 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def _file_problem(path: Path, *, secret: bool, reader: int) -> str | None:
-    """What keeps uid `reader` from using `path` as a CA or secret file, or None."""
+def file_problem(path: Path, *, secret: bool, reader: int) -> str | None:
+    """What keeps uid `reader` from using `path` as a CA or secret file, or None: the one
+    rule, applied by check-config for the daemon's user and by the daemon to itself before
+    it reads a secret.
+
+    Any such file must be a regular file (reading a FIFO blocks until a writer comes). A
+    secret file must also have no group or other permission and be owned by `reader`, root
+    included: whoever owns it can read the password too.
+    """
     try:
         st = path.stat()
     except OSError as exc:
@@ -677,10 +762,9 @@ def _file_problem(path: Path, *, secret: bool, reader: int) -> str | None:
     quoted = shlex.quote(str(path))
     if st.st_mode & 0o077:
         return f"{path}: accessible by group or others (chmod go-rwx {quoted})"
-    # Owner-only, so only the owner (and root) can read it.
-    if reader != 0 and st.st_uid != reader:
+    if st.st_uid != reader:
         owner, user = _user_name(st.st_uid), _user_name(reader)
-        return f"{path}: owned by {owner}, so {user} cannot read it (chown {user} {quoted})"
+        return f"{path}: owned by {owner}, not {user} (chown {user} {quoted})"
     if reader != 0 and not st.st_mode & stat.S_IRUSR:
         return f"{path}: not readable by its owner (chmod u+r {quoted})"
     return None
@@ -690,16 +774,14 @@ def file_problems(cfg: Config, reader: int) -> list[str]:
     """The configured secret and CA files that uid `reader` (the daemon's user) could not
     use: one line each, naming the file and the key.
 
-    A CA file must be a regular file; a secret file also owner-only (no group or other
-    permission bits) and owned by `reader`, since only its owner can then read it.
     """
     where = f"{cfg.path}: " if cfg.path else ""
     problems = []
-    for key in SECRET_FILE_KEYS + CA_FILE_KEYS:
+    for key in (*SECRET_FILE_KEYS, *CA_FILE_KEYS):
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        problem = value and _file_problem(value, secret=key in SECRET_FILE_KEYS, reader=reader)
+        problem = value and file_problem(value, secret=key in SECRET_FILE_KEYS, reader=reader)
         if problem:
             problems.append(f"{where}{key}: {problem}")
     return problems
@@ -708,20 +790,24 @@ def file_problems(cfg: Config, reader: int) -> list[str]:
 def read_secret(path: Path | None, credential: str) -> str | None:
     """A secret from `path`, else from the systemd credential `credential`, else None.
 
-    Secrets never live in the TOML. A file that other users can read is refused,
-    because a leaked broker or database password outlives any fix.
+    Secrets never live in the TOML. A file that fails file_problem for this process's user
+    is refused, as check-config refuses it: a leaked broker or database password outlives
+    any fix. A credential is systemd's, readable by the service's user alone (0400 and that
+    user's, or from systemd 257 root's 0440 with an ACL for it), so it is taken as it is.
     """
     if path is None:
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory or not (Path(directory) / credential).is_file():
             return None
-        path = Path(directory) / credential
+        path, where = Path(directory) / credential, f"credential {credential}"
+    else:
+        where = next(key for key, name in SECRET_FILE_KEYS.items() if name == credential)
+        problem = file_problem(path, secret=True, reader=os.geteuid())
+        if problem:
+            raise ConfigError([f"{where}: {problem}"])
     try:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IROTH | stat.S_IWOTH):
-            raise ConfigError(
-                [f"{path}: secret file is accessible by other users (chmod o-rwx {path})"]
-            )
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read secret: {exc.strerror}"]) from None
+        raise ConfigError([f"{where}: {path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{where}: {path}: not UTF-8 text"]) from None

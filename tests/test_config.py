@@ -139,14 +139,84 @@ def test_kafka_broker_url_overrides_bootstrap_servers():
     assert cfg.publish.kafka.bootstrap_servers == "broker:9093"
 
 
-def test_secret_files_readable_by_others_are_refused(tmp_path):
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_the_daemon_refuses_a_secret_file_check_config_refuses(tmp_path, mode):
+    """One rule (config.file_problem) for both: what check-config says of a file is what
+    the daemon does with it, for the user it runs as."""
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
-    secret.chmod(0o640)
+    secret.chmod(0o600)
     assert read_secret(secret, "pg-password") == "s3cret"
-    secret.chmod(0o644)
-    with pytest.raises(ConfigError, match="other users"):
+    secret.chmod(mode)
+    cfg = with_files(tmp_path, source__password_file=secret)
+    (line,) = config.file_problems(cfg, reader=os.geteuid())
+    with pytest.raises(ConfigError) as exc:
         read_secret(secret, "pg-password")
+    assert exc.value.problems == [line.removeprefix("c.toml: ")]
+    assert "source.password_file" in line and "accessible by group or others" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_secret_file_owned_by_another_user_is_refused_even_for_root(tmp_path):
+    """Its owner can read the password too. Root reads any file, and still refuses it."""
+    cfg = with_files(
+        tmp_path,
+        source__password_file=secret(tmp_path, "pg", 0o600, uid=65534),
+        publish__mqtt__password_file=secret(tmp_path, "mqtt", 0o600, uid=0),
+    )
+    line = (
+        f"source.password_file: {tmp_path}/pg: owned by nobody, not root (chown root {tmp_path}/pg)"
+    )
+    assert config.file_problems(cfg, reader=0) == [f"c.toml: {line}"]
+    with pytest.raises(ConfigError) as exc:
+        read_secret(tmp_path / "pg", "pg-password")
+    assert exc.value.problems == [line]
+    assert read_secret(tmp_path / "mqtt", "mqtt-password") == "s3cret"
+
+
+def test_a_fifo_as_secret_is_refused_without_blocking(tmp_path):
+    """Reading a FIFO waits for a writer that never comes: the daemon would hang."""
+    os.mkfifo(tmp_path / "fifo", 0o600)
+    with pytest.raises(ConfigError) as exc:
+        read_secret(tmp_path / "fifo", "kafka-password")
+    assert exc.value.problems == [
+        f"publish.kafka.sasl_password_file: {tmp_path}/fifo: not a regular file"
+    ]
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://smocsd:hunter2@db.plant/readings",
+        "postgres://smocsd@db.plant/readings?password=hunter2",
+        "host=db.plant user=smocsd password=hunter2",
+        "host=db.plant password = 'hunter2 x' dbname=readings",
+    ],
+)
+def test_a_password_in_the_dsn_is_one_warning_that_never_shows_it(dsn):
+    cfg = parse(
+        f"[source]\nkind = 'postgres'\norder_column = 'id'\ndsn = \"{dsn}\"\n",
+        path=Path("c.toml"),
+        env=ENV,
+    )
+    (warning,) = cfg.warnings
+    assert warning.startswith("c.toml: source.dsn: holds a password") and "hunter2" not in warning
+    assert "source.password_file" in warning
+
+
+@pytest.mark.parametrize(
+    "dsn", ["postgresql://smocsd@db.plant/readings", "host=db.plant user=smocsd", ""]
+)
+def test_a_dsn_without_a_password_passes_without_a_warning(dsn):
+    cfg = parse(f"[source]\nkind = 'postgres'\norder_column = 'id'\ndsn = '{dsn}'\n", env=ENV)
+    assert cfg.warnings == ()
+
+
+def test_a_dsn_libpq_cannot_parse_is_one_line_that_does_not_echo_it():
+    (line,) = problems(
+        "[source]\nkind = 'postgres'\norder_column = 'id'\ndsn = 'host=db password=hunter 2'"
+    )
+    assert line == "c.toml: source.dsn: not a libpq connection string (a URI or key=value pairs)"
 
 
 def test_secret_from_systemd_credentials(tmp_path, monkeypatch):
@@ -401,10 +471,10 @@ def test_secret_and_ca_files_that_are_usable_pass(tmp_path):
         source__password_file=secret(tmp_path, "pg", 0o600),
         publish__kafka__sasl_password_file=secret(tmp_path, "kafka", 0o400),
         publish__kafka__ssl_ca_location=secret(tmp_path, "ca.pem", 0o644),
-        publish__mqtt__password_file=secret(tmp_path, "mqtt", 0o600, uid=65534),
-        publish__mqtt__ca_file=secret(tmp_path, "ca2.pem", 0o644),
+        publish__mqtt__password_file=secret(tmp_path, "mqtt", 0o600),
+        publish__mqtt__ca_file=secret(tmp_path, "ca2.pem", 0o644, uid=65534),
     )
-    assert config.file_problems(cfg, reader=0) == []  # root reads whatever it owns or not
+    assert config.file_problems(cfg, reader=0) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
@@ -420,8 +490,8 @@ def test_each_unusable_secret_or_ca_file_is_one_line_naming_file_and_key(tmp_pat
     assert config.file_problems(cfg, reader=65534) == [
         f"c.toml: source.password_file: {tmp_path}/pg: accessible by group or others "
         f"(chmod go-rwx {tmp_path}/pg)",
-        f"c.toml: publish.kafka.sasl_password_file: {tmp_path}/kafka: owned by root, so nobody "
-        f"cannot read it (chown nobody {tmp_path}/kafka)",
+        f"c.toml: publish.kafka.sasl_password_file: {tmp_path}/kafka: owned by root, not nobody "
+        f"(chown nobody {tmp_path}/kafka)",
         f"c.toml: publish.mqtt.password_file: {tmp_path}/mqtt: not readable by its owner "
         f"(chmod u+r {tmp_path}/mqtt)",
         f"c.toml: publish.kafka.ssl_ca_location: {tmp_path}/missing.pem: No such file or directory",
