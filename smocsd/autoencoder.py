@@ -31,15 +31,18 @@ from .scoring import (
 from .screen import JOIN_WINDOWS, runs
 from .sources import Readings
 from .state import utcnow
-from .store import ModelStore
+from .store import Champion, CurrentMoved, ModelStore
 from .trainers import Trainer, TrainSpec, make_trainer, onnxruntime_version, resolve_backend
 from .windows import (
+    MAX_READING,
+    MAX_Z,
     DataError,
     Normalization,
     Split,
     TimeCheck,
     WindowSet,
     check_time,
+    readings_beyond,
     split,
     valid_starts,
 )
@@ -199,6 +202,7 @@ class AutoencoderJob(TrainingJob):
         self.version: int | None = None
         self.labels: list[Label] = []  # in force at this cycle's gate
         self.rejection: str | None = None  # why the challenger is not promoted
+        self.started_from = Champion(None)  # `current` when training began (train_model)
 
     @property
     def trainer(self) -> Trainer:
@@ -223,7 +227,21 @@ class AutoencoderJob(TrainingJob):
                 bad.sum(),
                 len(bad),
             )
-        has_value = np.isfinite(readings.values).any(axis=0)
+        beyond = readings_beyond(readings.values)
+        if beyond.any():
+            far = beyond.any(axis=1)
+            self.logger.warning(
+                "%d of %d rows have a reading beyond ±%g in %s (first at order value %d) and "
+                "are left out like missing values",
+                far.sum(),
+                len(far),
+                MAX_READING,
+                ", ".join(c for c, b in zip(channels, beyond.any(axis=0), strict=True) if b),
+                readings.order[np.argmax(far)],
+            )
+            bad = bad | far
+        has_value = (np.isfinite(readings.values) & ~beyond).any(axis=0)
+        del beyond
         empty = [c for c, ok in zip(channels, has_value, strict=True) if not ok]
         if empty and len(bad):
             raise DataError(f"channel(s) {', '.join(empty)} have no valid value in the rows read")
@@ -262,13 +280,22 @@ class AutoencoderJob(TrainingJob):
                 f"break them into runs shorter than window_size ({t.window_size})"
             )
             return None
+        if sp.beyond_rows:
+            self.logger.warning(
+                "%d rows have a reading in %s more than %g standard deviations from the "
+                "training rows' mean, beyond what a model can take: left out like missing "
+                "values",
+                sp.beyond_rows,
+                ", ".join(channels[c] for c in sp.beyond_channels),
+                MAX_Z,
+            )
         first, end = int(sp.val.starts[0]), int(sp.val.starts[-1]) + t.window_size
         data = TrainingData(
             split=sp,
-            windows=len(starts),
+            windows=sp.windows,
             time=time_check,
             rows=len(bad),
-            dropped=int(bad.sum()),
+            dropped=int(bad.sum()) + sp.beyond_rows,
             first_order=int(readings.order[0]),
             last_order=int(readings.order[-1]),
             val_rows=readings.values[first:end].copy(),
@@ -474,6 +501,7 @@ class AutoencoderJob(TrainingJob):
         """The current version if it is whole; a damaged one is reported (in the log and
         the result's eval) and the challenger is judged on its own checks."""
         current = self.store.current()
+        self.started_from = Champion(current)  # damaged or not: what a promotion replaces
         self.champion_problem = None if current is None else self.store.check(current)
         if self.champion_problem:
             self.logger.error(
@@ -499,6 +527,8 @@ class AutoencoderJob(TrainingJob):
             return None
         norm = Normalization.from_meta(meta["normalization"])
         data = self.data
+        # A value beyond what the current model can take (its scale may be far smaller
+        # than the new one's) comes in as 0: its loss stays a finite number to compare.
         z = norm.apply(data.val_rows, missing=0.0)
         windows = WindowSet(z, val.starts - data.val_offset, val.size)
         session = open_session(self.store.path(current) / "model.onnx", threads)
@@ -506,9 +536,30 @@ class AutoencoderJob(TrainingJob):
         return current, float(errors.mean())
 
     def save_model(self, model_metrics: dict, eval_results: dict) -> dict:
+        promote = self.rejection is None
+        meta = self._prepare(model_metrics, eval_results, promote)
+        try:
+            self.store.commit(self.version, self.staging, promote=promote, over=self.started_from)
+        except CurrentMoved as moved:
+            # The operator rolled back while this cycle trained: the version it judged
+            # against is no longer current, and the operator's choice must not be undone
+            # silently. Saved `rejected`, saying why in its metadata and its result's eval.
+            promote = False
+            self.rejection = eval_results["rejection"] = str(moved)
+            (self.staging / "metadata.json").unlink()  # else "files" would list it
+            meta = self._prepare(model_metrics, eval_results, promote)
+            self.store.commit(self.version, self.staging, promote=promote)
+        self.state.update(last_order=self.data.last_order, trained_at=time.time())
+        outcome = "promoted" if promote else "rejected"
+        if not promote:
+            self.logger.warning("v%d rejected: %s", self.version, self.rejection)
+        return {"version": self.version, "outcome": outcome, "model_meta": meta}
+
+    def _prepare(self, model_metrics: dict, eval_results: dict, promote: bool) -> dict[str, Any]:
+        """Writes metadata.json (and report.html) into the staging directory and checks
+        the version whole; on any failure the staging directory goes."""
         try:
             self._check_finite(model_metrics)
-            promote = self.rejection is None
             meta = self._metadata(model_metrics, eval_results, promote)
             path = self.staging / "metadata.json"
             path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
@@ -518,12 +569,7 @@ class AutoencoderJob(TrainingJob):
         except BaseException:
             self.store.discard(self.staging)
             raise
-        self.store.commit(self.version, self.staging, promote=promote)
-        self.state.update(last_order=self.data.last_order, trained_at=time.time())
-        outcome = "promoted" if promote else "rejected"
-        if not promote:
-            self.logger.warning("v%d rejected: %s", self.version, self.rejection)
-        return {"version": self.version, "outcome": outcome, "model_meta": meta}
+        return meta
 
     def _check_finite(self, metrics: dict) -> None:
         """Training that diverged (NaN or inf losses, threshold) fails the cycle: the model

@@ -16,16 +16,20 @@ import shlex
 import sqlite3
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from . import config as config_mod
 from .config import Config, ConfigError
-from .labels import Kind, Label, LabelError, Labels, ranges_of
-from .outbox import Outbox, OutboxError
+from .labels import LABEL_SCHEMA, Kind, Label, LabelError, Labels, ranges_of
+from .outbox import Outbox, OutboxError, json_safe
 from .store import ModelStore, StoreError, version_name
 from .systemd import configure_logging
+
+if TYPE_CHECKING:
+    from .state import ScoringPosition, StateFile
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -49,7 +53,9 @@ class Failure(Exception):
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    """Strict JSON: a non-finite number read from a file (state.json, an outbox message)
+    prints as null, never as NaN or Infinity, which JSON parsers refuse."""
+    print(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -109,7 +115,9 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     # Run by root (README.Debian says `sudo smocsd check-config`), it judges the files for
     # the user a writing command would switch to: the state directory's owner.
     reader = os.geteuid() or _state_dir_owner(cfg) or 0
-    problems = config_mod.file_problems(cfg, reader)
+    state_dir_problem = config_mod.state_dir_problem(cfg)
+    problems = [state_dir_problem] if state_dir_problem else []
+    problems += config_mod.file_problems(cfg, reader)
     source_problems, note = _check_source(cfg)
     problems += source_problems
     for problem in problems:
@@ -125,9 +133,12 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 
 def _check_job(cfg: Config, path: Path) -> None:
     """A training.job that cannot be loaded is a configuration error, found before running."""
-    from .cycle import job_problem
+    from .cycle import JobLoadFailed, job_problem
 
-    problem = job_problem(cfg.training.job)
+    try:
+        problem = job_problem(cfg.training.job)
+    except JobLoadFailed as exc:  # short of memory, say: exit 1, which systemd restarts
+        raise Failure(f"{path}: {exc}") from None
     if problem:
         raise ConfigError([f"{path}: {problem}"])
 
@@ -164,10 +175,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     current = store.current()
     state = State(cfg.state_dir).read()
     outbox = _outbox_readonly(cfg)
-    depth = 0
+    depth = quarantined = 0
     if outbox is not None:
         try:
-            depth = len(outbox)
+            depth, quarantined = len(outbox), len(outbox.quarantined())
         finally:
             outbox.close()
     backend, backend_problem = _training_backend(cfg)
@@ -179,14 +190,17 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "device_id": cfg.daemon.device_id,
         "model": cfg.model.name,
         "current_version": current,
-        "current_problem": store.check(current) if current else None,
+        # A dangling `current` (its version removed by hand) is a problem too: no model
+        # scores or is trained against until the next promotion or a rollback.
+        "current_problem": store.check(current) if current else store.dangling(),
         "versions": store.versions(),
         "training_backend": backend,
         "training_backend_problem": backend_problem,
-        "last_cycle": state.get("last_cycle"),
-        "next_check": state.get("next_check"),
+        "last_cycle": None if state.last_cycle is None else state.last_cycle.to_json(),
+        "next_check": state.next_check,
         "outbox_depth": depth,
-        "scoring": _scoring_status(cfg, state.get("scoring")),
+        "outbox_quarantined": quarantined,
+        "scoring": _scoring_status(cfg, state.scoring),
         "labels": [x.to_json() for x in labels],
         "labels_problem": labels_problem,
         "left_out": _left_out(cfg, state),
@@ -196,7 +210,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         _print_json(status)
         return EX_OK
     last = status["last_cycle"] or {}
-    damaged = f" DAMAGED: {status['current_problem']}" if status["current_problem"] else ""
+    problem = status["current_problem"]
+    damaged = f" {'DAMAGED' if current else 'DANGLING'}: {problem}" if problem else ""
     print(f"model:       {cfg.model.name} (device {cfg.daemon.device_id})")
     print(f"current:     {version_name(current) if current else 'none'}{damaged}")
     print(f"kept:        {', '.join(map(version_name, status['versions'])) or 'none'}")
@@ -208,7 +223,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     version = f" v{last['version']}" if last.get("version") else ""
     print(f"last cycle:  {last.get('at', 'never')} {last.get('outcome', '')}{version} {detail}")
     print(f"next check:  {status['next_check'] or 'not scheduled (daemon not running?)'}")
-    print(f"outbox:      {depth} result(s) waiting")
+    held = f", {quarantined} in quarantine (smocsd outbox list)" if quarantined else ""
+    print(f"outbox:      {depth} result(s) waiting{held}")
     scoring = status["scoring"]
     if scoring:
         event = scoring["open_alarm"]
@@ -227,34 +243,36 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _left_out(cfg: Config, state: dict[str, Any]) -> list[dict[str, Any]]:
+def _left_out(cfg: Config, state: StateFile) -> list[dict[str, Any]]:
     """The screening record: row ranges kept out of training, and why."""
-    screened = (state.get("jobs", {}).get(cfg.model.name) or {}).get("screened") or {}
     return [
-        {"first": first, "last": last, "why": why, "version": version}
-        for first, last, why, version, *_ in screened.get("spans", [])
+        {"first": s.first, "last": s.last, "why": s.why, "version": s.version}
+        for s in state.spans(cfg.model.name)
     ]
 
 
-def _scoring_status(cfg: Config, scoring: dict[str, Any] | None) -> dict[str, Any] | None:
+def _scoring_status(cfg: Config, scoring: ScoringPosition | None) -> dict[str, Any] | None:
     """Where live scoring stands, how many rows it is behind, and the open alarm."""
-    if not scoring:
+    if scoring is None:
         return None
     from .sources import SourceError, open_source
 
-    source = open_source(cfg.source)
+    source = open_source(cfg.source)  # the database at the path now, not the one scored
+    after = scoring.last_order
     try:
-        lag = source.count_after(scoring.get("last_order"))
+        if after is not None and (source.max_order() or 0) < after:
+            after = None  # went backwards: live scoring starts again from the first row
+        lag = source.count_after(after)
     except SourceError:
         lag = None
     finally:
         source.close()
     return {
-        "last_order": scoring.get("last_order"),
-        "version": scoring.get("version"),
-        "at": scoring.get("at"),
+        "last_order": scoring.last_order,
+        "version": scoring.version,
+        "at": scoring.at,
         "lag_rows": lag,
-        "open_alarm": scoring.get("event"),
+        "open_alarm": None if scoring.event is None else asdict(scoring.event),
     }
 
 
@@ -342,6 +360,8 @@ def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
             )
             if r["problem"]:
                 print(f"    {r['problem']}")
+        if dangling := store.dangling():  # no row is marked '*': say why
+            print(f"no current version: {dangling}")
     return EX_OK
 
 
@@ -356,31 +376,41 @@ def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
             delivered = outbox.flush(publisher.attempt())
             waiting = len(outbox)
         finally:
-            publisher.close()
             outbox.close()
         print(f"delivered {delivered}, {waiting} waiting")
         return EX_FAIL if waiting else EX_OK
     outbox = _outbox_readonly(cfg)
-    messages = []
+    messages, quarantined = [], []
     if outbox is not None:
         try:
-            messages = outbox.pending()
+            messages, quarantined = outbox.pending(), outbox.quarantined()
         finally:
             outbox.close()
     if args.json:
         _print_json(messages)
+        if quarantined:  # not in the array, which holds messages as they are sent
+            rows = "; ".join(f"row {q.seq}: {q.reason}" for q in quarantined)
+            print(
+                f"smocsd: {cfg.state_dir / 'outbox.db'}: {len(quarantined)} row(s) in "
+                f"quarantine, never delivered: {rows}",
+                file=sys.stderr,
+            )
     else:
         for m in messages:
             # A training result has an outcome, an alarm message its event's state, a
-            # label message its action.
-            if "label" in m:
+            # label message its action (the outbox checked they are there).
+            if m["schema"] == LABEL_SCHEMA:
                 what = f"label #{m['label']['id']} {m['label']['kind']} {m['action']}"
                 version = ""
             else:
                 what = m.get("outcome") or f"alarm {m.get('state')}"
-                version = f" v{m['version']}"
+                version = f" v{m['version']}" if m.get("version") is not None else ""
             print(f"{m['timestamp']}  {m['message_id']}  {m['model']}{version}  {what}")
         print(f"{len(messages)} message(s) waiting")
+        for q in quarantined:
+            print(f"{q.at}  row {q.seq}  QUARANTINED  {q.message_id or '-'}  {q.reason}")
+        if quarantined:
+            print(f"{len(quarantined)} row(s) in quarantine, never delivered")
     return EX_OK
 
 
@@ -399,7 +429,8 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
     if problem:
         raise Failure(f"refusing to score with a damaged version: {problem}")
     model = Model(store.path(version), store.metadata(version))
-    after = None if args.from_order is None else args.from_order - 1
+    # --from the smallest order value is every row; one less would not fit SQLite's integer.
+    after = None if args.from_order in (None, INT64_MIN) else args.from_order - 1
     # Rows before the range: a whole window for its first row, and the windows the alarm
     # rule looks back on.
     context = model.window_size - 1 + model.rule.of - 1
@@ -416,7 +447,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
     rows = [r for r in rows if args.to_order is None or r.order <= args.to_order]
     if args.json:
         for row in rows:
-            print(json.dumps(row.to_json()))
+            print(json.dumps(row.to_json(), allow_nan=False))
         return EX_OK
     print(f"{'order':>10}  {'score':>10}  {'':9}  top channel  (v{version})")
     for r in rows:
@@ -441,20 +472,19 @@ def _publish_label(cfg: Config, label: Label, action: str) -> None:
         raise Failure(f"{exc}; {label.describe()} was {action} all the same") from None
 
 
-def _alarm_start(cfg: Config, state: dict[str, Any], labels: list[Label]) -> int | None:
+def _alarm_start(cfg: Config, state: StateFile, labels: list[Label]) -> int | None:
     """Where the alarm to accept began: the start of the recorded run of alarmed rows
     (a window's margin before the first alarm, earlier bursts joined) that holds live
     scoring's open event, else of the newest such run no accept label covers yet."""
-    screened = (state.get("jobs", {}).get(cfg.model.name) or {}).get("screened") or {}
     accepted = [x for x in labels if x.kind is Kind.ACCEPT]
     spans = [
-        (int(first), int(last))
-        for first, last, why, *_ in screened.get("spans", [])
-        if why == "alarm" and not any(x.covers(first) and x.covers(last) for x in accepted)
+        (s.first, s.last)
+        for s in state.spans(cfg.model.name)
+        if s.why == "alarm" and not any(x.covers(s.first) and x.covers(s.last) for x in accepted)
     ]
-    event = (state.get("scoring") or {}).get("event")
-    if event:
-        start = int(event["start"]["order"])
+    event = None if state.scoring is None else state.scoring.event
+    if event is not None:
+        start = event.start["order"]
         return next((first for first, last in spans if first <= start <= last), start)
     return max((first for first, _ in spans), default=None)
 
@@ -533,6 +563,39 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# Order values, versions and label ids meet SQLite, PostgreSQL's int8 and numpy's int64:
+# one that does not fit is a usage error naming the option, not an OverflowError in a query.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The demo builds its rows in memory, some 200 MB a million of them.
+DEMO_MAX_ROWS = 10_000_000
+
+
+def _integer(minimum: int, maximum: int = INT64_MAX, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer from `minimum` to `maximum`, else one line naming the
+    option (argparse adds it) and exit 2. `why` says where the bounds come from."""
+
+    def parse(text: str) -> int:
+        # A 5000-digit argument stays one readable line.
+        shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+        try:
+            value: int | None = int(text)
+        except ValueError:
+            if not text.strip().lstrip("+-").isdecimal():
+                raise argparse.ArgumentTypeError(f"expected an integer, got {shown!r}") from None
+            value = None  # more digits than int() takes: out of range all the same
+        if value is None or not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {minimum} to {maximum}{why}, got {shown}"
+            )
+        return value
+
+    return parse
+
+
+ORDER = _integer(INT64_MIN, why=" (signed 64 bits, as order values are)")
+VERSION = _integer(1, why=" (versions start at 1)")
+
+
 def _parser() -> argparse.ArgumentParser:
     # --config is accepted before or after the subcommand; SUPPRESS keeps the
     # subparser's default from overwriting a value given before it.
@@ -577,11 +640,11 @@ def _parser() -> argparse.ArgumentParser:
     ls = msub.add_parser("list", parents=[common], help="versions kept and their metrics")
     ls.add_argument("--json", action="store_true")
     show = msub.add_parser("show", parents=[common], help="a version's essentials")
-    show.add_argument("version", type=int)
+    show.add_argument("version", type=VERSION)
     show.add_argument("--json", action="store_true", help="the whole metadata.json")
     msub.add_parser(
         "rollback", parents=[common], help="point current at VERSION (default: the previous one)"
-    ).add_argument("version", type=int, nargs="?")
+    ).add_argument("version", type=VERSION, nargs="?")
     sp.set_defaults(models_command="list", json=False)
 
     sp = add("outbox", cmd_outbox, "list undelivered results or try to deliver them now")
@@ -593,9 +656,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(outbox_command="list", json=False)
 
     sp = add("score", cmd_score, "score stored readings as live scoring does, one line per window")
-    sp.add_argument("--from", dest="from_order", type=int, help="first order value (default: all)")
-    sp.add_argument("--to", dest="to_order", type=int, help="last order value (default: newest)")
-    sp.add_argument("--version", type=int, help="model version (default: current)")
+    sp.add_argument(
+        "--from", dest="from_order", type=ORDER, help="first order value (default: all)"
+    )
+    sp.add_argument("--to", dest="to_order", type=ORDER, help="last order value (default: newest)")
+    sp.add_argument("--version", type=VERSION, help="model version (default: current)")
     sp.add_argument("--json", action="store_true", help="JSON lines: order, time, score, ...")
 
     sp = add(
@@ -607,11 +672,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--from",
         dest="from_order",
-        type=int,
+        type=ORDER,
         help="first order value (default: where the open or newest recorded alarm began)",
     )
     sp.add_argument(
-        "--to", dest="to_order", type=int, help="last order value (default: the newest row now)"
+        "--to", dest="to_order", type=ORDER, help="last order value (default: the newest row now)"
     )
     sp.add_argument("--reason", default="", help="why, for the record and the fleet")
     sp = add(
@@ -619,22 +684,31 @@ def _parser() -> argparse.ArgumentParser:
         cmd_exclude,
         "a maintenance or calibration period: never trained on, never alarmed",
     )
-    sp.add_argument("--from", dest="from_order", type=int, required=True, help="first order value")
-    sp.add_argument("--to", dest="to_order", type=int, required=True, help="last order value")
+    sp.add_argument(
+        "--from", dest="from_order", type=ORDER, required=True, help="first order value"
+    )
+    sp.add_argument("--to", dest="to_order", type=ORDER, required=True, help="last order value")
     sp.add_argument("--reason", default="", help="why, for the record and the fleet")
     sp = add("labels", cmd_labels, "list the accept and exclude labels, or remove one")
     lsub = sp.add_subparsers(dest="labels_command", metavar="ACTION")
     lsub.add_parser("list", parents=[common], help="the labels in force").add_argument(
         "--json", action="store_true"
     )
-    lsub.add_parser("remove", parents=[common], help="remove label ID").add_argument("id", type=int)
+    lsub.add_parser("remove", parents=[common], help="remove label ID").add_argument(
+        "id", type=_integer(1, why=" (label ids start at 1)")
+    )
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(labels_command="list")
 
     sp = add("demo", cmd_demo, "write a SQLite database of simulated sensor readings")
-    sp.add_argument("--rows", type=int, default=30000, help="rows to add (default 30000)")
+    sp.add_argument(
+        "--rows",
+        type=_integer(1, DEMO_MAX_ROWS),
+        default=30000,
+        help=f"rows to add (default 30000, at most {DEMO_MAX_ROWS})",
+    )
     sp.add_argument("--db", metavar="PATH", help="database file (default: source.path)")
-    sp.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    sp.add_argument("--seed", type=_integer(0), default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -707,6 +781,9 @@ def main(argv: list[str] | None = None) -> int:
             _become_owner(cfg, argv)
         if args.command in ("run", "train-once", "check-config"):
             _check_job(cfg, args.config_path)
+        if args.command in ("run", "train-once"):
+            # Before the daemon starts: in its loop a ConfigError is logged and retried.
+            config_mod.make_state_dir(cfg)
         return args.func(cfg, args)
     except ConfigError as exc:
         for problem in exc.problems:

@@ -29,7 +29,7 @@ from typing import Any
 from .config import Config
 from .job import CycleProgress, Stopped, TrainingJob
 from .outbox import Outbox
-from .state import State, utcnow
+from .state import CycleRecord, State, utcnow
 from .store import ModelStore, StoreError
 
 RESULT_SCHEMA = "smocsd.training-result/1"
@@ -138,31 +138,51 @@ def load_job_class(spec: str) -> type[TrainingJob]:
     return cls
 
 
+class JobLoadFailed(Exception):
+    """Loading `training.job` failed for a reason that is not the configuration's: too
+    little memory (a MemoryError, a library that cannot map itself, the OOM killer), a
+    crash while importing. A runtime failure, exit 1, which systemd restarts: exit 78
+    would leave the service dead after a start at a moment when memory was short."""
+
+
 def _job_problem(spec: str, conn: Connection) -> None:
     try:
         load_job_class(spec)
-    except ValueError as exc:
+    except ValueError as exc:  # no such module or class: the configuration's fault
         conn.send(str(exc))
+    except Exception as exc:
+        # The first cause says why: numpy wraps the loader's "failed to map segment" (no
+        # memory left to map OpenBLAS) in an ImportError whose text is a page of advice.
+        while exc.__cause__ is not None or exc.__context__ is not None:
+            exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        conn.send(JobLoadFailed(f"training.job: loading {spec!r} failed: {error_line(exc)}"))
     else:
         conn.send(None)
 
 
 def job_problem(spec: str) -> str | None:
     """Why `training.job` cannot be loaded (None: it can). Tried in a child process, so
-    that the daemon checks its config at start without importing the job's libraries."""
+    that the daemon checks its config at start without importing the job's libraries.
+
+    Raises JobLoadFailed when the child failed for another reason than the configuration.
+    """
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_job_problem, args=(spec, sender), name="smocsd-check-job")
     child.start()
     sender.close()
     try:
-        return receiver.recv()
-    except EOFError:  # it died importing (a crash in a native extension)
+        answer = receiver.recv()
+    except EOFError:  # it died importing: OpenBLAS out of memory exits, the OOM killer kills
         child.join()
-        return f"training.job: importing {spec!r} ended the process (exit {child.exitcode})"
+        cause = _exit_cause(child.exitcode).removeprefix("training process ")
+        raise JobLoadFailed(f"training.job: the process loading {spec!r} {cause}") from None
     finally:
         child.join()
         receiver.close()
+    if isinstance(answer, JobLoadFailed):
+        raise answer
+    return answer
 
 
 class HookError(Exception):
@@ -412,18 +432,16 @@ def _record(cfg: Config, outbox: Outbox, result: CycleResult) -> bool:
         except Exception as exc:
             log.error("result not queued: %s", exc)
             queued = False
-    changes: dict[str, Any] = {
-        "last_cycle": {
-            "at": utcnow(),
-            "outcome": result.outcome.value,
-            "version": result.version,
-            **({"reason": result.reason} if result.reason else {}),
-            **({"error": result.error} if result.error else {}),
-        }
-    }
+    last_cycle = CycleRecord(
+        at=utcnow(),
+        outcome=result.outcome.value,
+        version=result.version,
+        reason=result.reason or None,
+        error=result.error or None,
+    )
     job = None if result.job_state is None else (cfg.model.name, result.job_state)
     try:
-        State(cfg.state_dir).update(job=job, **changes)
+        State(cfg.state_dir).update(job=job, last_cycle=last_cycle)
     except OSError as exc:
         log.error("state not saved: %s", exc)
     return queued
@@ -445,12 +463,11 @@ def run(
     with cycle_lock(cfg.state_dir) as locked:
         if not locked:
             return CycleResult(Outcome.SKIPPED, reason="another training cycle is running"), True
-        jobs = State(cfg.state_dir).read().get("jobs", {})
+        entry = State(cfg.state_dir).read().jobs.get(cfg.model.name)
+        job_state = None if entry is None else entry.to_json()
         result: CycleResult | None = None
         try:
-            result = _in_child(
-                cfg, force, jobs.get(cfg.model.name), should_stop, on_alive, on_status
-            )
+            result = _in_child(cfg, force, job_state, should_stop, on_alive, on_status)
         finally:
             if result is None or result.outcome is Outcome.FAILED:
                 # The child died or failed mid-build: its half-built version goes now,

@@ -58,19 +58,21 @@ class Parts:
     @property
     def outbox(self) -> Outbox:
         if self._outbox is None:
-            self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            config_mod.make_state_dir(self.cfg)
             self._outbox = Outbox(self.cfg.state_dir / "outbox.db", self.cfg.publish.outbox_max)
         return self._outbox
 
     def close(self) -> None:
         if self._outbox is not None:
             self._outbox.close()
-        self.publisher.close()
 
     def flush(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         outbox = self.outbox
         if len(outbox):
-            delivered = outbox.flush(self.publisher.attempt(), should_stop=should_stop)
+            # should_stop also inside each sink's attempt: the daemon's feeds the watchdog,
+            # and one attempt may outlast WatchdogSec (publish.*.timeout up to 15 min).
+            attempt = self.publisher.attempt(should_stop)
+            delivered = outbox.flush(attempt, should_stop=should_stop)
             if delivered:
                 log.info("delivered %d result(s); %d waiting", delivered, len(outbox))
 
@@ -104,12 +106,12 @@ class Parts:
 
 
 def prepare_state_dir(cfg: Config) -> None:
-    """Makes the state directory usable and removes what a crash left behind.
+    """Removes what a crash left behind in the state directory (the command made it:
+    config.make_state_dir).
 
     Only under the cycle lock: while another process (a manual train-once) runs a
     cycle, its half-built version is work in progress, not a leftover.
     """
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
     for leftover in (
         State(cfg.state_dir).remove_leftovers() + Labels(cfg.state_dir).remove_leftovers()
     ):
@@ -297,8 +299,8 @@ class Daemon:
         systemd.notify("RELOADING=1")
         try:
             cfg = config_mod.load(self.config_path)
+            config_mod.make_state_dir(cfg)
             parts = Parts(cfg, self.parts.metrics.tally)
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused, keeping the running config: %s", problem)

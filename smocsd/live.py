@@ -25,8 +25,8 @@ from .labels import Kind, LabelError, Labels, ranges_of
 from .outbox import Outbox
 from .publish import ALARM_SCHEMA
 from .scoring import Model, shares
-from .sources import Readings, Source, open_source
-from .state import State, utcnow
+from .sources import Moved, NoDatabase, Readings, Source, open_source
+from .state import AlarmEvent, ScoringPosition, State, utcnow
 from .store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -79,24 +79,18 @@ def decide(
 
 
 @dataclass
-class Event:
-    """An open alarm: where it started, its peak, and the channels' summed errors."""
-
-    event_id: str
-    version: int
-    start: dict[str, Any]
-    last: dict[str, Any]
-    peak_score: float
-    threshold: float
-    errors: dict[str, float]
-    quiet: int = 0  # windows below the rule since its last alarm window
+class Event(AlarmEvent):
+    """An open alarm: where it started, its peak, and the channels' summed errors; its
+    fields are the record state.json keeps (state.AlarmEvent)."""
 
     def message(self, cfg: Config, state: str) -> dict[str, Any]:
         total = sum(self.errors.values()) or 1.0
         ranked = sorted(self.errors.items(), key=lambda kv: kv[1], reverse=True)
         return {
             "schema": ALARM_SCHEMA,
-            "message_id": str(uuid.uuid4()),
+            # Derived, as event_id is: a crash between the put and the saved position
+            # makes the same message again, and consumers drop the copy by message_id.
+            "message_id": str(uuid.uuid5(_EVENTS, f"{self.event_id}/{state}")),
             "event_id": self.event_id,
             "state": state,
             "device_id": cfg.daemon.device_id,
@@ -124,15 +118,15 @@ class Position:
     event: Event | None = None
 
     @classmethod
-    def from_state(cls, data: dict[str, Any] | None) -> Position:
-        if not data:
+    def from_state(cls, saved: ScoringPosition | None) -> Position:
+        """From the record state.py has checked."""
+        if saved is None:
             return cls()
-        event = data.get("event")
         return cls(
-            last_order=data.get("last_order"),
-            version=data.get("version"),
-            recent=list(data.get("recent", [])),
-            event=Event(**event) if event else None,
+            last_order=saved.last_order,
+            version=saved.version,
+            recent=list(saved.recent),
+            event=None if saved.event is None else Event(**asdict(saved.event)),
         )
 
 
@@ -141,8 +135,10 @@ class LiveScorer:
         self.cfg = cfg
         self.store = ModelStore.of(cfg)
         self.state = State(cfg.state_dir)
-        self.position = Position.from_state(self.state.read().get("scoring"))
+        self.position = Position.from_state(self.state.read().scoring)
         self.source: Source | None = None
+        self.missing = False  # no database at the source, said once
+        self.renewed = False  # the database is not the one `position` is in
         self.model: Model | None = None
         self.version: int | None = None
         self.refused: int | None = None  # a current version that failed to load, said once
@@ -192,6 +188,38 @@ class LiveScorer:
         self.model, self.version, self.refused = model, current, None
         return model
 
+    def _newest(self, source: Source) -> int | None:
+        """The newest order value (0: an empty table) of the database at the source now,
+        None while there is none. The ingest may delete, replace or recreate the file under
+        us: each is said once, and a database that is not the one scored so far is scored
+        from its first row (`renewed`)."""
+        scored = self.position.last_order is not None
+        moved = source.moved()
+        if moved is not None:
+            if moved is Moved.DELETED:
+                then = "waiting for the ingest to create it again"
+            else:
+                then = "scoring the new one from its first row"
+            log.warning("scoring: %s was %s: %s", source.where, moved.value, then)
+            source.close()  # the next read opens whatever is at the path
+            self.renewed, self.missing = scored, moved is Moved.DELETED
+        try:
+            newest = source.max_order() or 0
+        except NoDatabase as exc:
+            if not self.missing:
+                log.warning("scoring: %s", exc)
+                self.missing = True
+            self.renewed = scored  # a database that appears is not the one scored so far
+            return None
+        if self.missing:
+            if self.renewed:
+                then = "is there again: scoring it from its first row"
+            else:
+                then = "is there: scoring the rows that land from now on"
+            log.info("scoring: %s %s", source.where, then)
+            self.missing = False
+        return newest
+
     def step(self, outbox: Outbox) -> tuple[list[ScoredRow], int]:
         """Scores the rows that landed since the last step: (their decisions, how many
         alarm messages it queued)."""
@@ -201,17 +229,27 @@ class LiveScorer:
         if self.source is None:
             self.source = open_source(self.cfg.source)
         pos = self.position
+        newest = self._newest(self.source)
+        if newest is None:
+            return [], 0
         if pos.last_order is None:  # scoring starts with the rows that land from now on
-            pos.last_order = self.source.max_order() or 0
+            pos.last_order = newest
             self._save()
             return [], 0
-        newest = self.source.max_order() or 0  # an empty table is at 0, as at the start
+        if newest < pos.last_order and not self.renewed:
+            log.warning(
+                "scoring: order column went backwards (newest %s, last scored %s): the table "
+                "was emptied or recreated; scoring it from its first row",
+                newest,
+                pos.last_order,
+            )
+            self.renewed = True
+        if self.renewed:  # its rows are all new: an anomaly already in it is alarmed on
+            first = self.source.min_order()
+            pos.last_order, pos.recent = 0 if first is None else first - 1, []
+            self._save()
+            self.renewed = False
         if newest == pos.last_order:  # nothing new: the one query of an idle poll
-            return [], 0
-        if newest < pos.last_order:
-            log.warning("scoring: order column went backwards: starting again at %s", newest)
-            pos.last_order, pos.recent = newest, []
-            self._save()
             return [], 0
         new = self.source.count_after(pos.last_order)
         if not new:
@@ -246,11 +284,14 @@ class LiveScorer:
             event = pos.event
             if row.anomalous:
                 if event is None:
+                    # Where it started, in order and time: a database recreated with its
+                    # ids starting over reuses orders, never the readings' times.
+                    start = f"{row.order}/{row.time}"
                     event = pos.event = Event(
                         event_id=str(
                             uuid.uuid5(
                                 _EVENTS,
-                                f"{self.cfg.daemon.device_id}/{self.cfg.model.name}/{row.order}",
+                                f"{self.cfg.daemon.device_id}/{self.cfg.model.name}/{start}",
                             )
                         ),
                         version=self.version or 0,
@@ -266,7 +307,8 @@ class LiveScorer:
                 event.last, event.quiet = where, 0
                 event.peak_score = max(event.peak_score, row.score)
                 for name, e in zip(model.channels, err, strict=True):
-                    event.errors[name] += float(e)
+                    # .get: a model with other channels may have been swapped in mid-event.
+                    event.errors[name] = event.errors.get(name, 0.0) + float(e)
                 if opened:  # after its first window's errors: the shares name the drivers
                     messages.append(event.message(self.cfg, "open"))
                     log.warning("alarm opened at order %d, score %.4g", row.order, row.score)
@@ -281,11 +323,5 @@ class LiveScorer:
     def _save(self) -> None:
         pos = self.position
         self.state.update(
-            scoring={
-                "last_order": pos.last_order,
-                "version": pos.version,
-                "recent": pos.recent,
-                "event": asdict(pos.event) if pos.event else None,
-                "at": utcnow(),
-            }
+            scoring=ScoringPosition(pos.last_order, pos.version, pos.recent, pos.event, utcnow())
         )

@@ -164,14 +164,14 @@ class Tally:
         it before the first cycle of this daemon (which may train for minutes) ends."""
         tally = cls()
         try:
-            last = State(state_dir).read().get("last_cycle")
+            last = State(state_dir).read().last_cycle
         except OSError:  # unreadable now: the first cycle will tell
             return tally
-        if isinstance(last, dict):
+        if last is not None:
             with contextlib.suppress(ValueError):
-                ended = _epoch(last.get("at"))
+                ended = _epoch(last.at)
                 if ended is not None:
-                    tally.last = LastCycle(Outcome(last.get("outcome")), ended, None)
+                    tally.last = LastCycle(Outcome(last.outcome), ended, None)
         return tally
 
     def cycle_ended(self, outcome: Outcome, duration: float) -> None:
@@ -200,9 +200,9 @@ class CountedSink:
     def __init__(self, sink: Sink, tally: Tally) -> None:
         self.sink, self.tally, self.name = sink, tally, sink.name
 
-    def send(self, messages: list[dict]) -> list[bool]:
+    def send(self, messages: list[dict], should_stop: Callable[[], bool]) -> list[bool]:
         try:
-            acked = self.sink.send(messages)
+            acked = self.sink.send(messages, should_stop)
         except Exception:  # Publisher logs it and counts the messages as not taken
             self.tally.sent(self.name, [False] * len(messages))
             raise

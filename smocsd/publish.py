@@ -61,9 +61,21 @@ def _payload(message: dict) -> bytes:
 class Sink(Protocol):
     name: str
 
-    def send(self, messages: list[dict]) -> list[bool]:
-        """Per message, whether the broker acknowledged it. Logs one line on failure."""
+    def send(self, messages: list[dict], should_stop: Callable[[], bool]) -> list[bool]:
+        """Per message, whether the broker acknowledged it. Logs one line on failure.
+
+        `should_stop` is called at least every _SLICE seconds while the attempt waits (it
+        feeds the daemon's watchdog); when it returns True the attempt ends, unacknowledged
+        messages stay in the outbox."""
         ...
+
+
+# How long an attempt waits on a broker between calls of should_stop(). The unit's
+# WatchdogSec=2min wants a ping every minute, and one attempt may wait `timeout`, up to
+# 15 minutes: the attempt is sliced and pings, rather than being capped below
+# WatchdogSec, which a drop-in can shorten and the configuration cannot see. A stop
+# (TimeoutStopSec=30s) also ends a long attempt within a slice.
+_SLICE = 0.1
 
 
 class Publisher:
@@ -76,11 +88,14 @@ class Publisher:
         }
         self.sinks = [sinks[name] for name in cfg.order]
 
-    def attempt(self) -> Callable[[list[dict]], list[str | None]]:
+    def attempt(
+        self, should_stop: Callable[[], bool] = lambda: False
+    ) -> Callable[[list[dict]], list[str | None]]:
         """A deliver function for one flush of the outbox: the fallback chain, which
         skips in later calls every sink that failed a message in an earlier one. A
         backlog with Kafka down so costs one Kafka timeout, not one per batch, and MQTT
-        takes the rest; the next flush tries every sink again."""
+        takes the rest; the next flush tries every sink again. Each sink's wait calls
+        `should_stop` (see Sink.send); once it is True no further sink is tried."""
         failed: set[str] = set()
 
         def deliver(messages: list[dict]) -> list[str | None]:
@@ -94,13 +109,13 @@ class Publisher:
             taken: list[str | None] = [None] * len(messages)
             for sink in self.sinks:
                 todo = [i for i, name in enumerate(taken) if name is None]
-                if not todo:
+                if not todo or should_stop():
                     break
                 if sink.name in failed:
                     log.debug("%s: not tried again in this flush", sink.name)
                     continue
                 try:
-                    acked = sink.send([messages[i] for i in todo])
+                    acked = sink.send([messages[i] for i in todo], should_stop)
                 except ConfigError as exc:  # an unreadable or unsafe secret file
                     log.error("%s: not sending: %s", sink.name, exc)
                     acked = [False] * len(todo)
@@ -115,14 +130,6 @@ class Publisher:
             return taken
 
         return deliver
-
-    def deliver(self, messages: list[dict]) -> list[str | None]:
-        """One call of a fresh attempt(): every sink is tried."""
-        return self.attempt()(messages)
-
-    def close(self) -> None:
-        """Nothing to release: each deliver() closes the connections it opened. Kept so
-        that owners can treat a Publisher like any other resource."""
 
 
 # ---------------------------------------------------------------------------- Kafka
@@ -177,7 +184,7 @@ class KafkaSink:
             conf["sasl.password"] = password
         return conf
 
-    def send(self, messages: list[dict]) -> list[bool]:
+    def send(self, messages: list[dict], should_stop: Callable[[], bool]) -> list[bool]:
         client_errors: list[KafkaError] = []
         report_errors: list[KafkaError] = []
         acked = [False] * len(messages)
@@ -213,18 +220,27 @@ class KafkaSink:
                 report_errors.append(exc.args[0])
             except BufferError as exc:  # the local queue is full: the rest waits for a tick
                 report_errors.append(KafkaError(KafkaError._QUEUE_FULL, str(exc)))
-        while producer.flush(0.1) > 0 and time.monotonic() < deadline:
+        stopped = False
+        # A broker that accepts connections and never answers holds the attempt for the
+        # whole timeout: sliced, so that should_stop() feeds the watchdog meanwhile.
+        while producer.flush(_SLICE) > 0 and time.monotonic() < deadline:
             if _hopeless(client_errors):
+                break
+            if should_stop():
+                stopped = True
                 break
         producer.purge()  # nothing may linger and be sent after we gave up on it
         producer.flush(1.0)  # serves the purged messages' reports
         if not all(acked):
-            self._log_failure(acked, client_errors + report_errors)
+            self._log_failure(acked, client_errors + report_errors, stopped)
         return acked
 
-    def _log_failure(self, acked: list[bool], errors: list[KafkaError]) -> None:
+    def _log_failure(self, acked: list[bool], errors: list[KafkaError], stopped: bool) -> None:
         refused = [e for e in errors if e.code() in _KAFKA_REFUSED]
-        reason = (refused or errors)[0].str() if errors else "no delivery report in time"
+        if stopped and not refused:  # the purge's reports would only say "Purged in queue"
+            reason = "stopping before a delivery report"
+        else:
+            reason = (refused or errors)[0].str() if errors else "no delivery report in time"
         log.log(
             logging.ERROR if refused else logging.WARNING,
             "kafka %s %s: %d of %d result(s) not delivered: %s",
@@ -293,14 +309,14 @@ class _Session:
     def closing(self) -> None:
         self._move(_State.CLOSING, None)
 
-    def wait_for_connack(self, deadline: float) -> _State:
+    def wait_for_connack(self, deadline: float, should_stop: Callable[[], bool]) -> _State:
         """The state once the broker answered the CONNECT, the connection ended, or the
-        deadline passed (still CONNECTING)."""
+        deadline passed or should_stop() said so (still CONNECTING)."""
         while self.state is _State.CONNECTING:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or should_stop():
                 break
-            self.changed.wait(remaining)
+            self.changed.wait(min(remaining, _SLICE))
             self.changed.clear()
         return self.state
 
@@ -312,6 +328,9 @@ _LOSS_CHECK = 0.25
 # After the deadline, how long the DISCONNECT may take before the socket is shut down: a
 # broker that stopped reading never takes it, and loop_stop() waits for paho's thread.
 _CLOSE_GRACE = 1.0
+# The longest TCP connect or TLS handshake: paho does them in the calling thread, in one
+# blocking call. Half a watchdog period (60 s), and far beyond any network that works.
+_CONNECT_MAX = 30.0
 
 
 class MqttSink:
@@ -345,12 +364,14 @@ class MqttSink:
             client.username_pw_set(self.cfg.username, password)
         if self.cfg.tls:
             client.tls_set(ca_certs=str(self.cfg.ca_file) if self.cfg.ca_file else None)
-        client.connect_timeout = self.cfg.timeout  # TCP connect and TLS handshake
+        # TCP connect and TLS handshake. They block this thread, which cannot feed the
+        # watchdog meanwhile (see _SLICE): at most _CONNECT_MAX of the attempt's timeout.
+        client.connect_timeout = min(self.cfg.timeout, _CONNECT_MAX)
         client.on_connect = session.on_connect
         client.on_disconnect = session.on_disconnect
         return client
 
-    def send(self, messages: list[dict]) -> list[bool]:
+    def send(self, messages: list[dict], should_stop: Callable[[], bool]) -> list[bool]:
         cfg = self.cfg
         where = f"{cfg.host}:{cfg.port}"
         deadline = time.monotonic() + cfg.timeout
@@ -380,7 +401,7 @@ class MqttSink:
             return [False] * len(messages)
         client.loop_start()
         try:
-            return self._deliver(client, session, messages, where, deadline)
+            return self._deliver(client, session, messages, where, deadline, should_stop)
         finally:
             _close(client, session)
 
@@ -391,10 +412,11 @@ class MqttSink:
         messages: list[dict],
         where: str,
         deadline: float,
+        should_stop: Callable[[], bool],
     ) -> list[bool]:
         """Publishes once the broker accepted the session (paho does not support queuing
         before the CONNACK), then waits for the acknowledgements until `deadline`."""
-        state = session.wait_for_connack(deadline)
+        state = session.wait_for_connack(deadline, should_stop)
         if state is not _State.CONNECTED:
             if state is _State.REFUSED:
                 level, what, why = logging.ERROR, "refused the connection", str(session.reason)
@@ -403,7 +425,8 @@ class MqttSink:
                 why = f"the connection closed before CONNACK ({session.reason})"
             else:
                 level, what = logging.WARNING, "did not answer"
-                why = "no CONNACK before the timeout"
+                late = time.monotonic() >= deadline
+                why = "no CONNACK before the timeout" if late else "stopping before a CONNACK"
             log.log(
                 level, "mqtt %s %s: %d result(s) not delivered: %s", where, what, len(messages), why
             )
@@ -412,7 +435,7 @@ class MqttSink:
         for info in infos:
             while info is not None and not _published(info):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or session.state is not _State.CONNECTED:
+                if remaining <= 0 or session.state is not _State.CONNECTED or should_stop():
                     break
                 try:
                     info.wait_for_publish(min(remaining, _LOSS_CHECK))

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,28 @@ log = logging.getLogger(__name__)
 
 class StoreError(Exception):
     """A request the store cannot satisfy (unknown version, nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The version `current` pointed to when a cycle began (None: none). A promotion
+    over it swaps `current` only if it still points there (see commit)."""
+
+    version: int | None
+
+
+class CurrentMoved(StoreError):
+    """`current` moved during the cycle (`models rollback`): the promotion is refused,
+    nothing was renamed, the staging directory is left to commit unpromoted."""
+
+    def __init__(self, champion: Champion, now: int | None) -> None:
+        def name(version: int | None) -> str:
+            return f"v{version}" if version is not None else "none"
+
+        super().__init__(
+            f"current was moved from {name(champion.version)} to {name(now)} during this "
+            "cycle (smocsd models rollback): the rollback stands"
+        )
 
 
 def version_name(version: int) -> str:
@@ -118,6 +141,18 @@ class ModelStore:
         m = _VERSION.match(target)
         return int(m[1]) if m and self.path(int(m[1])).is_dir() else None
 
+    def dangling(self) -> str | None:
+        """One line when `current` exists but names no kept version (its directory was
+        removed by hand), else None: nothing is current then, and status says why."""
+        link = self.root / "current"
+        try:
+            target = os.readlink(link)
+        except FileNotFoundError:
+            return None
+        if self.current() is not None:
+            return None
+        return f"{link} -> {target}: no such version directory (dangling link)"
+
     def metadata(self, version: int) -> dict[str, Any]:
         path = self.path(version) / "metadata.json"
         try:
@@ -167,12 +202,19 @@ class ModelStore:
         staging.mkdir()
         return version, staging
 
-    def commit(self, version: int, staging: Path, *, promote: bool) -> Path:
+    def commit(
+        self, version: int, staging: Path, *, promote: bool, over: Champion | None = None
+    ) -> Path:
         """The atomic save: makes a built version durable, then (if promoted) swaps `current`.
 
         Every file is fsync'ed, then the directory, then it is renamed into place and the
         parent fsync'ed; `current` is swapped the same way. A crash at any instant leaves
         `current` at the old or the new version, never at something partial.
+
+        With `over`, a promotion is a compare-and-swap under the lock that rollback takes:
+        if `current` no longer points at that champion, CurrentMoved is raised before
+        anything is renamed. A cycle holds no lock while it trains (minutes), so this is
+        how an operator's rollback during it wins over its promotion.
         """
         for f in staging.rglob("*"):
             if f.is_file():
@@ -180,6 +222,8 @@ class ModelStore:
         fsync_path(staging)
         final = self.path(version)
         with self.lock():
+            if promote and over is not None and (now := self.current()) != over.version:
+                raise CurrentMoved(over, now)
             os.rename(staging, final)
             fsync_path(self.root)
             if promote:

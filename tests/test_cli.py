@@ -158,11 +158,176 @@ def test_check_config_run_by_root_judges_secrets_for_the_state_dirs_owner(tmp_pa
     proc = smocsd("check-config", config=cfg)
     assert proc.returncode == 78
     assert proc.stderr == (
-        f"{cfg}: publish.mqtt.password_file: {secret}: owned by root, so nobody cannot read it "
+        f"{cfg}: publish.mqtt.password_file: {secret}: owned by root, not nobody "
         f"(chown nobody {secret})\n"
     )
     os.chown(secret, NOBODY, -1)
     assert smocsd("check-config", config=cfg).returncode == 0
+
+
+@needs_root
+def test_check_config_refuses_a_secret_another_user_owns_even_for_root(tmp_path):
+    """Root reads any file, but the secret's owner (nobody here) could read it too; the
+    daemon, run as root on root's state directory, refuses it as check-config does."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 100)
+    secret = tmp_path / "mqtt.pass"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    os.chown(secret, NOBODY, -1)
+    cfg = write_config(
+        tmp_path / "c.toml", state, **{"publish.mqtt": {"username": "gw", "password_file": secret}}
+    )
+    proc = smocsd("check-config", config=cfg)
+    assert (proc.returncode, proc.stdout) == (78, "")
+    assert proc.stderr == (
+        f"{cfg}: publish.mqtt.password_file: {secret}: owned by nobody, not root "
+        f"(chown root {secret})\n"
+    )
+
+
+def test_check_config_says_the_dsn_holds_a_password_and_never_prints_it(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    source = {"kind": "postgres", "order_column": "id"}
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state,
+        source={**source, "dsn": "postgresql://smocsd:hunter2@127.0.0.1:1/plant"},
+    )
+    proc = smocsd("check-config", config=cfg)
+    assert (proc.returncode, proc.stdout) == (0, "")  # the database is down: not checked
+    warning, note = proc.stderr.splitlines()
+    assert warning.endswith(
+        f"WARNING smocsd: {cfg}: source.dsn: holds a password, which anyone who can read this "
+        "file can read: move it to the file source.password_file names (or the systemd "
+        "credential pg-password)"
+    )
+    assert note.startswith(f"{cfg}: source not checked: postgres: cannot connect")
+    assert "hunter2" not in proc.stderr
+
+    bad = write_config(tmp_path / "bad.toml", state, source={**source, "dsn": "password=hun ter2"})
+    proc = smocsd("check-config", config=bad)
+    assert (proc.returncode, proc.stdout) == (78, "")
+    assert proc.stderr == (
+        f"{bad}: source.dsn: not a libpq connection string (a URI or key=value pairs)\n"
+    )
+
+
+# --- the state directory
+
+
+def test_a_state_dir_whose_parent_is_missing_is_refused_by_every_command_that_writes(tmp_path):
+    """A typo higher up the path, or a disk not mounted yet: a state started afresh there
+    would be one nobody looks at."""
+    state = tmp_path / "stat" / "state"
+    cfg = write_config(tmp_path / "c.toml", state)
+    line = (
+        f"{cfg}: daemon.state_dir: {state} does not exist, nor does {tmp_path}/stat "
+        "(only the last component is created)"
+    )
+    for command in ("run", "train-once"):
+        proc = smocsd(command, config=cfg)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (78, "", line + "\n"), command
+    proc = smocsd("check-config", config=cfg)
+    assert (proc.returncode, proc.stderr.splitlines()[0]) == (78, line)
+    assert list(tmp_path.iterdir()) == [cfg]
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    cfg = write_config(tmp_path / "c.toml", not_a_dir)
+    proc = smocsd("train-once", config=cfg)
+    assert (proc.returncode, proc.stderr) == (
+        78,
+        f"{cfg}: daemon.state_dir: {not_a_dir}: not a directory\n",
+    )
+
+
+def test_train_once_creates_only_the_last_component_and_says_so(tmp_path):
+    state = tmp_path / "state"
+    cfg = write_config(tmp_path / "c.toml", state)
+    proc = smocsd("train-once", config=cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outcome"] == "skipped"  # no readings yet
+    assert (
+        f"WARNING smocsd: created the state directory {state} (daemon.state_dir): no models yet"
+        in proc.stderr
+    )
+    proc = smocsd("train-once", config=cfg)
+    assert proc.returncode == 0 and "created" not in proc.stderr
+
+
+def test_a_state_dir_that_cannot_be_created_is_a_configuration_error(tmp_path, readonly_state):
+    """As under the unit's sandbox, where every path but StateDirectory='s is read-only."""
+    state = readonly_state / "smocsdd"
+    cfg = write_config(tmp_path / "c.toml", state)
+    for command in ("run", "train-once"):
+        proc = smocsd(command, config=cfg)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (
+            78,
+            "",
+            f"{cfg}: daemon.state_dir: {state}: cannot create: Read-only file system\n",
+        ), command
+
+
+# --- integer options
+
+
+HUGE = "99999999999999999999"  # beyond a signed 64-bit integer
+ORDERS = (
+    "an integer from -9223372036854775808 to 9223372036854775807 "
+    "(signed 64 bits, as order values are)"
+)
+VERSIONS = "an integer from 1 to 9223372036854775807 (versions start at 1)"
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "allowed", "value"),
+    [
+        (("score", "--from", HUGE), "--from", ORDERS, HUGE),
+        (("score", "--to", "-" + HUGE), "--to", ORDERS, "-" + HUGE),
+        (("score", "--version", "0"), "--version", VERSIONS, "0"),
+        (("score", "--version", "-1"), "--version", VERSIONS, "-1"),
+        (("score", "--version", HUGE), "--version", VERSIONS, HUGE),
+        (("models", "show", "0"), "version", VERSIONS, "0"),
+        (("models", "rollback", "-2"), "version", VERSIONS, "-2"),
+        (("accept", "--from", HUGE), "--from", ORDERS, HUGE),
+        (("exclude", "--from", "1", "--to", HUGE), "--to", ORDERS, HUGE),
+        (
+            ("labels", "remove", "0"),
+            "id",
+            "an integer from 1 to 9223372036854775807 (label ids start at 1)",
+            "0",
+        ),
+        (("demo", "--rows", "0"), "--rows", "an integer from 1 to 10000000", "0"),
+        (("demo", "--rows", HUGE), "--rows", "an integer from 1 to 10000000", HUGE),
+        (
+            ("score", "--from", "9" * 5000),
+            "--from",
+            ORDERS,
+            "99999999999999999999... (5000 characters)",
+        ),
+    ],
+)
+def test_an_integer_option_out_of_range_is_one_usage_line_naming_it(
+    tmp_path, command, option, allowed, value
+):
+    state = tmp_path / "state"
+    state.mkdir()
+    proc = smocsd(*command, config=write_config(tmp_path / "c.toml", state))
+    name = " ".join(command[:2] if command[0] in ("models", "labels") else command[:1])
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.splitlines()[-1] == (
+        f"smocsd {name}: error: argument {option}: must be {allowed}, got {value}"
+    )
+    assert list(state.iterdir()) == []
+
+
+def test_score_from_the_smallest_order_value_scores_every_row(tmp_path, trained):
+    cfg = write_config(tmp_path / "c.toml", trained)
+    every = smocsd("score", "--json", config=cfg, check=True).stdout
+    lowest = smocsd("score", "--from", "-9223372036854775808", "--json", config=cfg, check=True)
+    assert lowest.stdout == every and every
 
 
 # --- reading commands read only
@@ -268,6 +433,32 @@ def test_a_damaged_version_is_marked_in_status_and_models_list(tmp_path, trained
     assert (row["version"], row["problem"]) == (1, problem)
     text = smocsd("models", "list", config=cfg, check=True).stdout.splitlines()
     assert text[1].startswith("*!v000001") and text[2] == f"    {problem}"
+
+
+def test_a_dangling_current_link_is_named_by_status_and_models_list(tmp_path, trained):
+    """`current` left pointing at a version removed by hand: nothing is current, and the
+    reading commands say why instead of showing an empty store."""
+    state = tmp_path / "state"
+    shutil.copytree(trained, state, symlinks=True)
+    cfg = write_config(tmp_path / "c.toml", state)
+    models = state / "models" / "autoencoder"
+    shutil.rmtree(models / "v000001")
+    problem = f"{models}/current -> v000001: no such version directory (dangling link)"
+
+    status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
+    assert (status["current_version"], status["current_problem"]) == (None, problem)
+    assert (
+        f"current:     none DANGLING: {problem}"
+        in smocsd("status", config=cfg, check=True).stdout.splitlines()
+    )
+    text = smocsd("models", "list", config=cfg, check=True).stdout.splitlines()
+    assert text[1:] == [f"no current version: {problem}"]
+    assert json.loads(smocsd("models", "list", "--json", config=cfg).stdout) == []
+
+    result = json.loads(smocsd("train-once", "--force", config=cfg, check=True).stdout)
+    assert (result["outcome"], result["version"]) == ("promoted", 2)  # numbers never reused
+    status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
+    assert (status["current_version"], status["current_problem"]) == (2, None)
 
 
 def test_status_says_which_backend_this_install_trains_with(tmp_path, trained):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sqlite3
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -264,6 +268,50 @@ def test_if_better_rejects_a_worse_model_and_keeps_current(tmp_path, plant):
     )
     assert cycle(always, force=True)["outcome"] == "promoted"
     assert store.current() == 3
+
+
+def test_a_rollback_during_a_cycle_wins_over_its_promotion(tmp_path, plant):
+    """`models rollback` while a cycle trains: the cycle saves its version `rejected`,
+    saying why, and `current` stays where the operator put it."""
+    state, _ = plant
+    always = write_config(tmp_path / "always.toml", state, model={"promote": "always"})
+    for _ in range(2):
+        smocsd("train-once", "--force", config=always, check=True)
+    store = ModelStore(state / "models/autoencoder", 5)
+    assert store.current() == 2
+    paused, resume = tmp_path / "paused", tmp_path / "resume"
+    pausing = write_config(
+        tmp_path / "pausing.toml",
+        state,
+        model={"promote": "always"},
+        training={"job": "pausingjob:PausingJob"},
+        job={"paused": str(paused), "resume": str(resume)},
+    )
+    cmd = [sys.executable, "-m", "smocsd", "train-once", "--force", "--config", str(pausing)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        deadline = time.monotonic() + 120
+        while not paused.exists():  # trained v3 and evaluated it against v2
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the cycle never reached save_model"
+            time.sleep(0.05)
+        rolled = smocsd("models", "rollback", config=always, check=True)
+        assert rolled.stdout == "current -> v000001\n"
+        resume.touch()
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    rejection = "current was moved from v2 to v1 during this cycle (smocsd models rollback)"
+    assert (result["outcome"], result["version"]) == ("rejected", 3), result
+    assert result["eval"]["rejection"].startswith(rejection)
+    assert result["eval"]["previous_version"] == 2  # what it was judged against
+    assert store.current() == 1 and store.versions() == [1, 2, 3]
+    assert store.check(3) is None  # saved whole, by the same protocol
+    meta = store.metadata(3)
+    assert (meta["outcome"], meta["eval"]["rejection"]) == ("rejected", result["eval"]["rejection"])
+    assert meta == result["model_meta"] and meta["result_id"] == result["message_id"]
+    waiting = json.loads(smocsd("outbox", "list", "--json", config=always, check=True).stdout)
+    assert [m["message_id"] for m in waiting][-1] == result["message_id"]
 
 
 def test_bad_rows_never_reach_training_and_are_reported(tmp_path, clean_plant, capfd):

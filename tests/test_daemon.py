@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -119,3 +120,46 @@ def test_the_idle_status_says_how_many_results_wait(tmp_path, running):
     assert d.stop() == 0
     assert status.startswith("STATUS=idle: next check ") and "promoted v1" in status
     assert status.endswith(", 1 result(s) in outbox"), status
+
+
+def test_a_silent_kafka_broker_never_starves_the_watchdog(tmp_path, running):
+    """A broker that accepts connections and never answers holds a delivery attempt for
+    publish.kafka.timeout, which may be 15 minutes while the unit's WatchdogSec is 2: the
+    daemon pings the watchdog all through the attempt, and a stop ends it."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    notify = tmp_path / "notify"
+    with socket.socket() as silent, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(120)
+        sock.bind(str(notify))
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state,
+            daemon={"check_interval": "1h"},
+            publish={"order": ["kafka"]},
+            **{
+                "publish.kafka": {
+                    "bootstrap_servers": f"127.0.0.1:{silent.getsockname()[1]}",
+                    "timeout": "15m",
+                }
+            },
+        )
+        # A ping every second (WATCHDOG_USEC / 2), as under WatchdogSec=2s.
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "2000000"}
+        d = running(cfg, tmp_path / "log", env=env)
+        conn, _ = silent.accept()  # v1 is trained and its delivery attempt has begun
+        with conn:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:  # what was sent before the attempt
+                    sock.recv(4096)
+            sock.settimeout(60)
+            pings = 0
+            while pings < 3:
+                pings += sock.recv(4096) == b"WATCHDOG=1"
+            assert "delivered" not in d.text()  # still in the attempt
+            assert d.stop(timeout=30) == 0
+    waiting = json.loads(smocsd("outbox", "list", "--json", config=cfg, check=True).stdout)
+    assert [(m["outcome"], m["version"]) for m in waiting] == [("promoted", 1)]

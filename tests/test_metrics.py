@@ -228,7 +228,7 @@ def test_deliveries_are_counted_per_sink_as_the_publisher_offers_them():
         def __init__(self, name: str, takes: bool | None) -> None:
             self.name, self.takes = name, takes
 
-        def send(self, messages: list[dict]) -> list[bool]:
+        def send(self, messages: list[dict], _should_stop: Callable[[], bool]) -> list[bool]:
             if self.takes is None:
                 raise RuntimeError("boom")
             return [self.takes] * len(messages)
@@ -242,7 +242,7 @@ def test_deliveries_are_counted_per_sink_as_the_publisher_offers_them():
     assert deliver([{}]) == ["mqtt"]  # kafka failed in this flush: not offered again
     assert (tally.delivered, tally.failed) == (Counter(mqtt=3), Counter(kafka=2))
     publisher.sinks[1].sink.takes = None  # raises: Publisher logs it, every message fails
-    assert publisher.deliver([{}]) == [None]
+    assert publisher.attempt()([{}]) == [None]
     assert (tally.delivered, tally.failed) == (Counter(mqtt=3), Counter(kafka=3, mqtt=1))
 
 

@@ -84,7 +84,7 @@ def test_result_reaches_kafka_with_key_and_schema(
 ) -> None:
     messages = [result(0), {**result(1), "model": "pump_7"}]
     publisher = Publisher(publish_config(kafka, mosquitto, topic), DEVICE)
-    assert publisher.deliver(messages) == ["kafka", "kafka"]
+    assert publisher.attempt()(messages) == ["kafka", "kafka"]
     records = kafka.messages(topic, has_all(ids(messages)))
     assert [r["key"] for r in records] == ["gw-test/autoencoder", "gw-test/pump_7"]
     assert [r["value"] for r in records] == messages
@@ -98,23 +98,23 @@ def test_kafka_down_then_mqtt_then_outbox_then_recovery(
     first, via_mqtt, waiting = result(0), result(1), [result(2), result(3)]
     with mosquitto.subscriber("smocsd/+/training-results") as sub:
         outbox.put(first)
-        assert outbox.flush(publisher.deliver) == 1
+        assert outbox.flush(publisher.attempt()) == 1
 
         kafka.stop()
         outbox.put(via_mqtt)
-        assert outbox.flush(publisher.deliver) == 1
+        assert outbox.flush(publisher.attempt()) == 1
         received = sub.messages(has_all([via_mqtt["message_id"]]))
         assert received == [("smocsd/gw-test/training-results", via_mqtt)]
 
         mosquitto.stop()
         for m in waiting:
             outbox.put(m)
-        assert outbox.flush(publisher.deliver) == 0  # returns, bounded by the timeouts
+        assert outbox.flush(publisher.attempt()) == 0  # returns, bounded by the timeouts
         assert outbox.pending() == waiting
 
         kafka.start()
         mosquitto.start()
-        assert outbox.flush(publisher.deliver) == 2
+        assert outbox.flush(publisher.attempt()) == 2
         assert len(outbox) == 0
     records = kafka.messages(topic, has_all(ids([first, *waiting])))
     assert [r["value"] for r in records] == [first, *waiting]
@@ -135,11 +135,11 @@ def test_results_queued_during_outage_all_arrive(
     for i, m in enumerate(messages):
         outbox.put(m)
         if i % 50 == 0:  # the daemon's ticks keep trying during the outage
-            assert outbox.flush(publisher.deliver) == 0
+            assert outbox.flush(publisher.attempt()) == 0
     assert len(outbox) == 200
     kafka.start()
     mosquitto.start()
-    assert outbox.flush(publisher.deliver) == 200
+    assert outbox.flush(publisher.attempt()) == 200
     assert len(outbox) == 0
     records = kafka.messages(topic, has_all(ids(messages)))
     counts = collections.Counter(r["value"]["message_id"] for r in records)
@@ -169,7 +169,7 @@ def run_ticks(
             failure.append(exc)
 
     def deliver(messages: list[dict]) -> list[str | None]:
-        sinks = publisher.deliver(messages)
+        sinks = publisher.attempt()(messages)
         taken.update(sinks)
         return sinks
 
@@ -269,7 +269,7 @@ def test_kafka_sasl_ssl_delivers(
 ) -> None:
     cfg = sasl_config(kafka, test_ca, topic, mechanism, secret_file(tmp_path, kafka.password))
     message = result()
-    assert Publisher(cfg, DEVICE).deliver([message]) == ["kafka"]
+    assert Publisher(cfg, DEVICE).attempt()([message]) == ["kafka"]
     assert [r["value"] for r in kafka.messages(topic, has_all([message["message_id"]]))] == [
         message
     ]
@@ -284,7 +284,7 @@ def test_kafka_wrong_password_is_refused_clearly(
 ) -> None:
     cfg = sasl_config(kafka, test_ca, topic, "SCRAM-SHA-256", secret_file(tmp_path, "wrong"))
     with caplog.at_level(logging.DEBUG, logger="smocsd.publish"):
-        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+        assert Publisher(cfg, DEVICE).attempt()([result()]) == [None]
     lines = [
         r for r in caplog.records if r.name == "smocsd.publish" and r.levelno >= logging.WARNING
     ]
@@ -301,7 +301,7 @@ def test_mqtt_tls_with_password_delivers(
     cfg = tls_config(mosquitto, test_ca, secret_file(tmp_path, mosquitto.password))
     message = result()
     with mosquitto.subscriber("smocsd/+/training-results") as sub:
-        assert Publisher(cfg, DEVICE).deliver([message]) == ["mqtt"]
+        assert Publisher(cfg, DEVICE).attempt()([message]) == ["mqtt"]
         assert [p for _t, p in sub.messages(has_all([message["message_id"]]))] == [message]
 
 
@@ -313,7 +313,7 @@ def test_mqtt_wrong_password_is_refused_clearly(
 ) -> None:
     cfg = tls_config(mosquitto, test_ca, secret_file(tmp_path, "wrong"))
     with caplog.at_level(logging.DEBUG, logger="smocsd.publish"):
-        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+        assert Publisher(cfg, DEVICE).attempt()([result()]) == [None]
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [(r.name, r.levelno) for r in lines] == [("smocsd.publish", logging.ERROR)]
     assert (
@@ -330,7 +330,7 @@ def test_mqtt_untrusted_certificate_is_refused(
     other_ca = CertificateAuthority.create(tmp_path / "other-ca")
     cfg = tls_config(mosquitto, other_ca, secret_file(tmp_path, mosquitto.password))
     with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
-        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+        assert Publisher(cfg, DEVICE).attempt()([result()]) == [None]
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
     assert "TLS handshake failed" in caplog.text
     assert "certificate verify failed" in caplog.text
@@ -344,7 +344,7 @@ def test_a_message_kafka_rejects_goes_to_mqtt_alone(
     small, big, last = result(0), {**result(1), "model_meta": {"blob": "x" * 2_000_000}}, result(2)
     publisher = Publisher(publish_config(kafka, mosquitto, topic), DEVICE)
     with mosquitto.subscriber("smocsd/+/training-results") as sub:
-        assert publisher.deliver([small, big, last]) == ["kafka", "mqtt", "kafka"]
+        assert publisher.attempt()([small, big, last]) == ["kafka", "mqtt", "kafka"]
         assert [p for _t, p in sub.messages(has_all([big["message_id"]]))] == [big]
     assert [r["value"] for r in kafka.messages(topic, has_all(ids([small, last])))] == [small, last]
 
@@ -367,8 +367,42 @@ def test_silent_brokers_cost_one_bounded_attempt_each(
             mqtt=MqttConfig(host="127.0.0.1", port=port, timeout=2),
         )
         with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
-            assert Publisher(cfg, DEVICE).deliver([result(i) for i in range(50)]) == [None] * 50
+            assert Publisher(cfg, DEVICE).attempt()([result(i) for i in range(50)]) == [None] * 50
     assert [r.getMessage().split()[0] for r in caplog.records] == ["kafka", "mqtt"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("sink", "why"),
+    [("kafka", "stopping before a delivery report"), ("mqtt", "stopping before a CONNACK")],
+)
+def test_an_attempt_on_a_silent_broker_asks_should_stop_all_along(
+    sink: str, why: str, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A timeout may be 15 minutes and the unit's WatchdogSec is 2: an attempt waiting on
+    a broker that accepts connections and never answers calls should_stop (the daemon's
+    feeds the watchdog) between short waits, and ends when it says stop."""
+    calls: list[int] = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 20
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(100)
+        port = silent.getsockname()[1]
+        cfg = PublishConfig(
+            order=(sink,),
+            kafka=KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}", topic=topic, timeout=900),
+            mqtt=MqttConfig(host="127.0.0.1", port=port, timeout=900),
+        )
+        with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
+            deliver = Publisher(cfg, DEVICE).attempt(should_stop)
+            assert deliver([result(i) for i in range(5)]) == [None] * 5
+    assert len(calls) == 21  # one before the sink, then one per wait until it said stop
+    [line] = caplog.records
+    assert line.getMessage().startswith(f"{sink} 127.0.0.1:{port}") and why in line.getMessage()
 
 
 class FakeMqttBroker:
@@ -443,7 +477,7 @@ def test_mqtt_broker_failing_after_connack_costs_one_bounded_attempt(
     started = time.monotonic()
     try:
         with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
-            assert Publisher(cfg, DEVICE).deliver(messages) == [None] * 50
+            assert Publisher(cfg, DEVICE).attempt()(messages) == [None] * 50
         took = time.monotonic() - started
     finally:
         broker.close()
@@ -473,7 +507,7 @@ def test_unsafe_secret_file_is_reported_not_raised(
         ),
     )
     with caplog.at_level(logging.ERROR, logger="smocsd.publish"):
-        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+        assert Publisher(cfg, DEVICE).attempt()([result()]) == [None]
     assert len(caplog.records) == 1
     assert str(readable) in caplog.records[0].getMessage()
 
@@ -492,7 +526,7 @@ def test_missing_ca_files_are_reported_not_raised(
         mqtt=MqttConfig(host="127.0.0.1", port=9, tls=True, ca_file=missing),
     )
     with caplog.at_level(logging.ERROR, logger="smocsd.publish"):
-        assert Publisher(cfg, DEVICE).deliver([result()]) == [None]
+        assert Publisher(cfg, DEVICE).attempt()([result()]) == [None]
     assert [r.getMessage().split()[0] for r in caplog.records] == ["kafka", "mqtt"]
     assert all("ca" in r.getMessage() for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records)
@@ -544,7 +578,7 @@ class FakeSink:
         self.broken = False
         self.calls: list[int] = []
 
-    def send(self, messages: list[dict]) -> list[bool]:
+    def send(self, messages: list[dict], _should_stop: Callable[[], bool]) -> list[bool]:
         self.calls.append(len(messages))
         if self.broken:
             raise RuntimeError("a bug in the sink")
@@ -562,14 +596,13 @@ def test_attempt_skips_for_the_rest_of_a_flush_a_sink_that_failed() -> None:
     assert deliver(batch) == ["mqtt"] * 3  # kafka failed one: not tried again
     assert (kafka.calls, mqtt.calls) == ([3], [1, 3])
     assert publisher.attempt()(batch) == ["kafka", "mqtt", "kafka"]  # the next flush tries it
-    assert publisher.deliver(batch) == ["kafka", "mqtt", "kafka"]
 
     kafka.broken = True
     deliver = publisher.attempt()
     assert deliver(batch) == ["mqtt"] * 3  # a raising sink counts as failed
     kafka.broken = False
     assert deliver(batch) == ["mqtt"] * 3
-    assert kafka.calls == [3, 3, 3, 3]
+    assert kafka.calls == [3, 3, 3]
 
 
 def test_mqtt_topic_paho_refuses_fails_that_result_only(
@@ -585,7 +618,7 @@ def test_mqtt_topic_paho_refuses_fails_that_result_only(
     messages = [result(0), bad, result(2)]
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="smocsd.publish"):
-        assert Publisher(cfg, DEVICE).deliver(messages) == ["mqtt", None, "mqtt"]
+        assert Publisher(cfg, DEVICE).attempt()(messages) == ["mqtt", None, "mqtt"]
     assert time.monotonic() - started < 5
     [line] = caplog.records
     assert line.levelno == logging.ERROR

@@ -21,10 +21,14 @@ import faults
 import numpy as np
 import onnx
 import pytest
-from helpers import Running, smocsd, write_config
+from helpers import Running, insert, smocsd, write_config
 from onnx import numpy_helper
 
 from smocsd import demo
+from smocsd.config import load
+from smocsd.live import LiveScorer
+from smocsd.outbox import Outbox
+from smocsd.scoring import BEYOND_SCORE
 
 MODELS = Path("models/autoencoder")
 
@@ -264,6 +268,77 @@ def test_scattered_nulls_are_a_clear_skip(tmp_path):
     assert "runs shorter than window_size (10)" in result["reason"]
 
 
+def test_readings_beyond_what_a_model_can_take_are_dropped_like_nulls(tmp_path):
+    """One 1e308 among the newest rows failed every cycle ("diverged") for as long as it
+    was among the rows read; one in the training rows overflowed the normalization."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000, dropouts=False, gaps=False)
+    with sqlite3.connect(state / "readings.db") as db:
+        db.execute("UPDATE readings SET vibration = 1e308 WHERE rowid = 2990")  # validation
+        db.execute("UPDATE readings SET current = -1e308 WHERE rowid = 1500")  # training
+        # representable, but some 1e20 standard deviations off: a validation row
+        db.execute("UPDATE readings SET vibration = 1e20 WHERE rowid = 2900")
+    config = write_config(tmp_path / "c.toml", state)
+    proc, result = train_once(config)
+    assert result["outcome"] == "promoted", proc.stderr
+    data = result["model_meta"]["data"]
+    assert data["dropped_rows"] == 3
+    assert data["windows"] == 2991 - 3 * 10  # no window holds any of them
+    assert (
+        "2 of 3000 rows have a reading beyond ±1e+30 in vibration, current (first at order "
+        "value 1500) and are left out like missing values" in proc.stderr
+    )
+    assert "1 rows have a reading in vibration more than 1e+09 standard deviations" in proc.stderr
+    strict_json((state / MODELS / "current/metadata.json").read_text())
+
+
+def test_readings_beyond_what_a_model_can_take_are_alarms_in_strict_json(tmp_path):
+    """Scored, a window holding such a reading was NaN or inf: not anomalous, and no JSON."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000, dropouts=False, gaps=False)
+    config = write_config(tmp_path / "c.toml", state, scoring={"enabled": True})
+    train_once(config)
+    outbox = Outbox(state / "outbox.db")
+    scorer = LiveScorer(load(config))
+    scorer.step(outbox)  # scoring starts at the newest row
+    first = insert(state / "readings.db", 80)
+    beyond = {15: 1e308, 35: -1e308, 55: 1e15}  # 1e15: representable, far off the scale
+    with sqlite3.connect(state / "readings.db") as db:
+        for offset, value in [*beyond.items(), (70, None)]:
+            db.execute("UPDATE readings SET vibration = ? WHERE rowid = ?", (value, first + offset))
+    live, queued = scorer.step(outbox)
+    scorer.close()
+    outbox.close()
+    out = smocsd("score", "--from", str(first), "--json", config=config, check=True).stdout
+    scored = [strict_json(line) for line in out.splitlines()]
+    assert scored == [row.to_json() for row in live]
+    by_offset = {row["order"] - first: row for row in scored}
+    assert sorted(by_offset) == list(range(70))  # none holds the NULL of the last 10 rows
+    for offset in beyond:
+        holding = [by_offset[end] for end in range(offset, offset + 10)]
+        assert all(r["score"] == BEYOND_SCORE and r["over"] for r in holding)
+        assert all(r["shares"]["vibration"] == 1.0 for r in holding)
+        assert all(r["anomalous"] for r in holding[1:])  # the rule: 2 of the last 3
+    assert queued >= 3  # an alarm opened at each
+    alarms = [m for m in waiting(config) if m.get("schema") == "smocsd.alarm/1"]
+    assert alarms[0]["peak_score"] == BEYOND_SCORE
+    assert alarms[0]["channels"][0] == {"name": "vibration", "share": 1.0}
+    status = strict_json(smocsd("status", "--json", config=config, check=True).stdout)
+    assert status["scoring"]["open_alarm"]["peak_score"] == BEYOND_SCORE
+
+
+def test_a_nan_in_a_file_read_is_null_in_every_json_printed(plant):
+    """metadata.json edited by hand: Python's json reads NaN, and printed it back as NaN."""
+    state, config = plant
+    train_once(config)
+    path = state / MODELS / "v000001/metadata.json"
+    meta = json.loads(path.read_text())
+    meta["eval"]["val_loss"] = float("nan")
+    path.write_text(json.dumps(meta))
+    shown = strict_json(smocsd("models", "show", "1", "--json", config=config, check=True).stdout)
+    assert shown["eval"]["val_loss"] is None
+
+
 def _job_state(state: Path) -> dict:
     return json.loads((state / "state.json").read_text())["jobs"]["autoencoder"]
 
@@ -302,13 +377,15 @@ def _backlog(state: Path, n: int) -> None:
     from smocsd.outbox import Outbox
 
     Outbox(state / "outbox.db", n).close()
-    rows = [
-        (
-            f"id-{i}",
-            json.dumps({"message_id": f"id-{i}", "device_id": "gw-test", "model": "autoencoder"}),
-        )
-        for i in range(n)
-    ]
+    message = {
+        "schema": "smocsd.training-result/1",
+        "device_id": "gw-test",
+        "model": "autoencoder",
+        "version": None,
+        "outcome": "failed",
+        "timestamp": "2026-11-26T05:00:00Z",
+    }
+    rows = [(f"id-{i}", json.dumps({**message, "message_id": f"id-{i}"})) for i in range(n)]
     with sqlite3.connect(state / "outbox.db") as db:
         db.executemany("INSERT INTO messages (message_id, body) VALUES (?, ?)", rows)
 
@@ -363,6 +440,31 @@ def test_the_daemon_idles_in_little_memory_after_a_cycle(plant, tmp_path):
     rss_kib = int(status.split("VmRSS:")[1].split()[0])
     assert rss_kib <= 45 * 1024, f"idle RSS {rss_kib} KiB"
     assert not [lib for lib in ("numpy", "onnxruntime") if lib in maps]
+
+
+def _address_space(mib: int) -> None:
+    """In the child before exec: RLIMIT_AS, which the job check's process inherits."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (mib << 20, mib << 20))
+
+
+def test_too_little_memory_at_start_is_a_runtime_failure_that_systemd_restarts(plant):
+    """`smocsd run` in 64 MiB of address space: the daemon itself starts in about 30, the
+    check of training.job cannot load numpy (110 MiB and more). Exit 1, restarted by the
+    unit, not 78, after which systemd would leave the gateway without smocsd."""
+    _, config = plant
+    proc = subprocess.run(
+        [sys.executable, "-m", "smocsd", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: _address_space(64),
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"smocsd: {config}: training.job: "), proc.stderr
+    assert "'autoencoder'" in last and "smocsd started" not in proc.stderr
 
 
 def _leftovers(state: Path) -> list[str]:

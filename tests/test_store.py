@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from smocsd.store import ModelStore, StoreError
+from smocsd.store import Champion, CurrentMoved, ModelStore, StoreError
 
 # The smallest version modelfile.check() accepts: one finite initializer, and metadata
 # that lists the file with its hash.
@@ -20,7 +20,9 @@ MODEL = helper.make_model(
 ).SerializeToString()
 
 
-def build(store: ModelStore, promote: bool = True, payload: bytes = MODEL) -> int:
+def build(
+    store: ModelStore, promote: bool = True, payload: bytes = MODEL, over: Champion | None = None
+) -> int:
     version, staging = store.allocate()
     (staging / "model.onnx").write_bytes(payload)
     meta = {
@@ -31,7 +33,7 @@ def build(store: ModelStore, promote: bool = True, payload: bytes = MODEL) -> in
         "normalization": {"mean": [0.0], "scale": [1.0]},
     }
     (staging / "metadata.json").write_text(json.dumps(meta))
-    store.commit(version, staging, promote=promote)
+    store.commit(version, staging, promote=promote, over=over)
     return version
 
 
@@ -87,6 +89,20 @@ def test_rollback_refuses_a_damaged_version_and_skips_it_by_default(tmp_path):
         store.rollback(2)
     assert store.current() == 3
     assert store.rollback() == 1  # the previous whole one
+
+
+def test_a_promotion_over_a_champion_that_moved_is_refused_before_anything_is_renamed(tmp_path):
+    store = ModelStore(tmp_path / "m", keep_versions=5)
+    build(store)
+    build(store)
+    champion = Champion(store.current())
+    store.rollback(1)  # as `smocsd models rollback` during a cycle
+    with pytest.raises(CurrentMoved, match="from v2 to v1 during this cycle"):
+        build(store, over=champion)
+    assert store.current() == 1 and store.versions() == [1, 2]
+    assert [p.name for p in store.root.glob(".tmp-v*")] == [".tmp-v000003"]  # intact
+    assert build(store, over=Champion(1)) == 4  # unmoved: promoted
+    assert store.current() == 4
 
 
 def test_reading_creates_nothing(tmp_path):
