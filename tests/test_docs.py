@@ -1,9 +1,11 @@
 """The documents of the external contract agree with the code, and their links resolve.
 
 Every configuration key is given with its default in four places: the README's table,
-docs/contract.md, the man page and the shipped conffile. smocsd/config.py is the truth;
-a key added, renamed or given a new default there without the documents fails here
-instead of misleading an operator. The contract must also name every command and option,
+docs/contract.md, the man page and the shipped conffile. smocsd/config.py is the truth,
+and packaging/config_docs.py writes those four parts from it: a key added, renamed or
+given a new default there without regenerating them fails here instead of misleading an
+operator, and so does a slip of the generator, since the checks below read what the
+documents say. The contract must also name every command and option,
 exit code, message and metadata.json field, JSON Schema and metric the code has. The
 Markdown documents link only to files in the repository, so a clone or a source tarball
 reads complete on a gateway without a network.
@@ -23,8 +25,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import model_meta
 
-from smocsd import cli, config, cycle, labels, metrics, outbox, publish, schemas
+from smocsd import cli, config, cycle, metrics, outbox, schemas
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,6 +35,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "packaging"))
+import config_docs  # noqa: E402 - a development tool, not part of the package
+
 README = ROOT / "README.md"
 CONTRACT = ROOT / "docs/contract.md"
 MAN = ROOT / "packaging/smocsd.1"
@@ -194,9 +200,11 @@ def man_entries() -> dict[str, Entry]:
 
 
 def conffile_entries() -> dict[str, Entry]:
-    """Every `key = value` line, set or commented out, under its [table] header."""
+    """Every `key = value` line, set or commented out, under its [table] header, with the
+    comment lines just above it."""
     entries: dict[str, Entry] = {}
     table = None
+    above: list[str] = []
     for line in CONFFILE.read_text().splitlines():
         commented = line.startswith("#")
         text = line.lstrip("#").strip()
@@ -207,8 +215,9 @@ def conffile_entries() -> dict[str, Entry]:
         try:
             parsed = tomllib.loads(text)
         except ValueError:
-            continue
+            parsed = {}
         if len(parsed) != 1:
+            above = [*above, line] if commented else []
             continue
         (name,) = parsed
         value = re.match(r"[\w]+\s*=\s*", text)
@@ -217,7 +226,8 @@ def conffile_entries() -> dict[str, Entry]:
         assert key not in entries, f"{key} listed twice"
         # The value is the text after '=' up to the comment: what TOML parsed.
         literal = text[value.end() :].split(" #")[0].strip()
-        entries[key] = Entry(literal, line, commented)
+        entries[key] = Entry(literal, "\n".join([*above, line]), commented)
+        above = []
     return entries
 
 
@@ -296,6 +306,42 @@ def test_no_document_names_a_key_the_code_lacks(path):
     assert sorted(_mentioned_keys(text) - known) == []
 
 
+# --- the generated parts: packaging/config_docs.py writes them from smocsd/config.py
+
+
+def test_the_generated_key_documentation_is_current():
+    """Each key's default, range and description live in smocsd/config.py only; the four
+    documents carry what the generator makes of them, not an edit by hand."""
+    stale = [str(path.relative_to(ROOT)) for path in config_docs.stale()]
+    assert stale == [], f"regenerate them: {config_docs.COMMAND}"
+
+
+def test_each_documented_value_is_what_the_parser_reads():
+    """A default is written by its parser's `show`, and a key without one (KeyDoc.unset)
+    gives an example for the conffile: each reads back through the key's own parser."""
+    problems = []
+    for key, f in KEYS.items():
+        doc, parse = f.metadata["doc"], f.metadata["parse"]
+        written = doc.example if doc.unset else parse.show(f.default)
+        try:
+            value = parse(_toml_value(written))
+        except ValueError as exc:
+            problems.append(f"{key}: {written!r}: {exc}")
+            continue
+        if doc.unset and f.default not in (None, ""):
+            problems.append(f"{key}: says what holds when unset, but defaults to {f.default!r}")
+        elif not doc.unset and value != f.default:
+            problems.append(f"{key}: {written} reads as {value!r}, not {f.default!r}")
+    assert problems == []
+
+
+def test_the_man_page_formats_without_warnings():
+    proc = subprocess.run(
+        ["groff", "-man", "-ww", "-z", "-Tutf8", str(MAN)], capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
 # --- the rest of the contract in docs/contract.md
 
 
@@ -367,10 +413,10 @@ SMOCSD = ROOT / "smocsd"
 @pytest.mark.parametrize(
     ("schema", "path", "function", "extra"),
     [
-        (cycle.RESULT_SCHEMA, SMOCSD / "cycle.py", "message", {outbox.DROPPED_FIELD}),
-        (publish.ALARM_SCHEMA, SMOCSD / "live.py", "message", {outbox.DROPPED_FIELD}),
-        (labels.LABEL_SCHEMA, SMOCSD / "labels.py", "message", {outbox.DROPPED_FIELD}),
-        ("smocsd.model/1", SMOCSD / "autoencoder.py", "_metadata", set()),
+        (schemas.RESULT_SCHEMA, SMOCSD / "cycle.py", "message", {outbox.DROPPED_FIELD}),
+        (schemas.ALARM_SCHEMA, SMOCSD / "live.py", "message", {outbox.DROPPED_FIELD}),
+        (schemas.LABEL_SCHEMA, SMOCSD / "labels.py", "message", {outbox.DROPPED_FIELD}),
+        (schemas.MODEL_FORMAT, SMOCSD / "autoencoder.py", "_metadata", set()),
     ],
 )
 def test_the_contract_gives_every_field(schema, path, function, extra):
@@ -400,9 +446,7 @@ def test_the_contract_lists_every_metric_and_no_other(tmp_path):
     cfg = config.parse("", env={"STATE_DIRECTORY": str(tmp_path)})
     version = tmp_path / "models/autoencoder/v000001"
     version.mkdir(parents=True)
-    meta = {"threshold": 0.1, "metrics": {"val_loss": 0.1}, "created_at": "2026-11-28T00:00:00Z"}
-    meta["data"] = {"rows": 10, "dropped_rows": 0}
-    (version / "metadata.json").write_text(json.dumps(meta))
+    (version / "metadata.json").write_text(json.dumps(model_meta(b"")))
     (version.parent / "current").symlink_to(version.name)
     tally = metrics.Tally()
     tally.cycle_ended(cycle.Outcome.PROMOTED, 1.0)
