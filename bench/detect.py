@@ -68,6 +68,7 @@ from smocsd import threshold
 from smocsd.config import ModelConfig, TrainingConfig, parse
 from smocsd.cycle import Outcome, call_hooks
 from smocsd.job import CycleProgress
+from smocsd.modelmeta import ModelMeta
 from smocsd.scoring import AlarmRule, Model, WindowScore, channel_errors, open_session
 from smocsd.windows import Normalization, WindowSet, check_time, split, valid_starts
 
@@ -172,7 +173,7 @@ class Trained:
 
     @property
     def rule(self) -> AlarmRule:
-        return AlarmRule.from_meta(self.meta["alarm"])
+        return AlarmRule(self.meta["alarm"]["above"], self.meta["alarm"]["of"])
 
 
 def _toml(value: Any) -> str:
@@ -237,7 +238,7 @@ def _split_scores(cfg, run: Run, directory: Path, meta: dict) -> tuple[np.ndarra
         sp.normalization.mean, meta["normalization"]["mean"]
     ):
         raise RuntimeError("the recomputed train/validation split is not the job's")
-    session, score = open_session(directory / "model.onnx"), WindowScore.from_meta(meta)
+    session, score = open_session(directory / "model.onnx"), WindowScore.of(ModelMeta.parse(meta))
     n = values.shape[1]
     train = score.apply(channel_errors(session, sp.train, n))[1]
     val = score.apply(channel_errors(session, sp.val, n))[1]
@@ -281,7 +282,7 @@ class Models:
                 state = Path(self._tmp.name) / str(len(self._trained))
                 self._trained[trained] = train_smocsd(ds, run, overrides, state)
             directory, meta, train_scores, val_scores = self._trained[trained]
-            scored = Model(directory, meta).score(run.values, run.time)
+            scored = Model.of(directory, ModelMeta.parse(meta)).score(run.values, run.time)
             self._cache[key] = Trained(
                 meta, scored.end, scored.score, scored.alarm, train_scores, val_scores
             )

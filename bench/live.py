@@ -87,7 +87,7 @@ def main() -> int:
         cfg = config.load(path)
         store = ModelStore.of(cfg)
         current = store.current()
-        model = Model(store.path(current), store.metadata(current))
+        model = Model.of(store.path(current), store.metadata(current))
         source = open_source(cfg.source)
         readings = source.read_newest(args.rows)
         source.close()

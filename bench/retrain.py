@@ -261,7 +261,7 @@ def load_current(cfg: config.Config) -> Model:
     store = ModelStore.of(cfg)
     current = store.current()
     assert current is not None, "no current model"
-    return Model(store.path(current), store.metadata(current))
+    return Model.of(store.path(current), store.metadata(current))
 
 
 def run(

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .job import TrainingJob
+from .job import Saved, TrainingJob
 
-__all__ = ["TrainingJob", "__version__"]
+__all__ = ["Saved", "TrainingJob", "__version__"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import platform
 import time
@@ -16,8 +15,11 @@ from typing import Any
 import numpy as np
 
 from . import __version__, modelfile, report, threshold
-from .job import TrainingJob
+from .job import Saved, TrainingJob
 from .labels import Kind, Label, LabelError, Labels
+from .modelmeta import METADATA, ModelMeta
+from .records import Damage
+from .schemas import MODEL_FORMAT
 from .scoring import (
     AlarmRule,
     Model,
@@ -451,10 +453,10 @@ class AutoencoderJob(TrainingJob):
         share of them the challenger alarms on too); both score as a consumer does."""
         if not self.data.alarm_rows or self.champion is None:
             return 0, None
-        champion = Model(
+        champion = Model.of(
             self.store.path(self.champion), self.store.metadata(self.champion), threads
         )
-        challenger = Model(self.staging, self._scoring_meta(), threads)
+        challenger = self._challenger(threads)
         lasting = JOIN_WINDOWS * self.config.training.window_size
         alarmed = kept = 0
         for values, time_ in self.data.alarm_rows:
@@ -483,19 +485,20 @@ class AutoencoderJob(TrainingJob):
             return f"val_loss {self.val_loss:.4g} is worse than v{version}'s {previous_loss:.4g}"
         return None
 
-    def _scoring_meta(self) -> dict[str, Any]:
-        """What scoring.Model needs of the challenger before its metadata.json exists."""
+    def _challenger(self, threads: int) -> Model:
+        """The new version as scoring.Model scores it, before its metadata.json exists."""
         cfg = self.config
-        return {
-            "channels": list(cfg.source.channels),
-            "window_size": cfg.training.window_size,
-            **self.window_score.to_meta(),
-            "threshold": self.threshold_fit.threshold,
-            "threshold_fit": self.threshold_fit.to_meta(),
-            "alarm": AlarmRule(cfg.model.alarm_above, cfg.model.alarm_of).to_meta(),
-            "time": self.data.time.to_meta(),
-            "normalization": self.data.split.normalization.to_meta(),
-        }
+        return Model(
+            self.staging,
+            channels=list(cfg.source.channels),
+            window_size=cfg.training.window_size,
+            threshold=self.threshold_fit.threshold,
+            window_score=self.window_score,
+            rule=AlarmRule(cfg.model.alarm_above, cfg.model.alarm_of),
+            max_gap=None if math.isnan(self.data.time.max_gap) else self.data.time.max_gap,
+            normalization=self.data.split.normalization,
+            threads=threads,
+        )
 
     def _check_champion(self) -> int | None:
         """The current version if it is whole; a damaged one is reported (in the log and
@@ -519,13 +522,13 @@ class AutoencoderJob(TrainingJob):
             return None
         meta = self.store.metadata(current)
         cfg = self.config
-        if (
-            meta.get("channels") != list(cfg.source.channels)
-            or meta.get("window_size") != cfg.training.window_size
+        if (meta.channels, meta.window_size) != (
+            list(cfg.source.channels),
+            cfg.training.window_size,
         ):
             self.logger.info("current v%d has other channels or window size: not compared", current)
             return None
-        norm = Normalization.from_meta(meta["normalization"])
+        norm = Normalization.of(meta.normalization)
         data = self.data
         # A value beyond what the current model can take (its scale may be far smaller
         # than the new one's) comes in as 0: its loss stays a finite number to compare.
@@ -535,7 +538,7 @@ class AutoencoderJob(TrainingJob):
         errors = channel_errors(session, windows, len(cfg.source.channels))
         return current, float(errors.mean())
 
-    def save_model(self, model_metrics: dict, eval_results: dict) -> dict:
+    def save_model(self, model_metrics: dict, eval_results: dict) -> Saved:
         promote = self.rejection is None
         meta = self._prepare(model_metrics, eval_results, promote)
         try:
@@ -546,23 +549,21 @@ class AutoencoderJob(TrainingJob):
             # silently. Saved `rejected`, saying why in its metadata and its result's eval.
             promote = False
             self.rejection = eval_results["rejection"] = str(moved)
-            (self.staging / "metadata.json").unlink()  # else "files" would list it
+            (self.staging / METADATA).unlink()  # else "files" would list it
             meta = self._prepare(model_metrics, eval_results, promote)
             self.store.commit(self.version, self.staging, promote=promote)
         self.state.update(last_order=self.data.last_order, trained_at=time.time())
-        outcome = "promoted" if promote else "rejected"
         if not promote:
             self.logger.warning("v%d rejected: %s", self.version, self.rejection)
-        return {"version": self.version, "outcome": outcome, "model_meta": meta}
+        return Saved(self.version, "promoted" if promote else "rejected", meta.to_json())
 
-    def _prepare(self, model_metrics: dict, eval_results: dict, promote: bool) -> dict[str, Any]:
+    def _prepare(self, model_metrics: dict, eval_results: dict, promote: bool) -> ModelMeta:
         """Writes metadata.json (and report.html) into the staging directory and checks
         the version whole; on any failure the staging directory goes."""
         try:
             self._check_finite(model_metrics)
             meta = self._metadata(model_metrics, eval_results, promote)
-            path = self.staging / "metadata.json"
-            path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+            (self.staging / METADATA).write_text(meta.dumps())
             problem = modelfile.check(self.staging)
             if problem:  # non-finite weights: such a model must never be saved, let alone used
                 raise DataError(f"v{self.version} not saved: {problem}")
@@ -582,10 +583,12 @@ class AutoencoderJob(TrainingJob):
         if bad:
             raise DataError(f"training diverged: {', '.join(bad)}; nothing saved")
 
-    def _metadata(self, metrics: dict, eval_results: dict, promote: bool) -> dict[str, Any]:
+    def _metadata(self, metrics: dict, eval_results: dict, promote: bool) -> ModelMeta:
+        """The version's ModelMeta, checked as every reader checks it: a value this job
+        got wrong fails the save, naming the field, instead of every later use."""
         cfg, data, sp = self.config, self.data, self.data.split
         meta: dict[str, Any] = {
-            "format": "smocsd.model/1",
+            "format": MODEL_FORMAT,
             "name": cfg.model.name,
             "version": self.version,
             # What the cycle decided and the id of the result it publishes: the store
@@ -634,7 +637,10 @@ class AutoencoderJob(TrainingJob):
         meta["files"] = {
             f.name: _file_entry(f) for f in sorted(self.staging.iterdir()) if f.is_file()
         }
-        return meta
+        try:
+            return ModelMeta.parse(meta)
+        except Damage as damage:
+            raise DataError(f"v{self.version} not saved: {METADATA}: {damage}") from None
 
     def _write_report(self, meta: dict) -> None:
         """report.html, for a person; a bug in it must not cost the cycle its model."""

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from . import config as config_mod
 from .config import Config, ConfigError
-from .labels import LABEL_SCHEMA, Kind, Label, LabelError, Labels, ranges_of
+from .labels import Kind, Label, LabelError, Labels, ranges_of
 from .outbox import Outbox, OutboxError, json_safe
+from .schemas import LABEL_SCHEMA
 from .store import ModelStore, StoreError, version_name
 from .systemd import configure_logging
 
@@ -284,16 +285,16 @@ def _model_rows(store: ModelStore) -> list[dict[str, Any]]:
         problem = store.check(v)
         try:
             meta = store.metadata(v)
-        except StoreError:  # an unreadable metadata.json, which `problem` names
-            meta = {}
+        except StoreError:  # a metadata.json that fails its check, which `problem` names
+            meta = None
         rows.append(
             {
                 "version": v,
                 "current": v == current,
-                "created_at": meta.get("created_at"),
-                "backend": meta.get("backend"),
-                "val_loss": meta.get("metrics", {}).get("val_loss"),
-                "threshold": meta.get("threshold"),
+                "created_at": meta and meta.created_at,
+                "backend": meta and meta.backend,
+                "val_loss": meta and meta.metrics.get("val_loss"),
+                "threshold": meta and meta.threshold,
                 "problem": problem,
             }
         )
@@ -304,16 +305,16 @@ def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
     _require_state_dir(cfg)
     store = ModelStore.of(cfg)
     if args.models_command == "show":
-        meta = store.metadata(args.version)
-        if args.json:
-            _print_json(meta)
+        if args.json:  # as the file has it, damaged or not: what the operator asked to see
+            _print_json(store.metadata_json(args.version))
             return EX_OK
+        meta = store.metadata(args.version)
 
         def num(value: Any) -> str:
             return f"{value:.4g}" if isinstance(value, (int, float)) else str(value or "-")
 
-        ev, data = meta.get("eval") or {}, meta.get("data") or {}
-        losses = [v for v in (meta.get("history") or {}).get("val_loss") or [] if v is not None]
+        ev, data = meta.eval, meta.data
+        losses = [v for v in (meta.history.val_loss if meta.history else []) if v is not None]
         lo, hi = min(losses, default=0.0), max(losses, default=0.0)
         # a sparkline of the validation loss by epoch, lowest ▁ to highest █
         steps = [round((v - lo) / (hi - lo) * 7) if hi > lo else 0 for v in losses]
@@ -327,17 +328,13 @@ def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
         report = store.path(args.version) / "report.html"
         for name, value in [
             ("version", version_name(args.version)),
-            ("outcome", meta.get("outcome")),
-            ("created_at", meta.get("created_at")),
-            ("backend", meta.get("backend")),
-            ("val_loss", f"{num((meta.get('metrics') or {}).get('val_loss'))} ({champion})"),
+            ("outcome", meta.outcome),
+            ("created_at", meta.created_at),
+            ("backend", meta.backend),
+            ("val_loss", f"{num(meta.metrics.get('val_loss'))} ({champion})"),
             ("by epoch", f"{bars} ({num(lo)} .. {num(hi)})" if losses else "not recorded"),
-            ("threshold", num(meta.get("threshold"))),
-            (
-                "data",
-                f"{data.get('rows')} rows, {data.get('dropped_rows')} dropped, "
-                f"{data.get('windows')} windows",
-            ),
+            ("threshold", num(meta.threshold)),
+            ("data", f"{data.rows} rows, {data.dropped_rows} dropped, {data.windows} windows"),
             ("report", report if report.is_file() else "none"),
         ]:
             print(f"{name + ':':<12}{value}")
@@ -428,7 +425,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
     problem = store.check(version)
     if problem:
         raise Failure(f"refusing to score with a damaged version: {problem}")
-    model = Model(store.path(version), store.metadata(version))
+    model = Model.of(store.path(version), store.metadata(version))
     # --from the smallest order value is every row; one less would not fit SQLite's integer.
     after = None if args.from_order in (None, INT64_MIN) else args.from_order - 1
     # Rows before the range: a whole window for its first row, and the windows the alarm

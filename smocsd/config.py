@@ -6,6 +6,7 @@ so an operator fixes a bad file in one edit instead of one restart per typo.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import stat
 import sys
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +42,60 @@ class ConfigError(Exception):
 
 
 # --- value parsers: each takes the raw TOML value and returns it converted, or
-# raises ValueError with a message that the loader prefixes with the key.
+# raises ValueError with a message that the loader prefixes with the key. Each is a
+# Parser that also says in words what it accepts, for the generated documents.
+
+
+def _toml(value: Any) -> str:
+    """A parsed value as a TOML literal: a default as the documents write it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False)
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Parser:
+    """A key's parser with what it accepts in words, so that the documents generated from
+    it (packaging/config_docs.py) state exactly the ranges and choices it checks."""
+
+    check: Callable[[Any], Any]  # the raw TOML value -> the value, or ValueError
+    accepted: str  # Markdown: "an integer ≥ 2"
+    show: Callable[[Any], str] = _toml  # a parsed value back as TOML
+
+    def __call__(self, value: Any) -> Any:
+        return self.check(value)
+
+
+def _accepts(
+    accepted: str, show: Callable[[Any], str] = _toml
+) -> Callable[[Callable[[Any], Any]], Parser]:
+    """Makes a parser function a Parser accepting what `accepted` says."""
+    return lambda check: Parser(check, accepted, show)
 
 
 def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+@_accepts("a string")
 def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {_type_name(value)}")
     return value
 
 
+@_accepts("not empty")
 def _nonempty_str(value: Any) -> str:
     if not _str(value).strip():
         raise ValueError("must not be empty")
     return value
 
 
+@_accepts("`true` or `false`")
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {_type_name(value)}")
@@ -71,7 +107,7 @@ def _bool(value: Any) -> bool:
 _INT64_MAX = 2**63 - 1
 
 
-def _int(minimum: int = -_INT64_MAX - 1, maximum: int = _INT64_MAX) -> Callable[[Any], int]:
+def _int(minimum: int, maximum: int = _INT64_MAX) -> Parser:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer, got {_type_name(value)}")
@@ -82,10 +118,14 @@ def _int(minimum: int = -_INT64_MAX - 1, maximum: int = _INT64_MAX) -> Callable[
             raise ValueError(f"must be <= {maximum}{limit}, got {value}")
         return value
 
-    return parse
+    if maximum == _INT64_MAX:
+        return Parser(parse, f"an integer ≥ {minimum}")
+    return Parser(parse, f"an integer in [{minimum}, {maximum}]")
 
 
-def _float(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+def _float(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Parser:
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
     def parse(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {_type_name(value)}")
@@ -95,20 +135,19 @@ def _float(low: float, high: float, *, low_open: bool = False, high_open: bool =
         too_low = value <= low if low_open else value < low
         too_high = value >= high if high_open else value > high
         if too_low or too_high:
-            left, right = "(" if low_open else "[", ")" if high_open else "]"
             raise ValueError(f"must be in {left}{low:g}, {high:g}{right}, got {value:g}")
         return value
 
-    return parse
+    return Parser(parse, f"a number in {left}{low:g}, {high:g}{right}")
 
 
-def _choice(*options: str) -> Callable[[Any], str]:
+def _choice(*options: str) -> Parser:
     def parse(value: Any) -> str:
         if _str(value) not in options:
             raise ValueError(f"must be one of {', '.join(map(repr, options))}, got {value!r}")
         return value
 
-    return parse
+    return Parser(parse, "one of " + ", ".join(f'`"{option}"`' for option in options))
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -155,26 +194,42 @@ def parse_duration(value: Any, maximum: float = MAX_DURATION) -> float:
     return seconds
 
 
-def _positive_duration(maximum: float = MAX_DURATION) -> Callable[[Any], float]:
+def _show_duration(seconds: float) -> str:
+    return f'"{_duration_text(seconds)}"'
+
+
+_duration = Parser(parse_duration, "a duration ≥ 0", _show_duration)
+
+
+def _positive_duration(maximum: float = MAX_DURATION) -> Parser:
     def parse(value: Any) -> float:
         seconds = parse_duration(value, maximum)
         if seconds <= 0:
             raise ValueError(f"must be longer than zero, got {value!r}")
         return seconds
 
-    return parse
+    limit = "" if maximum == MAX_DURATION else f", ≤ {_show_duration(maximum)}"
+    return Parser(parse, f"a duration > 0{limit}", _show_duration)
 
 
+@_accepts(
+    '`"auto"` (three median sampling intervals) or a duration > 0',
+    lambda gap: '"auto"' if gap is None else _show_duration(gap),
+)
 def _max_gap(value: Any) -> float | None:
     """'auto' (None: three median sampling intervals) or a duration."""
     return None if value == "auto" else _positive_duration()(value)
 
 
+@_accepts(
+    '`"off"` or a duration > 0', lambda after: '"off"' if after is None else _show_duration(after)
+)
 def _off_or_duration(value: Any) -> float | None:
     """'off' (None) or a duration longer than zero."""
     return None if value == "off" else _positive_duration()(value)
 
 
+@_accepts("a path")
 def _path(value: Any) -> Path:
     return Path(_nonempty_str(value))
 
@@ -183,12 +238,17 @@ def _path(value: Any) -> Path:
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+@_accepts("a plain identifier, `[A-Za-z_][A-Za-z0-9_]*`")
 def _identifier(value: Any) -> str:
     if not _IDENT.fullmatch(_str(value)):
         raise ValueError(f"{value!r} is not a plain SQL identifier (letters, digits, _)")
     return value
 
 
+@_accepts(
+    "a column name exactly as the table has it: not empty, no surrounding whitespace, "
+    "no control character"
+)
 def _column(value: Any) -> str:
     """A column named exactly as the table has it: plant historians use spaces, mixed
     case and non-ASCII letters, and sources.py quotes every name.
@@ -207,6 +267,7 @@ def _column(value: Any) -> str:
     return name
 
 
+@_accepts("`name` or `schema.name`, each `[A-Za-z_][A-Za-z0-9_]*`")
 def _table_name(value: Any) -> str:
     """A table, optionally schema-qualified (PostgreSQL).
 
@@ -219,7 +280,7 @@ def _table_name(value: Any) -> str:
     return value
 
 
-def _list_of(item: Callable[[Any], Any], *, nonempty: bool = True, unique: bool = False):
+def _list_of(item: Parser, *, nonempty: bool = True, unique: bool = False) -> Parser:
     def parse(value: Any) -> tuple:
         if not isinstance(value, list):
             raise ValueError(f"expected a list, got {_type_name(value)}")
@@ -235,7 +296,10 @@ def _list_of(item: Callable[[Any], Any], *, nonempty: bool = True, unique: bool 
             raise ValueError("must not contain duplicates")
         return tuple(items)
 
-    return parse
+    accepted = "a non-empty list" if nonempty else "a list"
+    accepted += " without duplicates" if unique else ""
+    accepted += f", each {item.accepted}" + ("" if nonempty else "; may be empty")
+    return Parser(parse, accepted)
 
 
 def _control_free(value: Any) -> str:
@@ -246,6 +310,10 @@ def _control_free(value: Any) -> str:
     return value
 
 
+@_accepts(
+    "not empty; no `/`, `#`, `+` or control character (one MQTT topic level; the Kafka key "
+    "splits at its `/`)"
+)
 def _device_id(value: Any) -> str:
     """The gateway's name in the MQTT topic, the Kafka key, client ids and log lines.
 
@@ -266,6 +334,10 @@ DEVICE_ID_PLACEHOLDER = "{device_id}"
 MQTT_TOPIC_MAX_BYTES = 65535  # MQTT's length prefix is 16 bits, of UTF-8
 
 
+@_accepts(
+    f"not empty; no `#`, `+`, control character or leading `$`; `{DEVICE_ID_PLACEHOLDER}` is "
+    f"the only placeholder; at most {MQTT_TOPIC_MAX_BYTES} UTF-8 bytes once it is filled in"
+)
 def _mqtt_topic(value: Any) -> str:
     """A topic to publish to: no wildcards, not a '$' topic (reserved for the broker's own,
     like $SYS), no control characters (the spec forbids NUL, brokers may drop U+0001-
@@ -284,6 +356,7 @@ def _mqtt_topic(value: Any) -> str:
 _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
+@_accepts("1 to 249 of `A-Z a-z 0-9 . _ -`, not `.` or `..`")
 def _kafka_topic(value: Any) -> str:
     """A topic name as Kafka accepts it: 1-249 of [A-Za-z0-9._-], not '.' or '..'."""
     if not _KAFKA_TOPIC.fullmatch(_str(value)) or value in (".", ".."):
@@ -297,14 +370,33 @@ def _kafka_topic(value: Any) -> str:
 _JOB = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
+@_accepts('`"autoencoder"` or `"package.module:ClassName"`')
 def _job(value: Any) -> str:
     if _str(value) != "autoencoder" and not _JOB.fullmatch(value):
         raise ValueError(f"expected 'autoencoder' or 'package.module:ClassName', got {value!r}")
     return value
 
 
-def _opt(default: Any, parse: Callable[[Any], Any]) -> Any:
-    return field(default=default, metadata={"parse": parse})
+@dataclass(frozen=True)
+class KeyDoc:
+    """A key's documentation, kept beside its default and parser: packaging/config_docs.py
+    writes the README's and the contract's key tables, the man page's key list and the
+    conffile's keys from these, so that no document can drift from what the loader does.
+
+    Markdown, one line each: `code` and links. The links of `text` resolve in the README,
+    those of `rule` and `more` in docs/contract.md; the man page and the conffile keep a
+    link's label, or drop a parenthesis that holds only a link.
+    """
+
+    text: str  # what the key does
+    rule: str = ""  # what the value must be besides what its parser states
+    unset: str = ""  # with no default (None or ""): what holds then
+    example: str = ""  # with no default: a TOML value the conffile shows commented out
+    more: str = ""  # the longer story: the man page, the contract and the conffile
+
+
+def _opt(default: Any, parse: Parser, doc: KeyDoc) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
 
 
 # --- the sections
@@ -312,80 +404,298 @@ def _opt(default: Any, parse: Callable[[Any], Any]) -> Any:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    device_id: str = _opt("", _device_id)
-    state_dir: Path = _opt(None, _path)
-    check_interval: float = _opt(60.0, _positive_duration())
-    log_level: str = _opt("info", _choice("debug", "info", "warning", "error"))
+    device_id: str = _opt(
+        "",
+        _device_id,
+        KeyDoc(
+            "the gateway's name in results, Kafka keys, MQTT topics and client ids",
+            unset="the host name",
+            example='"gw-01"',
+        ),
+    )
+    state_dir: Path = _opt(
+        None,
+        _path,
+        KeyDoc(
+            "models, outbox and state; `run` and `train-once` create its last component only "
+            "(a missing parent: exit 78 naming the key)",
+            rule="made absolute; a directory, or one whose parent exists "
+            "([Command line](#command-line))",
+            unset="`$STATE_DIRECTORY` (its first directory), else `/var/lib/smocsd`",
+            example='"/var/lib/smocsd"',
+        ),
+    )
+    check_interval: float = _opt(
+        60.0, _positive_duration(), KeyDoc("timer period; each wait varies by ±10 % (jitter)")
+    )
+    log_level: str = _opt(
+        "info",
+        _choice("debug", "info", "warning", "error"),
+        KeyDoc("the least severe level logged"),
+    )
 
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = _opt("sqlite", _choice("sqlite", "postgres"))
-    path: Path | None = _opt(None, _path)  # sqlite; relative to state_dir
-    dsn: str | None = _opt(None, _str)  # postgres; libpq PG* variables also apply
-    password_file: Path | None = _opt(None, _path)
-    table: str = _opt("readings", _table_name)
-    time_column: str = _opt("ts", _column)
-    order_column: str | None = _opt(None, _column)  # sqlite default: rowid
-    channels: tuple[str, ...] = _opt(
-        ("temperature", "vibration", "current"), _list_of(_column, unique=True)
+    kind: str = _opt(
+        "sqlite",
+        _choice("sqlite", "postgres"),
+        KeyDoc("where the readings are: a SQLite file or a PostgreSQL table"),
     )
-    busy_timeout: float = _opt(10.0, _positive_duration(_MAX_DB_TIMEOUT))  # sqlite lock wait
-    statement_timeout: float = _opt(60.0, _positive_duration(_MAX_DB_TIMEOUT))  # postgres
-    connect_timeout: float = _opt(10.0, _positive_duration())  # postgres
+    path: Path | None = _opt(
+        None,
+        _path,
+        KeyDoc(
+            "the SQLite database file, opened read-only; a relative path is relative to "
+            "`state_dir`",
+            rule="SQLite only",
+            unset="`<state_dir>/readings.db`",
+            example='"/var/lib/smocsd/readings.db"',
+        ),
+    )
+    dsn: str | None = _opt(
+        None,
+        _str,
+        KeyDoc(
+            "the PostgreSQL connection string; the `PG*` variables also apply either way; a "
+            "password in it draws a warning: give it by `password_file`",
+            rule="PostgreSQL only: a libpq connection string (URI or `key=value`); the "
+            "warning names the key, never the password",
+            unset="libpq's defaults",
+            example='"postgresql://smocsd@localhost/plant"',
+        ),
+    )
+    password_file: Path | None = _opt(
+        None,
+        _path,
+        KeyDoc(
+            "a file holding the PostgreSQL password",
+            rule="PostgreSQL only",
+            unset="the systemd credential `pg-password` "
+            "(`$CREDENTIALS_DIRECTORY/pg-password`), if present",
+            example='"/etc/smocsd/pg.pass"',
+        ),
+    )
+    table: str = _opt(
+        "readings",
+        _table_name,
+        KeyDoc("the table of readings; may be schema-qualified (`plant.readings`)"),
+    )
+    time_column: str = _opt(
+        "ts",
+        _column,
+        KeyDoc(
+            "the time of each row: epoch seconds (above 1e11: milliseconds), ISO 8601 text, "
+            "or a PostgreSQL `timestamp`/`timestamptz`/`date`; naive times are UTC"
+        ),
+    )
+    order_column: str | None = _opt(
+        None,
+        _column,
+        KeyDoc(
+            "a monotonically increasing integer column: the order rows are read in",
+            rule="required for PostgreSQL",
+            unset="`rowid` (SQLite)",
+            example='"id"',
+        ),
+    )
+    channels: tuple[str, ...] = _opt(
+        ("temperature", "vibration", "current"),
+        _list_of(_column, unique=True),
+        KeyDoc(
+            'numeric columns, one model input each; any names, e.g. `"Flow Rate (m³/h)"`',
+            rule="not `time_column` or `order_column`",
+        ),
+    )
+    busy_timeout: float = _opt(
+        10.0,
+        _positive_duration(_MAX_DB_TIMEOUT),
+        KeyDoc("SQLite: how long to wait for the writer's lock"),
+    )
+    statement_timeout: float = _opt(
+        60.0, _positive_duration(_MAX_DB_TIMEOUT), KeyDoc("PostgreSQL: bound on one statement")
+    )
+    connect_timeout: float = _opt(
+        10.0, _positive_duration(), KeyDoc("PostgreSQL: bound on connecting")
+    )
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    job: str = _opt("autoencoder", _job)
-    backend: str = _opt("auto", _choice("auto", "ort", "numpy"))
-    window_size: int = _opt(10, _int(2))
-    stride: int = _opt(1, _int(1))
-    max_gap: float | None = _opt(None, _max_gap)  # None: "auto"
-    min_training_samples: int = _opt(10000, _int(1))
-    min_new_samples: int = _opt(1000, _int(1))
-    min_interval: float = _opt(600.0, parse_duration)
-    # The training child must report progress at least this often, or it is killed and
-    # the cycle fails: reading max_rows rows or building the graph is one silent step.
-    stall_timeout: float = _opt(300.0, _positive_duration())
-    max_rows: int = _opt(200000, _int(2))
-    learning_rate: float = _opt(0.001, _float(0.0, 1.0, low_open=True))
-    batch_size: int = _opt(32, _int(1))
-    epochs: int = _opt(50, _int(1))
-    patience: int = _opt(5, _int(1))
-    validation_fraction: float = _opt(0.2, _float(0.0, 1.0, low_open=True, high_open=True))
-    hidden: tuple[int, ...] = _opt((32,), _list_of(_int(1)))
-    threads: int = _opt(1, _int(1, 256))
-    seed: int = _opt(0, _int(0))
+    job: str = _opt(
+        "autoencoder",
+        _job,
+        KeyDoc(
+            "the training job: the built-in autoencoder, or a user `TrainingJob`",
+            rule="a `smocsd.TrainingJob` subclass importable by the daemon's Python",
+        ),
+    )
+    backend: str = _opt(
+        "auto",
+        _choice("auto", "ort", "numpy"),
+        KeyDoc(
+            "the trainer: `ort` (ONNX Runtime's training API), `numpy`, or `auto`: ort "
+            "where onnxruntime-training is installed, else numpy (`smocsd status` says which)"
+        ),
+    )
+    window_size: int = _opt(
+        10,
+        _int(2),
+        KeyDoc(
+            "rows per sliding window, chosen by `bench/detect.py` ([why 10](#detection-quality))"
+        ),
+    )
+    stride: int = _opt(1, _int(1), KeyDoc("rows between the starts of training windows"))
+    max_gap: float | None = _opt(
+        None,
+        _max_gap,
+        KeyDoc(
+            "no window spans a longer step of the time column; `auto`: three median sampling "
+            "intervals"
+        ),
+    )
+    min_training_samples: int = _opt(
+        10000,
+        _int(1),
+        KeyDoc(
+            "rows needed before the first training (also with `--force`)",
+            rule="at least 4 times `window_size`, ≤ `max_rows`",
+        ),
+    )
+    min_new_samples: int = _opt(
+        1000, _int(1), KeyDoc("new rows since the last successful training before retraining")
+    )
+    min_interval: float = _opt(600.0, _duration, KeyDoc("never train more often than this"))
+    # Reading max_rows rows or building the graph is one silent step.
+    stall_timeout: float = _opt(
+        300.0,
+        _positive_duration(),
+        KeyDoc(
+            "a training process that reports no progress this long (no batch, no step) is "
+            "killed and the cycle fails"
+        ),
+    )
+    max_rows: int = _opt(
+        200000, _int(2), KeyDoc("newest rows used (bounds memory)", rule="> `window_size`")
+    )
+    learning_rate: float = _opt(
+        0.001, _float(0.0, 1.0, low_open=True), KeyDoc("AdamW's learning rate")
+    )
+    batch_size: int = _opt(32, _int(1), KeyDoc("windows per training step"))
+    epochs: int = _opt(50, _int(1), KeyDoc("at most this many passes over the training windows"))
+    patience: int = _opt(
+        5,
+        _int(1),
+        KeyDoc("early stopping: epochs without a better validation loss; the best epoch is kept"),
+    )
+    validation_fraction: float = _opt(
+        0.2,
+        _float(0.0, 1.0, low_open=True, high_open=True),
+        KeyDoc("the newest windows validate, never shuffled into training"),
+    )
+    hidden: tuple[int, ...] = _opt(
+        (32,), _list_of(_int(1)), KeyDoc("encoder layer sizes; the decoder mirrors them")
+    )
+    threads: int = _opt(
+        1, _int(1, 256), KeyDoc("ONNX Runtime's intra-op threads (and numpy's BLAS)")
+    )
+    seed: int = _opt(0, _int(0), KeyDoc("weight initialization and shuffling"))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _opt("autoencoder", _identifier)
-    keep_versions: int = _opt(5, _int(1))
-    promote: str = _opt("if-better", _choice("always", "if-better"))
-    # How a window's channel errors become its score (smocsd.scoring.ScoreKind): "mse"
-    # divides a fault in one channel of c by c (README, "Detection quality").
-    score: str = _opt("channel-max", _choice("channel-max", "mse"))
-    false_alarm_rate: float = _opt(0.0001, _float(0.0, 0.5, low_open=True, high_open=True))
-    alarm_above: int = _opt(2, _int(1))
-    alarm_of: int = _opt(3, _int(1))
-    # A change the current model has alarmed on without a break for this long is accepted
-    # as the new normal (a label by "accept_after", published); off: until a person acts.
-    accept_after: float | None = _opt(None, _off_or_duration)
+    name: str = _opt(
+        "autoencoder",
+        _identifier,
+        KeyDoc("the directory under `models/` and part of the Kafka key"),
+    )
+    keep_versions: int = _opt(
+        5, _int(1), KeyDoc("versions kept; the one `current` points to is never deleted")
+    )
+    promote: str = _opt(
+        "if-better",
+        _choice("always", "if-better"),
+        KeyDoc(
+            'whether a new version replaces current: `"always"`, or `"if-better"`: not worse '
+            "than current on the same validation windows. Either way it must keep current's "
+            "alarms ([why](#faults-repairs-and-maintenance-the-operators-say))",
+            more="It must still alarm on 98 % of the windows current alarms on among the rows "
+            "current alarmed on before; a recorded alarm that an accepted or excluded range "
+            "touches, or where current alarms on fewer than 30 windows' worth of windows or a "
+            "tenth of them, is not checked.",
+        ),
+    )
+    # smocsd.scoring.ScoreKind; "mse" divides a fault in one channel of c by c.
+    score: str = _opt(
+        "channel-max",
+        _choice("channel-max", "mse"),
+        KeyDoc(
+            'how a new version scores a window: `"channel-max"`, the largest of the '
+            "channels' errors each over its own normal error, so that a fault in one channel "
+            'of many is not divided by their number; `"mse"`, the mean squared error over all '
+            "the window's elements ([why](#detection-quality))",
+            rule="versions saved before keep theirs (metadata.json `score`): every one saved "
+            'before `"channel-max"` scores by `"mse"`',
+        ),
+    )
+    false_alarm_rate: float = _opt(
+        0.0001,
+        _float(0.0, 0.5, low_open=True, high_open=True),
+        KeyDoc(
+            "the threshold's budget: at most this share of normal windows above it, with 95 % "
+            "confidence, on data like the training rows ([how](#detection-quality))"
+        ),
+    )
+    alarm_above: int = _opt(
+        2,
+        _int(1),
+        KeyDoc(
+            "an alarm needs `alarm_above` of the last `alarm_of` windows above the threshold",
+            rule="≤ `alarm_of`",
+        ),
+    )
+    alarm_of: int = _opt(3, _int(1), KeyDoc("see `alarm_above`"))
+    accept_after: float | None = _opt(
+        None,
+        _off_or_duration,
+        KeyDoc(
+            'a recorded alarm that has lasted this long (`"2d"`) by the time column, and still '
+            "goes on, is accepted as the new normal when a cycle trains (a label by "
+            '`accept_after`, published); `"off"`: alarmed rows stay out of training until '
+            "`smocsd accept` takes them "
+            "([how](#faults-repairs-and-maintenance-the-operators-say))",
+            rule="a recorded alarm range reaching the newest row whose first row is older "
+            "than this by the time column is accepted ([below](#left-out-of-training))",
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class ScoringConfig:
     """Live scoring of every new row by the current model, in the daemon (smocsd/live.py)."""
 
-    enabled: bool = _opt(False, _bool)
-    poll_interval: float = _opt(0.5, _positive_duration())  # how often new rows are looked for
-    # Windows below the alarm rule before an event closes: one long anomaly with a quiet
-    # moment inside stays one event.
-    close_after: int = _opt(10, _int(1, 1_000_000))
+    enabled: bool = _opt(
+        False,
+        _bool,
+        KeyDoc(
+            "live scoring of every new row by the current model, in the daemon "
+            "([Live scoring](#live-scoring))"
+        ),
+    )
+    poll_interval: float = _opt(
+        0.5, _positive_duration(), KeyDoc("how often new rows are looked for")
+    )
+    close_after: int = _opt(
+        10,
+        _int(1, 1_000_000),
+        KeyDoc(
+            "windows below the alarm rule before an alarm event closes: one long anomaly with "
+            "a quiet moment inside stays one event"
+        ),
+    )
 
 
+@_accepts('an absolute path ending in `.prom`, or `""` (none)')
 def _textfile(value: Any) -> Path | None:
     """node_exporter's textfile collector reads only `*.prom` files of its directory, and
     the daemon's working directory is no place to guess: absolute, or "" (off)."""
@@ -406,48 +716,147 @@ class MetricsConfig:
     """Prometheus metrics in a text file for node_exporter's textfile collector
     (smocsd/metrics.py); None: not written."""
 
-    textfile: Path | None = _opt(None, _textfile)
+    textfile: Path | None = _opt(
+        None,
+        _textfile,
+        KeyDoc(
+            "Prometheus metrics for node_exporter's textfile collector, replaced whole after "
+            "every check ([Monitor](#operating-smocsd))",
+            rule="([Metrics](#metrics))",
+            unset="no file",
+            example='"/var/lib/prometheus/node-exporter/smocsd.prom"',
+            more="With Debian's prometheus-node-exporter: "
+            "`/var/lib/prometheus/node-exporter/smocsd.prom` and the drop-in "
+            "`examples/metrics.conf`.",
+        ),
+    )
+
+
+_SECURITY = "a `SASL_*` `security_protocol`"
 
 
 @dataclass(frozen=True)
 class KafkaConfig:
-    bootstrap_servers: str = _opt("localhost:9092", _nonempty_str)  # $KAFKA_BROKER_URL overrides
-    topic: str = _opt("training-results", _kafka_topic)
-    alarm_topic: str = _opt("anomaly-alarms", _kafka_topic)  # live scoring's alarm events
-    label_topic: str = _opt("smocsd-labels", _kafka_topic)  # accept and exclude labels
-    security_protocol: str | None = _opt(
-        None, _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    bootstrap_servers: str = _opt(
+        "localhost:9092",
+        _nonempty_str,
+        KeyDoc("the brokers; a non-empty `$KAFKA_BROKER_URL` overrides it"),
     )
-    sasl_mechanism: str | None = _opt(None, _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
-    sasl_username: str | None = _opt(None, _nonempty_str)
-    sasl_password_file: Path | None = _opt(None, _path)
-    ssl_ca_location: Path | None = _opt(None, _path)
-    timeout: float = _opt(10.0, _positive_duration(_MAX_SEND_TIMEOUT))  # one delivery attempt
+    topic: str = _opt("training-results", _kafka_topic, KeyDoc("training results"))
+    alarm_topic: str = _opt("anomaly-alarms", _kafka_topic, KeyDoc("alarm events of live scoring"))
+    label_topic: str = _opt(
+        "smocsd-labels",
+        _kafka_topic,
+        KeyDoc(
+            "label messages, for the fleet: what `smocsd accept`, `smocsd exclude`, "
+            "`smocsd labels remove` and `model.accept_after` did"
+        ),
+    )
+    security_protocol: str | None = _opt(
+        None,
+        _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        KeyDoc(
+            "how the brokers are reached", unset="librdkafka's `PLAINTEXT`", example='"SASL_SSL"'
+        ),
+    )
+    sasl_mechanism: str | None = _opt(
+        None,
+        _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+        KeyDoc(
+            "how the SASL user logs in",
+            rule=f"needs {_SECURITY}",
+            unset="none",
+            example='"SCRAM-SHA-512"',
+        ),
+    )
+    sasl_username: str | None = _opt(
+        None,
+        _nonempty_str,
+        KeyDoc(
+            "the SASL user", rule=f"required with {_SECURITY}", unset="none", example='"smocsd"'
+        ),
+    )
+    sasl_password_file: Path | None = _opt(
+        None,
+        _path,
+        KeyDoc(
+            "a file holding the SASL password",
+            unset="the systemd credential `kafka-password` "
+            "(`$CREDENTIALS_DIRECTORY/kafka-password`), if present",
+            example='"/etc/smocsd/kafka.pass"',
+        ),
+    )
+    ssl_ca_location: Path | None = _opt(
+        None,
+        _path,
+        KeyDoc("CA certificates for TLS", unset="the system's CAs", example='"/etc/smocsd/ca.pem"'),
+    )
+    timeout: float = _opt(
+        10.0, _positive_duration(_MAX_SEND_TIMEOUT), KeyDoc("bound on one delivery attempt")
+    )
 
 
 @dataclass(frozen=True)
 class MqttConfig:
-    host: str = _opt("localhost", _nonempty_str)
-    port: int = _opt(1883, _int(1, 65535))
-    topic: str = _opt("smocsd/{device_id}/training-results", _mqtt_topic)
-    alarm_topic: str = _opt("smocsd/{device_id}/alarms", _mqtt_topic)
-    label_topic: str = _opt("smocsd/{device_id}/labels", _mqtt_topic)
-    qos: int = _opt(1, _int(0, 2))
-    tls: bool = _opt(False, _bool)
-    ca_file: Path | None = _opt(None, _path)
-    username: str | None = _opt(None, _nonempty_str)
-    password_file: Path | None = _opt(None, _path)
-    timeout: float = _opt(10.0, _positive_duration(_MAX_SEND_TIMEOUT))
+    host: str = _opt("localhost", _nonempty_str, KeyDoc("the broker"))
+    port: int = _opt(1883, _int(1, 65535), KeyDoc("the broker's port"))
+    topic: str = _opt(
+        "smocsd/{device_id}/training-results", _mqtt_topic, KeyDoc("training results")
+    )
+    alarm_topic: str = _opt(
+        "smocsd/{device_id}/alarms", _mqtt_topic, KeyDoc("alarm events of live scoring")
+    )
+    label_topic: str = _opt("smocsd/{device_id}/labels", _mqtt_topic, KeyDoc("label messages"))
+    qos: int = _opt(1, _int(0, 2), KeyDoc("with 1 or 2 the broker's acknowledgement is awaited"))
+    tls: bool = _opt(False, _bool, KeyDoc("TLS, verified against `ca_file` or the system's CAs"))
+    ca_file: Path | None = _opt(
+        None,
+        _path,
+        KeyDoc(
+            "CA certificates for TLS",
+            rule="needs `tls = true`",
+            unset="the system's CAs",
+            example='"/etc/smocsd/ca.pem"',
+        ),
+    )
+    username: str | None = _opt(
+        None,
+        _nonempty_str,
+        KeyDoc("the user to log in as", unset="no authentication", example='"smocsd"'),
+    )
+    password_file: Path | None = _opt(
+        None,
+        _path,
+        KeyDoc(
+            "a file holding the password",
+            rule="needs `username`",
+            unset="the systemd credential `mqtt-password` "
+            "(`$CREDENTIALS_DIRECTORY/mqtt-password`), if present",
+            example='"/etc/smocsd/mqtt.pass"',
+        ),
+    )
+    timeout: float = _opt(
+        10.0, _positive_duration(_MAX_SEND_TIMEOUT), KeyDoc("bound on one delivery attempt")
+    )
 
 
 @dataclass(frozen=True)
 class PublishConfig:
     order: tuple[str, ...] = _opt(
-        ("kafka", "mqtt"), _list_of(_choice("kafka", "mqtt"), nonempty=False, unique=True)
+        ("kafka", "mqtt"),
+        _list_of(_choice("kafka", "mqtt"), nonempty=False, unique=True),
+        KeyDoc(
+            "tried in this order; the outbox keeps what none took, and `[]` keeps every "
+            "result in it"
+        ),
     )
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
-    outbox_max: int = _opt(10000, _int(1))
+    outbox_max: int = _opt(
+        10000,
+        _int(1),
+        KeyDoc("beyond this many waiting results the oldest are dropped, with an error in the log"),
+    )
 
 
 @dataclass(frozen=True)
@@ -477,6 +886,23 @@ _SECTIONS = {
     "publish": PublishConfig,
     "metrics": MetricsConfig,
 }
+
+
+def keys() -> dict[str, Field]:
+    """Every key ("publish.kafka.topic") with its field, in the order a TOML file must give
+    them: the sections in order, each table's own keys before its nested tables'."""
+    found: dict[str, Field] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        leaves = [f for f in fields(cls) if "parse" in f.metadata]
+        found.update((f"{prefix}.{f.name}", f) for f in leaves)
+        for f in fields(cls):
+            if "parse" not in f.metadata:
+                walk(type(f.default_factory()), f"{prefix}.{f.name}")
+
+    for name, cls in _SECTIONS.items():
+        walk(cls, name)
+    return found
 
 
 # Keys of earlier releases that an upgraded gateway's edited file may still hold: a

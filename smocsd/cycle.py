@@ -11,7 +11,6 @@ goes back to the system when the child exits. `train-once` runs the very same fu
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import logging
 import multiprocessing
@@ -19,20 +18,21 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .job import CycleProgress, Stopped, TrainingJob
+from .files import locked
+from .job import CycleProgress, Saved, Stopped, TrainingJob
 from .outbox import Outbox
+from .schemas import RESULT_SCHEMA
 from .state import CycleRecord, State, utcnow
 from .store import ModelStore, StoreError
 
-RESULT_SCHEMA = "smocsd.training-result/1"
 # The child reports that it is alive at most this often (it is called every batch).
 ALIVE_EVERY = 1.0
 # After SIGTERM the child stops at its next batch; one that does not (stuck in a long
@@ -102,19 +102,10 @@ def error_line(exc: BaseException) -> str:
     return (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
 
 
-@contextlib.contextmanager
-def cycle_lock(state_dir: Path) -> Iterator[bool]:
-    """One cycle at a time per state_dir (the daemon and a manual train-once may race)."""
-    with open(state_dir / "cycle.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def cycle_lock(state_dir: Path) -> contextlib.AbstractContextManager[bool]:
+    """One cycle at a time per state_dir (the daemon and a manual train-once may race):
+    whether this one may run; a cycle already running makes this one a skip, not a wait."""
+    return locked(state_dir / "cycle.lock", wait=False)
 
 
 # --- the hooks (in the child)
@@ -195,21 +186,26 @@ def _mapping(value: Any, hook: str) -> dict[str, Any]:
     return value
 
 
-def _saved(value: Any) -> tuple[Outcome, int | None, dict[str, Any]]:
-    """save_model's return value, checked: None, or {"version", "outcome", "model_meta"}."""
+def _saved(value: Any) -> Saved:
+    """save_model's return value, checked: a Saved, a dict of its keys (the contract's
+    first form) or None (promoted, no version); each wrong field is a HookError naming it."""
     if value is None:
-        return Outcome.PROMOTED, None, {}
-    saved = _mapping(value, "save_model")
-    unknown = set(saved) - {"version", "outcome", "model_meta"}
-    if unknown:
-        raise HookError(f"save_model() returned unknown key(s) {', '.join(sorted(unknown))}")
-    outcome = saved.get("outcome", "promoted")
-    if outcome not in (Outcome.PROMOTED.value, Outcome.REJECTED.value):
-        raise HookError(f"save_model() returned outcome {outcome!r}: 'promoted' or 'rejected'")
-    version = saved.get("version")
+        return Saved()
+    if not isinstance(value, Saved):
+        given = _mapping(value, "save_model")
+        unknown = set(given) - {f.name for f in fields(Saved)}
+        if unknown:
+            raise HookError(f"save_model() returned unknown key(s) {', '.join(sorted(unknown))}")
+        value = Saved(**given)
+    if value.outcome not in (Outcome.PROMOTED.value, Outcome.REJECTED.value):
+        raise HookError(
+            f"save_model() returned outcome {value.outcome!r}: 'promoted' or 'rejected'"
+        )
+    version = value.version
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         raise HookError(f"save_model() returned version {version!r}, not an integer")
-    return Outcome(outcome), version, _mapping(saved.get("model_meta", {}), "save_model meta")
+    _mapping(value.model_meta, "save_model model_meta")
+    return value
 
 
 def call_hooks(
@@ -247,7 +243,8 @@ def call_hooks(
         progress.ping()
         eval_results = _mapping(job.eval_model(), "eval_model")
         progress.ping()
-        outcome, version, model_meta = _saved(job.save_model(metrics, eval_results))
+        saved = _saved(job.save_model(metrics, eval_results))
+        outcome = Outcome(saved.outcome)
         screened = job.state.get("screened")
         if outcome is Outcome.PROMOTED and screened:
             # The accepted rows it trained on are normal to the current model now: no
@@ -255,13 +252,13 @@ def call_hooks(
             screened["accepted_through"] = screened.get("accept_known", 0)
         return CycleResult(
             outcome,
-            version,
+            saved.version,
             metrics,
             eval_results,
-            model_meta,
+            saved.model_meta,
             # The built-in job records its result's id in metadata.json, so a result
             # enqueued again from the store (reconcile) carries the same message_id.
-            message_id=model_meta.get("result_id") or str(uuid.uuid4()),
+            message_id=saved.model_meta.get("result_id") or str(uuid.uuid4()),
             job_state=job.state,
             labels=job.label_messages,
         )
@@ -460,8 +457,8 @@ def run(
 
     Raises Stopped when `should_stop` turned true (or Ctrl-C came) before a result.
     """
-    with cycle_lock(cfg.state_dir) as locked:
-        if not locked:
+    with cycle_lock(cfg.state_dir) as held:
+        if not held:
             return CycleResult(Outcome.SKIPPED, reason="another training cycle is running"), True
         entry = State(cfg.state_dir).read().jobs.get(cfg.model.name)
         job_state = None if entry is None else entry.to_json()
@@ -486,16 +483,16 @@ def _recovered(cfg: Config, store: ModelStore, version: int) -> CycleResult | No
         meta = store.metadata(version)
     except StoreError as exc:
         return CycleResult(Outcome.FAILED, version, error=str(exc), recovered=True)
-    if not meta.get("result_id") or meta.get("outcome") not in ("promoted", "rejected"):
+    if meta.result_id is None or meta.outcome is None:
         return None
     return CycleResult(
-        Outcome(meta["outcome"]),
+        Outcome(meta.outcome),
         version,
-        meta.get("metrics", {}),
-        meta.get("eval", {}),
-        meta,
-        message_id=meta["result_id"],
-        timestamp=meta.get("created_at") or utcnow(),
+        meta.metrics,
+        meta.eval,
+        meta.to_json(),
+        message_id=meta.result_id,
+        timestamp=meta.created_at,
         recovered=True,
     )
 
@@ -506,8 +503,8 @@ def reconcile(cfg: Config, outbox: Outbox) -> int:
     many; under the cycle lock, so a running cycle's own result is never doubled."""
     store = ModelStore.of(cfg)
     enqueued = 0
-    with cycle_lock(cfg.state_dir) as locked:
-        if not locked:
+    with cycle_lock(cfg.state_dir) as held:
+        if not held:
             return 0
         reported = outbox.reported(cfg.model.name)
         for version in store.versions():

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # the daemon imports this module and must not load numpy through sources
     from .config import Config
@@ -26,6 +27,18 @@ class Stopped(BaseException):
 
     A BaseException, so a job's own `except Exception` cannot swallow a stop request.
     """
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What save_model() returns: the version it saved (None: it numbers none), whether it
+    became the one in use, and the `model_meta` its training result carries (the built-in
+    job: the whole metadata.json). A dict of the same keys is accepted too (the contract's
+    first form); smocsd.cycle checks either and converts it once."""
+
+    version: int | None = None
+    outcome: Literal["promoted", "rejected"] = "promoted"
+    model_meta: dict[str, Any] = field(default_factory=dict)
 
 
 class CycleProgress:
@@ -127,6 +140,6 @@ class TrainingJob(ABC):
         """Evaluates the trained model; returns the evaluation results to publish."""
 
     @abstractmethod
-    def save_model(self, model_metrics: dict, eval_results: dict) -> dict | None:
-        """Persists the model. May return {"version", "outcome" ("promoted"|"rejected"),
-        "model_meta"}; None means promoted without a version number."""
+    def save_model(self, model_metrics: dict, eval_results: dict) -> Saved | dict | None:
+        """Persists the model. Returns a Saved (or a dict of its keys); None means promoted
+        without a version number."""

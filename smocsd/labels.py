@@ -14,20 +14,18 @@ label's id never names another. No numpy here: the daemon and `status` read labe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from .files import locked, remove_temp_files, write_atomic
+from .schemas import LABEL_SCHEMA
 from .state import utcnow
-from .store import remove_temp_files, write_atomic
 
 FORMAT = "smocsd.labels/1"
-LABEL_SCHEMA = "smocsd.label/1"
 FILE = "labels.json"
 
 
@@ -105,11 +103,8 @@ class Labels:
         """The labels, oldest first (none when the file does not exist)."""
         return self._load()[1]
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.path.with_name("labels.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+    def _locked(self) -> contextlib.AbstractContextManager[bool]:
+        return locked(self.path.with_name("labels.lock"))
 
     def _write(self, next_id: int, labels: list[Label]) -> None:
         doc = {"format": FORMAT, "next_id": next_id, "labels": [x.to_json() for x in labels]}

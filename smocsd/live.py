@@ -23,7 +23,7 @@ from . import scoring
 from .config import Config
 from .labels import Kind, LabelError, Labels, ranges_of
 from .outbox import Outbox
-from .publish import ALARM_SCHEMA
+from .schemas import ALARM_SCHEMA
 from .scoring import Model, shares
 from .sources import Moved, NoDatabase, Readings, Source, open_source
 from .state import AlarmEvent, ScoringPosition, State, utcnow
@@ -177,7 +177,7 @@ class LiveScorer:
         problem = self.store.check(current)
         if problem is None:
             try:
-                model = Model(self.store.path(current), self.store.metadata(current))
+                model = Model.of(self.store.path(current), self.store.metadata(current))
             except Exception as exc:
                 problem = f"v{current} does not load: {exc}"
         if problem:

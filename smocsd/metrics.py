@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -30,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import Config
 from .cycle import Outcome
+from .files import remove_temp_files, write_atomic
+from .modelmeta import ModelMeta
 from .outbox import Outbox
 from .state import State
 from .store import ModelStore, StoreError
@@ -96,25 +97,15 @@ def render(families: Iterable[Family]) -> str:
 
 
 def write_textfile(path: Path, text: str) -> None:
-    """Replaces `path` with `text`: a temp file beside it (hidden and not *.prom, so the
-    collector never reads it), fsync'ed, mode 0644, renamed over `path`.
+    """Replaces `path` with `text` by files.write_atomic: its temp file (hidden and not
+    *.prom, so the collector never reads it) gets mode 0644 and is renamed over `path`.
 
     The directory is not fsync'ed: after a power loss it holds the old file or the new
     one, both whole, and the daemon rewrites it as it starts. Errors name `path`.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
-        try:
-            os.fchmod(fd, FILE_MODE)  # os.open's mode went through the umask
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(path, text.encode(), mode=FILE_MODE, sync_directory=False)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise OSError(exc.errno, f"{exc.strerror} (metrics.textfile)", str(path)) from None
 
 
@@ -226,7 +217,7 @@ class Metrics:
         self.tally = tally
         self.path = cfg.metrics.textfile
         self.store = ModelStore.of(cfg)
-        self._meta: dict[int, dict[str, Any] | None] = {}  # versions never change
+        self._meta: dict[int, ModelMeta | None] = {}  # versions never change
         self._written = -math.inf  # time.monotonic() of the last write
 
     def due(self) -> bool:
@@ -238,7 +229,10 @@ class Metrics:
         """Writes the file, if one is configured. Raises OSError naming the file."""
         if self.path is None:
             return
+        first = self._written == -math.inf
         self._written = time.monotonic()
+        if first:  # The daemon is the file's one writer: a temp file there is a kill's.
+            remove_temp_files(self.path)
         write_textfile(self.path, render(self.families(outbox, scorer)))
 
     def remove(self) -> None:
@@ -317,7 +311,7 @@ class Metrics:
             self._scoring_families(family, mod, scorer)
         return out
 
-    def _metadata(self, version: int) -> dict[str, Any] | None:
+    def _metadata(self, version: int) -> ModelMeta | None:
         if version not in self._meta:
             try:
                 self._meta[version] = self.store.metadata(version)
@@ -337,10 +331,10 @@ class Metrics:
         meta = self._metadata(current) if current is not None else None
         if meta is not None:
             for name, value, text in (
-                ("threshold", meta.get("threshold"), "The current model's alarm threshold."),
+                ("threshold", meta.threshold, "The current model's alarm threshold."),
                 (
                     "validation_loss",
-                    (meta.get("metrics") or {}).get("val_loss"),
+                    meta.metrics.get("val_loss"),
                     "The current model's validation loss (its best epoch's).",
                 ),
             ):
@@ -349,20 +343,22 @@ class Metrics:
         newest = self._metadata(versions[-1]) if versions else None
         if newest is None:
             return
-        created = _epoch(newest.get("created_at"))
+        created = _epoch(newest.created_at)
         if created is not None:
             family(
                 "smocsd_last_training_timestamp_seconds",
                 "gauge",
                 "When the newest version (promoted or rejected) was trained.",
             ).add(created, **mod)
-        data = newest.get("data") or {}
-        for key, name, text in (
-            ("rows", "read_rows", "Rows the newest version's training read."),
-            ("dropped_rows", "dropped_rows", "Rows it left out: NULL, NaN, inf, non-numeric."),
+        for number, name, text in (
+            (newest.data.rows, "read_rows", "Rows the newest version's training read."),
+            (
+                newest.data.dropped_rows,
+                "dropped_rows",
+                "Rows it left out: NULL, NaN, inf, non-numeric.",
+            ),
         ):
-            if (number := _number(data.get(key))) is not None:
-                family(f"smocsd_last_training_{name}", "gauge", text).add(number, **mod)
+            family(f"smocsd_last_training_{name}", "gauge", text).add(number, **mod)
 
     def _outbox_families(
         self, family: Callable[..., Family], dev: dict[str, str], outbox: Callable[[], Outbox]

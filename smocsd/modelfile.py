@@ -12,7 +12,6 @@ Runs in the daemon process, which must stay lean, so it uses the standard librar
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import struct
 import sys
@@ -21,8 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-METADATA = "metadata.json"
-MODEL = "model.onnx"
+from .modelmeta import METADATA, MODEL, FileEntry, MetaError, ModelMeta, load
 
 # onnx.TensorProto.DataType values whose values can be non-finite.
 FLOAT, FLOAT16, DOUBLE = 1, 10, 11
@@ -53,57 +51,29 @@ def check(directory: Path) -> str | None:
 
 def _check(directory: Path) -> None:
     meta = _metadata(directory / METADATA)
-    files = meta["files"]
     model = b""
-    for name, entry in sorted(files.items()):
+    for name, entry in sorted(meta.files.items()):
         data = _verified(directory, name, entry)
         if name == MODEL:
             model = data
-    _check_numbers(meta)
     try:
         _check_onnx(model)
     except _Invalid as e:
         raise _Problem(MODEL, f"not a valid ONNX model ({e})") from None
 
 
-def _metadata(path: Path) -> dict[str, Any]:
-    """metadata.json, parsed, with the keys and the file list the checks rely on."""
+def _metadata(path: Path) -> ModelMeta:
+    """metadata.json, every field checked (modelmeta): its numbers finite and in range,
+    its file list plain names."""
     try:
-        raw = path.read_bytes()
+        return load(path)
     except FileNotFoundError:
         raise _Problem(METADATA, "missing") from None
-    except OSError as e:
-        raise _Problem(METADATA, f"unreadable ({e.strerror})") from None
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _Problem(METADATA, "not UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise _Problem(METADATA, f"not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise _Problem(METADATA, "not a JSON object")
-    for key in ("files", "threshold", "normalization"):
-        if key not in meta:
-            raise _Problem(METADATA, f'has no "{key}"')
-    files = meta["files"]
-    if not isinstance(files, dict):
-        raise _Problem(METADATA, '"files" is not an object')
-    for name, entry in files.items():
-        # A plain name: a damaged list must not make us read outside the version.
-        if not name or name in (".", "..", METADATA) or "/" in name or "\0" in name:
-            raise _Problem(METADATA, f'"files" lists {json.dumps(name)}, not a file name')
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("sha256"), str)
-            and type(entry.get("bytes")) is int
-        ):
-            raise _Problem(METADATA, f'"files" entry of {name} has no sha256 and bytes')
-    if MODEL not in files:
-        raise _Problem(METADATA, f'{MODEL} is not listed in "files"')
-    return meta
+    except MetaError as e:
+        raise _Problem(METADATA, str(e)) from None
 
 
-def _verified(directory: Path, name: str, entry: dict[str, Any]) -> bytes:
+def _verified(directory: Path, name: str, entry: FileEntry) -> bytes:
     """The content of a listed file, if its size and sha256 are those in metadata.json."""
     path = directory / name
     try:
@@ -112,62 +82,18 @@ def _verified(directory: Path, name: str, entry: dict[str, Any]) -> bytes:
             raise _Problem(name, "not a regular file")
         # Sizes first: a truncated file is named as such, and a damaged metadata.json
         # cannot make us read more than it claims.
-        if size != entry["bytes"]:
+        if size != entry.bytes:
             raise _Problem(
-                name, f"{size} bytes, metadata.json says {entry['bytes']} (truncated or damaged)"
+                name, f"{size} bytes, metadata.json says {entry.bytes} (truncated or damaged)"
             )
         data = path.read_bytes()
     except FileNotFoundError:
         raise _Problem(name, "missing (listed in metadata.json)") from None
     except OSError as e:
         raise _Problem(name, f"unreadable ({e.strerror})") from None
-    if hashlib.sha256(data).hexdigest() != entry["sha256"].lower():
+    if hashlib.sha256(data).hexdigest() != entry.sha256.lower():
         raise _Problem(name, "sha256 does not match metadata.json (file damaged)")
     return data
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float range
-        return False
-
-
-def _not_finite(what: str, value: Any) -> _Problem:
-    shown = json.dumps(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return _Problem(METADATA, f"{what} is {shown}, not a finite number")
-
-
-def _check_numbers(meta: dict[str, Any]) -> None:
-    """The numbers every consumer computes with: a NaN here silences or floods alarms."""
-    if not _finite(meta["threshold"]):
-        raise _not_finite("threshold", meta["threshold"])
-    metrics = meta.get("metrics", {})
-    if not isinstance(metrics, dict):
-        raise _Problem(METADATA, '"metrics" is not an object')
-    for key in ("train_loss", "val_loss"):
-        if key in metrics and not _finite(metrics[key]):
-            raise _not_finite(f"metrics {key}", metrics[key])
-    norm = meta["normalization"]
-    if not isinstance(norm, dict):
-        raise _Problem(METADATA, '"normalization" is not an object')
-    arrays = {}
-    for key in ("mean", "scale"):
-        values = norm.get(key)
-        if not isinstance(values, list) or not values:
-            raise _Problem(METADATA, f"normalization {key} is not a list of numbers")
-        for i, v in enumerate(values):
-            if not _finite(v):
-                raise _not_finite(f"normalization {key}[{i}]", v)
-        arrays[key] = values
-    if len(arrays["mean"]) != len(arrays["scale"]):
-        raise _Problem(METADATA, "normalization mean and scale differ in length")
-    for i, v in enumerate(arrays["scale"]):
-        if v <= 0:  # Normalization.fit never writes one; dividing by it gives inf/NaN
-            raise _Problem(METADATA, f"normalization scale[{i}] is {v}, not positive")
 
 
 # --- model.onnx: just enough protobuf to reach the initializers.

@@ -18,7 +18,6 @@ and never writes to another program's database found at the path.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -32,7 +31,8 @@ from pathlib import Path
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar, Union
 from urllib.parse import quote
 
-from .store import fsync_path
+from .files import fsync_path, locked
+from .schemas import ALARM_SCHEMA, LABEL_SCHEMA, RESULT_SCHEMA
 
 __all__ = [
     "APPLICATION_ID",
@@ -89,13 +89,13 @@ _FIELDS: _Spec = {
     "model": (str,),
     "timestamp": (str,),
 }
-# ... and what each kind of message smocsd queues must hold besides. The names are
-# literal: this module imports neither cycle.py (numpy) nor publish.py (the brokers'
+# ... and what each kind of message smocsd queues must hold besides. The names come from
+# smocsd.schemas, not from their senders (cycle.py: numpy; publish.py: the brokers'
 # clients), so that the reading commands stay lean; tests/test_outbox.py checks them.
 _SCHEMA_FIELDS: dict[str, _Spec] = {
-    "smocsd.training-result/1": {"outcome": (str,), "version": (int, type(None))},
-    "smocsd.alarm/1": {"state": (str,), "version": (int,)},
-    "smocsd.label/1": {"action": (str,), "label": {"id": (int,), "kind": (str,)}},
+    RESULT_SCHEMA: {"outcome": (str,), "version": (int, type(None))},
+    ALARM_SCHEMA: {"state": (str,), "version": (int,)},
+    LABEL_SCHEMA: {"action": (str,), "label": {"id": (int,), "kind": (str,)}},
 }
 _JSON_TYPES = {
     dict: "an object",
@@ -427,18 +427,14 @@ class Outbox:
         refused: smocsd goes on queueing in a new file, and the old one is kept whole."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.path.with_name(f"{self.path.name}.{damage.suffix}-{stamp}")
-        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            # The directory's lock serializes this between the daemon and the CLI: without
-            # it, one could move aside the new file that the other just started.
-            fcntl.flock(directory, fcntl.LOCK_EX)
+        # The directory's lock serializes this between the daemon and the CLI: without
+        # it, one could move aside the new file that the other just started.
+        with locked(self.path.parent):
             if identity is None or _identity(self.path) != identity:
                 return
             for suffix in _FILES:
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(f"{self.path}{suffix}", f"{target}{suffix}")
-        finally:
-            os.close(directory)
         fsync_path(self.path.parent)
         if damage.foreign:
             log.error(
@@ -592,19 +588,13 @@ class Outbox:
                     break
         return delivered
 
-    @contextlib.contextmanager
-    def _flush_lock(self) -> Iterator[None]:
+    def _flush_lock(self) -> contextlib.AbstractContextManager[bool]:
         """Serialize flushes across processes, so the daemon's tick and `outbox flush`
         do not send the same results twice. The lock is a file of its own: closing any
-        other descriptor of the database file would drop SQLite's POSIX locks on it."""
-        fd = os.open(
-            self.path.with_name(self.path.name + ".flush-lock"), os.O_RDONLY | os.O_CREAT, 0o644
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        other descriptor of the database file would drop SQLite's POSIX locks on it.
+        Opened for reading: once the file exists, taking the lock never needs write access
+        (a read-only directory); the flush's own writes go through the connection."""
+        return locked(self.path.with_name(self.path.name + ".flush-lock"), read_only=True)
 
     # ------------------------------------------------------------------ reading
 

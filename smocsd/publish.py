@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from smocsd.config import ConfigError, KafkaConfig, MqttConfig, PublishConfig, read_secret
-from smocsd.labels import LABEL_SCHEMA
+from smocsd.schemas import ALARM_SCHEMA, LABEL_SCHEMA
 
 log = logging.getLogger("smocsd.publish")
 
@@ -38,9 +38,6 @@ _KAFKA_REFUSED = frozenset(
         KafkaError.CLUSTER_AUTHORIZATION_FAILED,
     }
 )
-
-
-ALARM_SCHEMA = "smocsd.alarm/1"
 
 
 def topic_of(cfg: KafkaConfig | MqttConfig, message: dict) -> str:

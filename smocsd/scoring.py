@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .modelmeta import ModelMeta
 from .windows import Normalization, WindowSet, check_time, holding, valid_starts
 
 
@@ -36,10 +37,6 @@ class AlarmRule:
 
     def to_meta(self) -> dict:
         return {"kind": "k-of-n", "above": self.above, "of": self.of}
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> AlarmRule:
-        return cls(int(meta["above"]), int(meta["of"]))
 
 
 class ScoreKind(str, Enum):
@@ -90,11 +87,11 @@ class WindowScore:
         return meta
 
     @classmethod
-    def from_meta(cls, meta: dict) -> WindowScore:
-        kind = ScoreKind(meta.get("score", ScoreKind.MSE.value))
+    def of(cls, meta: ModelMeta) -> WindowScore:
+        kind = ScoreKind(meta.score_kind)
         if kind is ScoreKind.MSE:
             return cls(kind)
-        return cls(kind, np.array(meta["channel_scale"], np.float32))
+        return cls(kind, np.array(meta.channel_scale, np.float32))
 
     @classmethod
     def fit(cls, kind: ScoreKind, train_mean: np.ndarray, val_errors: np.ndarray) -> WindowScore:
@@ -162,18 +159,45 @@ class Scored:
 
 
 class Model:
-    """A saved version as a consumer uses it: model.onnx and its metadata.json."""
+    """A saved version as a consumer uses it: model.onnx and its metadata.json (`of`), or
+    a new version's parts before its metadata.json exists (the job's challenger)."""
 
-    def __init__(self, directory: Path, meta: dict[str, Any], threads: int = 1):
-        self.meta = meta
-        self.channels: list[str] = meta["channels"]
-        self.window_size: int = meta["window_size"]
-        self.threshold: float = meta["threshold"]
-        self.window_score = WindowScore.from_meta(meta)
-        self.rule = AlarmRule.from_meta(meta["alarm"])
-        self.max_gap: float | None = meta["time"]["max_gap_s"]
-        self.normalization = Normalization.from_meta(meta["normalization"])
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        channels: list[str],
+        window_size: int,
+        threshold: float,
+        window_score: WindowScore,
+        rule: AlarmRule,
+        max_gap: float | None,
+        normalization: Normalization,
+        threads: int = 1,
+    ):
+        self.channels = channels
+        self.window_size = window_size
+        self.threshold = threshold
+        self.window_score = window_score
+        self.rule = rule
+        self.max_gap = max_gap
+        self.normalization = normalization
         self.session = open_session(directory / "model.onnx", threads)
+
+    @classmethod
+    def of(cls, directory: Path, meta: ModelMeta, threads: int = 1) -> Model:
+        """The version in `directory`, whose metadata.json is `meta` (ModelStore.metadata)."""
+        return cls(
+            directory,
+            channels=meta.channels,
+            window_size=meta.window_size,
+            threshold=meta.threshold,
+            window_score=WindowScore.of(meta),
+            rule=AlarmRule(meta.alarm.above, meta.alarm.of),
+            max_gap=meta.time.max_gap_s,
+            normalization=Normalization.of(meta.normalization),
+            threads=threads,
+        )
 
     def score(self, values: np.ndarray, time: np.ndarray) -> Scored:
         """Scores every window of `values` (rows x channels, oldest first) that has no

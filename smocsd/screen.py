@@ -42,6 +42,7 @@ import numpy as np
 from . import labels as labels_mod
 from . import scoring
 from .labels import By, Kind, Label, Labels, ranges_of
+from .modelmeta import ModelMeta
 from .store import ModelStore
 
 if TYPE_CHECKING:
@@ -172,14 +173,13 @@ def _merge(spans: list[Span]) -> list[Span]:
     return sorted(merged, key=lambda s: s.first)
 
 
-def far_above(meta: dict[str, Any]) -> float:
+def far_above(meta: ModelMeta) -> float:
     """The spike score of a model: FAR_ABOVE times the threshold's log-distance from the
     median score of its training windows."""
-    threshold = float(meta["threshold"])
-    log_median = (meta.get("threshold_fit") or {}).get("log_median")
-    if log_median is None:  # fitted by a release that did not record it
-        return threshold * 4.0
-    return math.exp(log_median + FAR_ABOVE * (math.log(threshold) - log_median))
+    log_median = meta.threshold_fit.log_median
+    exponent = log_median + FAR_ABOVE * (math.log(meta.threshold) - log_median)
+    # math.exp raises past e^709: a log_median far out, finite but absurd, is no spike rule.
+    return math.exp(min(exponent, 709.0))
 
 
 class Screening:
@@ -234,7 +234,7 @@ class Screening:
             accepted=tuple(accepted),
         )
 
-    def _champion(self) -> tuple[int, scoring.Model] | None:
+    def _champion(self) -> tuple[int, ModelMeta, scoring.Model] | None:
         store = ModelStore.of(self.cfg)
         current = store.current()
         if current is None:
@@ -243,12 +243,15 @@ class Screening:
         if problem:  # the cycle logs it once (autoencoder's champion check)
             return None
         meta = store.metadata(current)
-        if meta.get("channels") != list(self.cfg.source.channels):
+        if meta.channels != list(self.cfg.source.channels):
             self.log.info("screening: current v%d has other channels: not screened", current)
             return None
-        return current, scoring.Model(store.path(current), meta, self.cfg.training.threads)
+        threads = self.cfg.training.threads
+        return current, meta, scoring.Model.of(store.path(current), meta, threads)
 
-    def _screen(self, version: int, model: scoring.Model, excluded: list) -> float | None:
+    def _screen(
+        self, version: int, meta: ModelMeta, model: scoring.Model, excluded: list
+    ) -> float | None:
         """Scores the rows after `self.after` and records what the model alarmed on;
         returns the newest row's time."""
         assert self.after is not None
@@ -271,7 +274,8 @@ class Screening:
             alarm[first_new] = True  # the event recorded last time goes on, or its margin does
         alarm = _join(_widen(alarm, w, w), JOIN_WINDOWS * w)
         spike = np.zeros(len(order), bool)
-        for end in d.ends[(d.score > far_above(model.meta)) & ~d.alarm]:
+        spikes = (d.score > far_above(meta)) & ~d.alarm
+        for end in d.ends[spikes]:
             spike[max(0, end - w + 1) : end + 1] = True
         spike &= ~alarm
         if self.pending_from is not None:  # not recorded: see run()
@@ -290,7 +294,7 @@ class Screening:
                 version,
                 alarmed,
                 len(d.ends),
-                int(((d.score > far_above(model.meta)) & ~d.alarm).sum()),
+                int(spikes.sum()),
             )
         self.spans = _merge([*self.spans, *found])
         self.after = int(order[-1])

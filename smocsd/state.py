@@ -11,26 +11,30 @@ Each record's docstring says what a reset costs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import math
-import uuid
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .store import remove_temp_files, write_atomic
+from .files import locked, remove_temp_files, write_atomic
+from .records import Damage, Findings
+from .records import Object as _Object
+from .records import integer as _integer
+from .records import json_list as _list
+from .records import names as _names
+from .records import number as _number
+from .records import or_null as _or_null
+from .records import shown as _shown
+from .records import text as _text
+from .records import uuid_text as _uuid
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Order values and ids become SQLite and PostgreSQL integer parameters, which are 64-bit:
-# a larger one fails every query it is in.
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # 9999-12-31T23:59:59Z: time.gmtime and datetime refuse a later epoch time.
 LATEST_EPOCH = 253402300799.0
 WHYS = ("alarm", "spike")  # screen.Why's values a screening record holds
@@ -41,48 +45,6 @@ def utcnow() -> str:
 
 
 # --- checking the file's values
-
-
-class Damage(Exception):
-    """A field that fails its check: its dotted name and what is wrong with it."""
-
-    def __init__(self, name: str, problem: str):
-        super().__init__(f"{name}: {problem}")
-
-
-def _shown(value: Any) -> str:
-    """A value as the file has it, cut short: a log line, not a dump."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _integer(value: Any, name: str, low: int = INT64_MIN) -> int:
-    # bool is an int to Python, never to the file: `true` is no order value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Damage(name, f"expected an integer, got {_shown(value)}")
-    if not low <= value <= INT64_MAX:
-        span = "a 64-bit integer" + ("" if low == INT64_MIN else f" >= {low}")
-        raise Damage(name, f"expected {span}, got {_shown(value)}")
-    return value
-
-
-def _number(value: Any, name: str, low: float = -math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Damage(name, f"expected a number, got {_shown(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer of hundreds of digits
-        number = math.inf
-    if not (math.isfinite(number) and low <= number):
-        span = "a finite number" if low == -math.inf else f"a finite number >= {low:g}"
-        raise Damage(name, f"expected {span}, got {_shown(value)}")
-    return number
-
-
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise Damage(name, f"expected a string, got {_shown(value)}")
-    return value
 
 
 def _order(value: Any, name: str) -> int:
@@ -110,14 +72,6 @@ def _score(value: Any, name: str) -> float:
     return _number(value, name, 0.0)
 
 
-def _uuid(value: Any, name: str) -> str:
-    """An alarm event's id, as its messages' schema has it: lowercase, hyphenated."""
-    with contextlib.suppress(ValueError):
-        if str(uuid.UUID(_text(value, name))) == value:
-            return value
-    raise Damage(name, f"expected a UUID, got {_shown(value)}")
-
-
 def _local_time(value: Any, name: str) -> str:
     try:
         datetime.fromisoformat(_text(value, name))
@@ -136,67 +90,6 @@ def _why(value: Any, name: str) -> str:
     if value not in WHYS:
         raise Damage(name, f'expected "alarm" or "spike", got {_shown(value)}')
     return value
-
-
-def _or_null(check: Callable[[Any, str], T]) -> Callable[[Any, str], T | None]:
-    return lambda value, name: None if value is None else check(value, name)
-
-
-def _list(value: Any, name: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise Damage(name, f"expected a list, got {_shown(value)}")
-    return value
-
-
-def _names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in fields(cls))
-
-
-@dataclass
-class Findings:
-    """What one read found wrong, each named by its dotted field ("scoring.event.version")."""
-
-    damaged: list[str] = field(default_factory=list)  # "NAME: PROBLEM; what became of it"
-    unknown: list[str] = field(default_factory=list)  # keys this release does not read
-
-    def note(self, damage: Damage, what: str) -> None:
-        self.damaged.append(f"{damage}; {what}")
-
-    def keep(self, read: Callable[[], T], default: T, what: str = "reset") -> T:
-        """read(), or `default` once its damage is noted."""
-        try:
-            return read()
-        except Damage as damage:
-            self.note(damage, what)
-            return default
-
-
-class _Object:
-    """One JSON object of the file, at dotted `name`; its getters raise Damage naming the
-    field. `known`: its keys (the others are noted unknown); None: any key is its own."""
-
-    def __init__(
-        self, value: Any, name: str, known: Collection[str] | None, findings: Findings
-    ) -> None:
-        if not isinstance(value, dict):
-            raise Damage(name, f"expected an object, got {_shown(value)}")
-        self.data, self.name = value, name
-        if known is not None:
-            findings.unknown += [self.at(key) for key in value if key not in known]
-
-    def at(self, key: str) -> str:
-        return f"{self.name}.{key}" if self.name else key
-
-    def field(self, key: str, check: Callable[[Any, str], T]) -> T:
-        """A field the record cannot do without."""
-        if key not in self.data:
-            raise Damage(self.at(key), "missing")
-        return check(self.data[key], self.at(key))
-
-    def optional(self, key: str, check: Callable[[Any, str], T]) -> T | None:
-        """A field that may be absent or null: None then."""
-        value = self.data.get(key)
-        return None if value is None else check(value, self.at(key))
 
 
 # --- the records
@@ -549,11 +442,8 @@ class State:
         _said[self.path] = lines
         return state
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.path.with_name("state.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+    def _locked(self) -> contextlib.AbstractContextManager[bool]:
+        return locked(self.path.with_name("state.lock"))
 
     def update(
         self,

@@ -11,24 +11,23 @@ Layout (under state_dir/models/<name>/):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import modelfile
+from . import modelfile, modelmeta
+from .files import TMP_PREFIX, fsync_path, locked, write_atomic
+from .modelmeta import METADATA, MetaError, ModelMeta
 
 if TYPE_CHECKING:
     from .config import Config
 
 _VERSION = re.compile(r"^v(\d{6,})$")
-TMP_PREFIX = ".tmp-"
 
 log = logging.getLogger(__name__)
 
@@ -63,45 +62,6 @@ def version_name(version: int) -> str:
     return f"v{version:06d}"
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes its entries durable)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # fsync's error does not name the file on its own
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replaces `path` with `data` so that a crash leaves the old or the new content."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        # A full disk or a stop must not leave the temp file behind to fill it further.
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and exc.filename is None:  # write() names no file
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
-    fsync_path(path.parent)
-
-
-def remove_temp_files(path: Path) -> list[str]:
-    """The temp files write_atomic(path) leaves when killed: removed; their names. Call
-    it under the lock that the file's writers hold, so that none of them is a live one."""
-    leftovers = list(path.parent.glob(f"{TMP_PREFIX}{path.name}.*"))
-    for p in leftovers:
-        p.unlink(missing_ok=True)
-    return [p.name for p in leftovers]
-
-
 class ModelStore:
     def __init__(self, root: Path, keep_versions: int):
         # Created by the first allocate(), not here: reading commands create nothing.
@@ -113,14 +73,8 @@ class ModelStore:
         """The store of the configured model: <state_dir>/models/<model.name>."""
         return cls(cfg.state_dir / "models" / cfg.model.name, cfg.model.keep_versions)
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def lock(self) -> contextlib.AbstractContextManager[bool]:
+        return locked(self.root / ".lock")
 
     # --- reading
 
@@ -153,17 +107,27 @@ class ModelStore:
             return None
         return f"{link} -> {target}: no such version directory (dangling link)"
 
-    def metadata(self, version: int) -> dict[str, Any]:
-        path = self.path(version) / "metadata.json"
+    def metadata(self, version: int) -> ModelMeta:
+        """The version's metadata.json, every field checked; StoreError names the file and
+        the field that fails (check() names it the same way)."""
+        path = self.path(version) / METADATA
         try:
-            meta = json.loads(path.read_text())
+            return modelmeta.load(path)
         except FileNotFoundError:
             raise StoreError(f"model version {version} does not exist") from None
-        except (ValueError, UnicodeDecodeError) as exc:
+        except MetaError as exc:
+            raise StoreError(f"{path}: {exc}") from None
+
+    def metadata_json(self, version: int) -> Any:
+        """metadata.json as the file has it, unchecked: `models show --json` shows a
+        damaged one too, for the operator to see what is wrong."""
+        path = self.path(version) / METADATA
+        try:
+            return json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise StoreError(f"model version {version} does not exist") from None
+        except (ValueError, RecursionError) as exc:
             raise StoreError(f"{path}: not JSON: {exc}") from None
-        if not isinstance(meta, dict):
-            raise StoreError(f"{path}: not a JSON object")
-        return meta
 
     def check(self, version: int) -> str | None:
         """None if the version is whole and usable, else one line saying what is damaged.

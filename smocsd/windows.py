@@ -10,9 +10,13 @@ normalization is fitted and applied a block of rows at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+if TYPE_CHECKING:
+    from .modelmeta import NormalizationMeta
 
 
 class DataError(Exception):
@@ -86,8 +90,8 @@ class Normalization:
         return cls(mean=mean, scale=scale)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> Normalization:
-        return cls(np.asarray(meta["mean"], np.float64), np.asarray(meta["scale"], np.float64))
+    def of(cls, meta: NormalizationMeta) -> Normalization:
+        return cls(np.asarray(meta.mean, np.float64), np.asarray(meta.scale, np.float64))
 
     def to_meta(self) -> dict:
         return {"kind": "zscore", "mean": self.mean.tolist(), "scale": self.scale.tolist()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -206,3 +207,95 @@ def run_forked(argv: list[str], capfd) -> tuple[int, str, str]:
     _, wait_status = os.waitpid(pid, 0)
     out, err = capfd.readouterr()
     return os.waitstatus_to_exitcode(wait_status), out, err
+
+
+def model_meta(model_onnx: bytes, channels: tuple[str, ...] = ("a",), **fields) -> dict:
+    """A metadata.json of the current format for a version whose model.onnx is
+    `model_onnx`, every field as the built-in job writes it; `fields` replace the top-level
+    ones."""
+    n = len(channels)
+    quantiles = {"p50": 1.0, "p90": 2.0, "p95": 2.5, "p99": 3.0, "p99.9": 4.0, "max": 5.0}
+    meta = {
+        "format": "smocsd.model/1",
+        "name": "autoencoder",
+        "version": 1,
+        "outcome": "promoted",
+        "result_id": "2f1c7e1e-8b4e-4b51-9a43-7c2d35e1a0b2",
+        "created_at": "2026-11-26T05:00:00Z",
+        "device_id": "gw-1",
+        "backend": "numpy",
+        "window_size": 4,
+        "stride": 1,
+        "channels": list(channels),
+        "input_name": "input",
+        "output_name": "reconstruction",
+        "normalization": {"kind": "zscore", "mean": [0.0] * n, "scale": [1.0] * n},
+        "score": "channel-max",
+        "channel_scale": [1.0] * n,
+        "threshold": 1.0,
+        "threshold_fit": {
+            "method": "lognormal-tolerance",
+            "false_alarm_rate": 0.001,
+            "confidence": 0.95,
+            "log_median": -1.5,
+            "log_scale": 0.35,
+            "windows": 1000,
+            "effective_windows": 100.0,
+            "k": 3.2,
+        },
+        "score_quantiles": {"validation": quantiles, "training": dict(quantiles)},
+        "alarm": {"kind": "k-of-n", "above": 2, "of": 3},
+        "time": {
+            "interval_s": 10.0,
+            "max_gap_s": 30.0,
+            "gaps": 0,
+            "out_of_order": 0,
+            "duplicate_times": 0,
+            "rows_without_time": 0,
+        },
+        "channel_error": {c: {"val_mse": 0.5, "share": 1 / n} for c in channels},
+        "metrics": {
+            "train_loss": 0.5,
+            "val_loss": 0.6,
+            "epochs_run": 3,
+            "duration_s": 1.5,
+            "warm_started": False,
+        },
+        "history": {"train_loss": [0.7, None, 0.5], "val_loss": [0.8, 0.7, 0.6]},
+        "eval": {
+            "val_score_p50": 1.0,
+            "val_score_p99": 3.0,
+            "threshold": 1.0,
+            "val_loss": 0.6,
+            "val_windows_over_threshold": 0.01,
+            "previous_version": None,
+            "previous_val_loss": None,
+            "champion_problem": None,
+            "left_out_rows": 4,
+            "champion_alarm_windows": 0,
+            "alarm_windows_kept": None,
+            "rejection": None,
+        },
+        "data": {
+            "rows": 1000,
+            "dropped_rows": 0,
+            "windows": 997,
+            "train_windows": 800,
+            "val_windows": 197,
+            "first_order": 1,
+            "last_order": 1000,
+            "left_out": {
+                "rows": 4,
+                "ranges": [{"first": 10, "last": 13, "why": "alarm", "rows": 4}],
+                "accepted": [{"first": 20, "last": 30, "rows": 11}],
+            },
+        },
+        "files": {
+            "model.onnx": {
+                "sha256": hashlib.sha256(model_onnx).hexdigest(),
+                "bytes": len(model_onnx),
+            }
+        },
+        "software": {"smocsd": "0.1.0", "onnxruntime": "1.19.2", "python": "3.11.7"},
+    }
+    return {**meta, **fields}

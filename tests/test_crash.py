@@ -70,6 +70,7 @@ def test_kill_9_at_random_instants_of_train_once(plant):
 # so the counting wrappers are installed at start-up and count in that process only.
 CRASH_AT = """
 import multiprocessing, os, shutil
+import smocsd.files as files
 import smocsd.store as store
 calls = {"n": 0}
 crash_at = int(os.environ["CRASH_AT"])
@@ -81,7 +82,8 @@ def counted(fn):
                 os._exit(137)  # as abrupt as kill -9: no cleanup, no flush
         return fn(*a, **kw)
     return wrapper
-store.fsync_path = counted(store.fsync_path)
+# write_atomic's call (.last_version) and the store's own, which it imported by name.
+files.fsync_path = store.fsync_path = counted(files.fsync_path)
 store.os.rename = counted(os.rename)
 store.os.replace = counted(os.replace)
 store.os.symlink = counted(os.symlink)

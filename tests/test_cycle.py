@@ -20,6 +20,8 @@ from helpers import smocsd, write_config
 
 from smocsd import TrainingJob, config, demo
 from smocsd import cycle as cycle_mod
+from smocsd.modelmeta import ModelMeta
+from smocsd.modelmeta import load as load_meta
 from smocsd.outbox import Outbox
 from smocsd.store import ModelStore
 
@@ -245,7 +247,7 @@ def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant, s
     # smocsd.scoring.Model decides exactly alike.
     from smocsd.scoring import Model
 
-    scored = Model(model_dir, meta).score(x, fresh["ts"])
+    scored = Model.of(model_dir, ModelMeta.parse(meta)).score(x, fresh["ts"])
     assert scored.end.tolist() == list(range(w - 1, len(x)))
     assert scored.over.tolist() == over.tolist() and scored.alarm.tolist() == alarm.tolist()
 
@@ -308,8 +310,8 @@ def test_a_rollback_during_a_cycle_wins_over_its_promotion(tmp_path, plant):
     assert store.current() == 1 and store.versions() == [1, 2, 3]
     assert store.check(3) is None  # saved whole, by the same protocol
     meta = store.metadata(3)
-    assert (meta["outcome"], meta["eval"]["rejection"]) == ("rejected", result["eval"]["rejection"])
-    assert meta == result["model_meta"] and meta["result_id"] == result["message_id"]
+    assert (meta.outcome, meta.eval["rejection"]) == ("rejected", result["eval"]["rejection"])
+    assert meta.to_json() == result["model_meta"] and meta.result_id == result["message_id"]
     waiting = json.loads(smocsd("outbox", "list", "--json", config=always, check=True).stdout)
     assert [m["message_id"] for m in waiting][-1] == result["message_id"]
 
@@ -419,7 +421,8 @@ def test_scoring_with_the_model_alone_finds_anomalies_and_their_channels(tmp_pat
     """smocsd.scoring.Model is the README's recipe: threshold, alarm rule and channel shares."""
     from smocsd.scoring import Model, shares
 
-    model = Model(*trained_on_demo(plant, 17000))
+    model_dir, meta = trained_on_demo(plant, 17000)
+    model = Model.of(model_dir, ModelMeta.parse(meta))
     fresh = demo.simulate(24000, start_index=40000, seed=99, regimes=False)
     x = np.column_stack([fresh[c] for c in model.channels])
     scored = model.score(x, fresh["ts"])
@@ -449,7 +452,7 @@ def test_both_backends_make_the_same_decisions(tmp_path):
         result = cycle(config.load(path))
         assert result["model_meta"]["backend"] == backend
         model_dir = state / "models/autoencoder/current"
-        model = Model(model_dir, json.loads((model_dir / "metadata.json").read_text()))
+        model = Model.of(model_dir, load_meta(model_dir / "metadata.json"))
         decisions[backend] = model.score(x, fresh["ts"])
     ort, np_ = decisions["ort"], decisions["numpy"]
     assert ort.score == pytest.approx(np_.score, rel=1e-3, abs=1e-6)

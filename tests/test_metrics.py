@@ -191,6 +191,19 @@ def test_scoring_ticks_rewrite_the_file_at_most_once_a_second(tmp_path, monkeypa
     assert len(written) == 2
 
 
+def test_a_temp_file_a_killed_write_left_goes_at_the_first_write(tmp_path, monkeypatch):
+    """Its name holds the writer's pid, so the next daemon would never reuse it."""
+    cfg = _config(tmp_path)
+    assert cfg.metrics.textfile is not None
+    cfg.metrics.textfile.parent.mkdir()
+    leftover = cfg.metrics.textfile.with_name(f".tmp-{cfg.metrics.textfile.name}.1")
+    leftover.write_text("smocsd_half")
+    written: list[str] = []
+    monkeypatch.setattr(metrics, "write_textfile", lambda path, text: written.append(text))
+    Metrics(cfg, Tally()).write(lambda: _raise(OSError()), None)
+    assert written and not leftover.exists()
+
+
 # --- the configuration
 
 

@@ -111,13 +111,19 @@ def test_non_finite_metrics_are_published_as_valid_json(tmp_path, plant):
     assert waiting(config) == [result]
 
 
-def test_a_user_jobs_outcome_is_checked(tmp_path, plant):
+@pytest.mark.parametrize("typed", [False, True])
+def test_a_user_jobs_outcome_is_checked(tmp_path, plant, typed):
+    """save_model's return, a dict (the contract's first form) or a Saved, checked alike."""
     state, _ = plant
-    proc, result = train_once(user_job(tmp_path, state, outcome="great"))
+    proc, result = train_once(user_job(tmp_path, state, outcome="great", typed=typed))
     assert proc.returncode == 1
     assert result["error"] == (
         "HookError: save_model() returned outcome 'great': 'promoted' or 'rejected'"
     )
+    proc, result = train_once(user_job(tmp_path, state, outcome="rejected", typed=typed))
+    assert proc.returncode == 0
+    assert (result["outcome"], result["version"]) == ("rejected", 7)
+    assert result["model_meta"] == {"kind": "recording"}
 
 
 # --- the model store is the truth

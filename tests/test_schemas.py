@@ -21,12 +21,12 @@ from helpers import insert, smocsd, write_config
 from schemacheck import problems, validate
 
 from smocsd import config, demo, schemas
-from smocsd.cycle import RESULT_SCHEMA, reconcile
-from smocsd.labels import LABEL_SCHEMA, By, Kind, Labels
+from smocsd.cycle import reconcile
+from smocsd.labels import By, Kind, Labels
 from smocsd.labels import message as label_message
 from smocsd.live import LiveScorer
 from smocsd.outbox import Outbox
-from smocsd.publish import ALARM_SCHEMA
+from smocsd.schemas import ALARM_SCHEMA, LABEL_SCHEMA, MODEL_FORMAT, RESULT_SCHEMA
 from smocsd.trainers import ort_training_installed
 
 # ---------------------------------------------------------------- the schema files
@@ -56,7 +56,7 @@ def test_every_file_is_a_draft_2020_12_schema_named_by_a_urn() -> None:
 
 
 def test_the_names_the_code_emits_have_a_schema() -> None:
-    assert {RESULT_SCHEMA, ALARM_SCHEMA, LABEL_SCHEMA, "smocsd.model/1"} == set(schemas.FILES)
+    assert {RESULT_SCHEMA, ALARM_SCHEMA, LABEL_SCHEMA, MODEL_FORMAT} == set(schemas.FILES)
 
 
 def test_shared_definitions_are_the_same_in_every_file() -> None:
@@ -74,7 +74,7 @@ def test_only_the_job_defined_parts_are_open() -> None:
     """The envelopes are closed; what TrainingJob hooks return is open to a user job's
     fields (and the built-in fields stay required where the built-in job wrote them)."""
     result, alarm, label, model = (
-        schemas.load(n) for n in (RESULT_SCHEMA, ALARM_SCHEMA, LABEL_SCHEMA, "smocsd.model/1")
+        schemas.load(n) for n in (RESULT_SCHEMA, ALARM_SCHEMA, LABEL_SCHEMA, MODEL_FORMAT)
     )
     for schema in (result, alarm, label, model, label["properties"]["label"]):
         assert schema["additionalProperties"] is False

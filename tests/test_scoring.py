@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import model_meta
 
 from smocsd import threshold
+from smocsd.modelmeta import AlarmMeta, ModelMeta
 from smocsd.scoring import (
     BEYOND_SCORE,
     SCALE_FLOOR,
@@ -70,7 +72,7 @@ def test_alarm_rule_k_of_n():
     over = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0], bool)
     assert AlarmRule(2, 3).apply(over).astype(int).tolist() == [0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1]
     assert AlarmRule(1, 1).apply(over).tolist() == over.tolist()
-    assert AlarmRule.from_meta(AlarmRule(3, 5).to_meta()) == AlarmRule(3, 5)
+    assert AlarmMeta.parse(AlarmRule(3, 5).to_meta(), "alarm") == AlarmMeta(3, 5)
 
 
 def test_channel_shares_sum_to_one_and_name_the_culprit():
@@ -121,13 +123,15 @@ def test_a_channel_drifting_in_the_newest_rows_is_measured_against_its_drift():
 def test_a_model_saved_before_channel_max_scores_as_it_did():
     """metadata.json of older versions says "mse" (or nothing): the mean, unscaled."""
     errors = channel_noise(100, 3)
-    for meta in ({"score": "mse"}, {}):
-        score = WindowScore.from_meta(meta)
+    current = model_meta(b"", ("a", "b", "c"))
+    del current["channel_scale"]
+    for older in ({**current, "score": "mse"}, {k: v for k, v in current.items() if k != "score"}):
+        score = WindowScore.of(ModelMeta.parse(older))
         scaled, s = score.apply(errors)
         assert score.kind is ScoreKind.MSE and scaled is errors
         assert np.array_equal(s, errors.mean(axis=1))
     new = WindowScore.fit(ScoreKind.CHANNEL_MAX, errors.mean(axis=0), errors)
-    again = WindowScore.from_meta(new.to_meta())
+    again = WindowScore.of(ModelMeta.parse({**current, **new.to_meta()}))
     assert again.to_meta() == new.to_meta()
     assert np.array_equal(again.apply(errors)[1], (errors / again.channel_scale).max(axis=1))
 
@@ -140,17 +144,14 @@ def two_channel_model(directory: Path, output_bias: float = 0.0) -> Model:
     weights = {k: np.zeros_like(v) for k, v in init_weights(n, hidden, 0).items()}
     weights["layer1.bias"] = np.full(n, output_bias, np.float32)
     onnx.save(build_model(n, hidden, weights), directory / "model.onnx")
-    meta = {
-        "channels": ["a", "b"],
-        "window_size": 4,
-        "threshold": 25.0,
-        "score": "channel-max",
-        "channel_scale": [1.0, 1.0],
-        "alarm": {"kind": "k-of-n", "above": 2, "of": 3},
-        "time": {"max_gap_s": None},
-        "normalization": {"kind": "zscore", "mean": [10.0, 0.0], "scale": [2.0, 1.0]},
-    }
-    return Model(directory, meta)
+    meta = model_meta(
+        (directory / "model.onnx").read_bytes(),
+        ("a", "b"),
+        threshold=25.0,
+        normalization={"kind": "zscore", "mean": [10.0, 0.0], "scale": [2.0, 1.0]},
+    )
+    meta["time"]["max_gap_s"] = None
+    return Model.of(directory, ModelMeta.parse(meta))
 
 
 @pytest.mark.parametrize("reading", [1e308, -1e308, 1e35, 2e9, -3e12])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 
 import numpy as np
 import pytest
+from helpers import model_meta
 from onnx import helper, numpy_helper
 
 from smocsd.store import Champion, CurrentMoved, ModelStore, StoreError
@@ -25,14 +25,7 @@ def build(
 ) -> int:
     version, staging = store.allocate()
     (staging / "model.onnx").write_bytes(payload)
-    meta = {
-        "files": {
-            "model.onnx": {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
-        },
-        "threshold": 1.0,
-        "normalization": {"mean": [0.0], "scale": [1.0]},
-    }
-    (staging / "metadata.json").write_text(json.dumps(meta))
+    (staging / "metadata.json").write_text(json.dumps(model_meta(payload, version=version)))
     store.commit(version, staging, promote=promote, over=over)
     return version
 

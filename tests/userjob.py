@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from smocsd import TrainingJob
+from smocsd import Saved, TrainingJob
 
 
 class RecordingJob(TrainingJob):
@@ -58,4 +58,6 @@ class RecordingJob(TrainingJob):
         self._record("save_model", metrics=model_metrics, eval=eval_results)
         self.state["seen"] = self.trained
         outcome = self.config.job_options.get("outcome", "promoted")
+        if self.config.job_options.get("typed"):  # the dataclass, not the contract's dict
+            return Saved(7, outcome, {"kind": "recording"})
         return {"version": 7, "outcome": outcome, "model_meta": {"kind": "recording"}}

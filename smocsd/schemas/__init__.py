@@ -9,8 +9,11 @@ The training result's schema refers to the metadata's by its $id (a result of th
 built-in job carries the version's metadata.json as `model_meta`): a validator needs
 all the files here loaded, e.g. in a `referencing.Registry` for Python's `jsonschema`.
 
-This module reads the files with the standard library only; the daemon never loads it,
-and validating is left to the consumer (smocsd does not depend on a validator).
+The names live here, apart from the code that sends each document, so that a part
+needs no sender's imports for a string (publish.py's would load the Kafka and MQTT
+clients into `smocsd score`). This module imports the standard library only; the daemon
+uses the names, never load(), and validating is left to the consumer (smocsd does not
+depend on a validator).
 """
 
 from __future__ import annotations
@@ -20,17 +23,32 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DIRECTORY", "FILES", "load", "name_of"]
+__all__ = [
+    "ALARM_SCHEMA",
+    "DIRECTORY",
+    "FILES",
+    "LABEL_SCHEMA",
+    "MODEL_FORMAT",
+    "RESULT_SCHEMA",
+    "load",
+    "name_of",
+]
 
 DIRECTORY = Path(__file__).resolve().parent
+
+# The names the documents carry: a message's "schema", metadata.json's "format".
+RESULT_SCHEMA = "smocsd.training-result/1"
+ALARM_SCHEMA = "smocsd.alarm/1"
+LABEL_SCHEMA = "smocsd.label/1"
+MODEL_FORMAT = "smocsd.model/1"
 
 # The name a document carries -> its schema file. A new version of a format gets a new
 # name (".../2") and a file beside the old one, which consumers may still receive.
 FILES = {
-    "smocsd.training-result/1": "training-result-1.schema.json",
-    "smocsd.alarm/1": "alarm-1.schema.json",
-    "smocsd.label/1": "label-1.schema.json",
-    "smocsd.model/1": "model-1.schema.json",
+    RESULT_SCHEMA: "training-result-1.schema.json",
+    ALARM_SCHEMA: "alarm-1.schema.json",
+    LABEL_SCHEMA: "label-1.schema.json",
+    MODEL_FORMAT: "model-1.schema.json",
 }
 
 
