@@ -64,13 +64,14 @@ from scenarios import (
     segments_of,
 )
 
-from smocsd import threshold
-from smocsd.config import ModelConfig, TrainingConfig, parse
-from smocsd.cycle import Outcome, call_hooks
-from smocsd.job import CycleProgress
-from smocsd.modelmeta import ModelMeta
+from smocsd.common.config import ModelConfig, TrainingConfig, parse
+from smocsd.common.modelmeta import ModelMeta
+from smocsd.data.windows import Normalization, WindowSet, check_time, split, valid_starts
 from smocsd.scoring import AlarmRule, Model, WindowScore, channel_errors, open_session
-from smocsd.windows import Normalization, WindowSet, check_time, split, valid_starts
+from smocsd.training import threshold
+from smocsd.training.hooks import call_hooks
+from smocsd.training.job import CycleProgress
+from smocsd.training.result import Outcome
 
 # The defaults before the benchmark (the "old defaults" rows: window 50, threshold at the
 # 99th percentile of validation scores) and before the real plants chose the score,

@@ -4,7 +4,7 @@ insert to its alarm event in the outbox, and the daemon's idle memory with scori
     .venv/bin/python bench/live.py [--rows 200000] [--events 5]
 
 Trains a model on the demo readings (the default config's network), then:
-1. scores --rows rows with live scoring's own code (smocsd.live.decide), one thread;
+1. scores --rows rows with live scoring's own code (smocsd.app.live.decide), one thread;
 2. runs `smocsd run` with scoring on (default poll_interval) and publishing off, inserts
    an anomaly --events times, and times each insert until its "open" message is in the
    outbox;
@@ -24,11 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from smocsd import config, demo
-from smocsd.live import decide
-from smocsd.outbox import Outbox
+from smocsd.app.live import decide
+from smocsd.common import config
+from smocsd.data import demo
+from smocsd.data.sources import open_source
+from smocsd.delivery.outbox import Outbox
 from smocsd.scoring import Model
-from smocsd.sources import open_source
 from smocsd.store import ModelStore
 
 

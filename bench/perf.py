@@ -25,7 +25,7 @@ torch, as in the daemon's environment (see NO_TORCH).
    the training children it starts once per check_interval to find nothing to do.
 5. screen: a retraining cycle (a champion, then training.min_new_samples new rows that it
    does not alarm on): what scoring the new rows before training (`leave_out()`,
-   smocsd/screen.py) and the check that the challenger keeps the champion's alarms add.
+   smocsd/training/screen.py) and the check that the challenger keeps the champion's alarms add.
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ from pathlib import Path
 
 import numpy as np
 
-from smocsd import config, demo
-from smocsd.autoencoder import AutoencoderJob
-from smocsd.cycle import Outcome, call_hooks
-from smocsd.job import CycleProgress
-from smocsd.trainers import TrainSpec, _common
-from smocsd.trainers.graph import build_model, init_weights, layer_sizes, param_shapes
+from smocsd.common import config
+from smocsd.data import demo
+from smocsd.training.autoencoder import AutoencoderJob
+from smocsd.training.hooks import call_hooks
+from smocsd.training.job import CycleProgress
+from smocsd.training.result import Outcome
+from smocsd.training.trainers import TrainSpec, _common
+from smocsd.training.trainers.graph import build_model, init_weights, layer_sizes, param_shapes
 
 BACKENDS = ("ort", "numpy")
 TIMES: dict[str, np.ndarray] = {}
@@ -127,7 +129,7 @@ def ready_batches(n_features: int, batch_size: int) -> np.ndarray:
 def bare_ort(spec: TrainSpec, steps: int) -> np.ndarray:
     """(wall, CPU) seconds of `steps` train steps of ORT's own loop on ready batches."""
     # Through smocsd's ort module, which imports onnxruntime.training without torch.
-    from smocsd.trainers import ort
+    from smocsd.training.trainers import ort
 
     x = ready_batches(spec.n_features, spec.batch_size)
     with tempfile.TemporaryDirectory() as d, ort._stderr_silenced():
@@ -161,7 +163,7 @@ def bare_numpy(spec: TrainSpec, steps: int) -> np.ndarray:
     """(wall, CPU) seconds of `steps` train steps of the numpy trainer's network and AdamW."""
     from threadpoolctl import threadpool_limits
 
-    from smocsd.trainers.numpy import AdamW, Network
+    from smocsd.training.trainers.numpy import AdamW, Network
 
     x = ready_batches(spec.n_features, spec.batch_size)
     net = Network(spec.n_features, spec.hidden, init_weights(spec.n_features, spec.hidden, 0))

@@ -1,11 +1,11 @@
 """Retraining against faults: does a fault become "normal" after a few retrains, with and
-without the protection of the training cycle (smocsd/screen.py and the challenger's check
+without the protection of the training cycle (smocsd/training/screen.py and the challenger's check
 that it still alarms where the champion did, autoencoder.KEEP_ALARMS)?
 
     .venv/bin/python bench/retrain.py [--quick] [--rounds 8] [--backends ort,numpy]
         [--scenarios none,step32,...] [--promote if-better|always]
 
-Data: the demo plant (`smocsd.demo`, anomalies off: only its normal rows), not SKAB or
+Data: the demo plant (`smocsd.data.demo`, anomalies off: only its normal rows), not SKAB or
 the Tennessee Eastman set in /work/shared/data. At the default gates a run needs 20,000
 normal rows before the fault and 1,500 rows a round after it, all of one plant in one
 timeline: TEP has 1,460 normal rows (plus 160 before each fault), SKAB's valve1 about 750
@@ -42,10 +42,10 @@ Each scenario runs per training backend (ort, numpy) in two modes, on the same r
 Per run: a fresh state dir and config at the default gates (min_new_samples 1,000,
 min_training_samples 10,000, max_rows 200,000, 50 epochs with patience 5, model.promote
 "if-better" unless --promote always) except min_interval = 0 and no brokers; 20,000
-normal rows; one cycle (the daemon's: `smocsd.daemon.Parts(cfg).cycle()`, training in a
+normal rows; one cycle (the daemon's: `smocsd.app.daemon.Parts(cfg).cycle()`, training in a
 spawned child) trains v1; then each round appends 1,500 rows (the fault's rows among them)
 and runs one cycle. After each cycle the current model scores every row from the first
-fault row on with the code of `smocsd score --from FIRST --json` (`smocsd.live.decide`,
+fault row on with the code of `smocsd score --from FIRST --json` (`smocsd.app.live.decide`,
 the labels' excluded periods, the rule's look-back rows before FIRST), and the share of
 fault rows whose window is anomalous is recorded: over all fault rows so far ("all") and
 over the newest round's ("new"). Rows without a window (demo sensor dropouts) are not
@@ -76,16 +76,17 @@ from pathlib import Path
 import numpy as np
 
 import smocsd
-from smocsd import config, demo
-from smocsd.autoencoder import AutoencoderJob
-from smocsd.cycle import CycleResult, Outcome
-from smocsd.daemon import Parts
-from smocsd.labels import Kind, Labels
-from smocsd.live import decide
+from smocsd.app.daemon import Parts
+from smocsd.app.live import decide
+from smocsd.common import config
+from smocsd.common.labels import Kind, Labels
+from smocsd.data import demo
+from smocsd.data.sources import open_source
 from smocsd.scoring import Model
-from smocsd.screen import LeaveOut
-from smocsd.sources import open_source
 from smocsd.store import ModelStore
+from smocsd.training.autoencoder import AutoencoderJob
+from smocsd.training.result import CycleResult, Outcome
+from smocsd.training.screen import LeaveOut
 
 BENCH = Path(__file__).resolve().parent
 BASE_ROWS = 20_000
@@ -233,7 +234,7 @@ def append(db: Path, rows: int, seed: int, first_fault: int, scenario: Scenario)
 
 def score(cfg: config.Config, model: Model, first: int) -> dict[int, bool]:
     """Order -> anomalous, for the windows ending at or after `first`, as `smocsd score
-    --from FIRST --json` decides them (smocsd/cli.py cmd_score)."""
+    --from FIRST --json` decides them (smocsd/app/cli.py cmd_score)."""
     after = first - 1
     context = model.window_size - 1 + model.rule.of - 1
     source = open_source(cfg.source)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smocsd import demo
+from smocsd.data import demo
 
 DATA = Path(__file__).resolve().parent / "data"
 

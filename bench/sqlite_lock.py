@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smocsd.config import SourceConfig
-from smocsd.sources import SourceError, SQLiteSource
+from smocsd.common.config import SourceConfig
+from smocsd.data.sources import SourceError, SQLiteSource
 
 CHANNELS = ("temperature", "vibration", "current")
 

@@ -101,14 +101,14 @@ class Target:
 PINS_PY310 = (
     "numpy==2.2.6",  # numpy >= 2.3 needs Python >= 3.11
     "onnx==1.17.0",
-    "tomli==2.5.0",  # smocsd.config imports it where tomllib (3.11) is absent
+    "tomli==2.5.0",  # smocsd.common.config imports it where tomllib (3.11) is absent
     "python-dateutil==2.9.0.post0",  # 4.x needs Python >= 3.11; 2.9 imports six
     "six==1.17.0",
 )
 PINS_PY311 = ("numpy==2.4.6", "onnx==1.17.0", "python-dateutil==4.0.0")
 # onnx 1.17.0 has no cp313 wheels; 1.18.0 is the lowest with them. It stamps a newer IR
 # version by default, which ORT 1.19 (the training wheel) could not load; Python 3.13 gets
-# plain ORT 1.20.1 only, and smocsd/trainers/graph.py sets its graph's ir_version itself.
+# plain ORT 1.20.1 only, and smocsd/training/trainers/graph.py sets its graph's ir_version itself.
 PINS_PY313 = ("numpy==2.4.6", "onnx==1.18.0", "python-dateutil==4.0.0")
 
 # Known package versions of each release: Debian's from `apt-cache madison` on a Debian 12

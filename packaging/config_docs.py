@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the configuration keys' documentation from smocsd/config.py, where each key is
+"""Write the configuration keys' documentation from smocsd/common/config.py, where each key is
 defined once: its default and parser (whose ranges and choices it states in words) and its
 KeyDoc.
 
@@ -28,10 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from smocsd import config  # noqa: E402 - the repository's, not an installed one
+from smocsd.common import config  # noqa: E402 - the repository's, not an installed one
 
 COMMAND = "python3 packaging/config_docs.py"
-_SOURCE = f"generated from smocsd/config.py by {COMMAND}: edit there, not here"
+_SOURCE = f"generated from smocsd/common/config.py by {COMMAND}: edit there, not here"
 
 
 def _doc(f: Field) -> config.KeyDoc:
@@ -184,7 +184,7 @@ TARGETS = (
     Target("packaging/smocsd.1", f'.\\" {_SOURCE}', '.\\" end of the generated part', man),
     Target(
         "conf/smocsd.toml",
-        "# --- the keys: generated from smocsd/config.py (packaging/config_docs.py) ---",
+        "# --- the keys: generated from smocsd/common/config.py (packaging/config_docs.py) ---",
         "# --- end of the keys ---",
         conffile,
     ),
@@ -192,7 +192,7 @@ TARGETS = (
 
 
 def stale() -> list[Path]:
-    """The files whose generated part is not what smocsd/config.py says."""
+    """The files whose generated part is not what smocsd/common/config.py says."""
     return [t.path for t in TARGETS if t.spliced() != t.path.read_text(encoding="utf-8")]
 
 

@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from .app.cli import main
 
 # Guarded: a training cycle's child process (multiprocessing "spawn") may import the
 # main module again, and must not start a second smocsd in it.

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .modelmeta import METADATA, MODEL, FileEntry, MetaError, ModelMeta, load
+from .common.modelmeta import METADATA, MODEL, FileEntry, MetaError, ModelMeta, load
 
 # onnx.TensorProto.DataType values whose values can be non-finite.
 FLOAT, FLOAT16, DOUBLE = 1, 10, 11

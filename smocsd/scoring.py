@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .modelmeta import ModelMeta
-from .windows import Normalization, WindowSet, check_time, holding, valid_starts
+from .common.modelmeta import ModelMeta
+from .data.windows import Normalization, WindowSet, check_time, holding, valid_starts
 
 
 @dataclass(frozen=True)

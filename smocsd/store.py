@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import modelfile, modelmeta
-from .files import TMP_PREFIX, fsync_path, locked, write_atomic
-from .modelmeta import METADATA, MetaError, ModelMeta
+from . import modelfile
+from .common import modelmeta
+from .common.files import TMP_PREFIX, fsync_path, locked, write_atomic
+from .common.modelmeta import METADATA, MetaError, ModelMeta
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .common.config import Config
 
 _VERSION = re.compile(r"^v(\d{6,})$")
 

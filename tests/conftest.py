@@ -28,7 +28,7 @@ from services import (
     ServiceError,
 )
 
-from smocsd import demo
+from smocsd.data import demo
 
 # Fixtures that start a real server, and modules that build packages, boot containers or
 # install from PyPI: a test that uses one is `slow`.

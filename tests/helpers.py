@@ -193,7 +193,7 @@ def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> int:
 def run_forked(argv: list[str], capfd) -> tuple[int, str, str]:
     """main(argv) in a forked child, which may become another user: this interpreter may
     live where that user cannot read, so everything is imported before the fork."""
-    from smocsd.cli import main
+    from smocsd.app.cli import main
 
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child

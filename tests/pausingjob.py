@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from smocsd.autoencoder import AutoencoderJob
+from smocsd.training.autoencoder import AutoencoderJob
 
 
 class PausingJob(AutoencoderJob):

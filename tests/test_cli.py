@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import run_forked, smocsd, write_config
 
-from smocsd import demo
+from smocsd.data import demo
 from smocsd.store import ModelStore
 
 NOBODY = 65534

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import smocsd
 
-from smocsd import config
-from smocsd.config import ConfigError, parse, parse_duration, read_secret
+from smocsd.common import config
+from smocsd.common.config import ConfigError, parse, parse_duration, read_secret
 
 ENV = {"STATE_DIRECTORY": "/srv/state"}
 

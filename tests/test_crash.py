@@ -70,7 +70,7 @@ def test_kill_9_at_random_instants_of_train_once(plant):
 # so the counting wrappers are installed at start-up and count in that process only.
 CRASH_AT = """
 import multiprocessing, os, shutil
-import smocsd.files as files
+import smocsd.common.files as files
 import smocsd.store as store
 calls = {"n": 0}
 crash_at = int(os.environ["CRASH_AT"])

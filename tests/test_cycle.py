@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 from helpers import smocsd, write_config
 
-from smocsd import TrainingJob, config, demo
-from smocsd import cycle as cycle_mod
-from smocsd.modelmeta import ModelMeta
-from smocsd.modelmeta import load as load_meta
-from smocsd.outbox import Outbox
+from smocsd import TrainingJob
+from smocsd.app import cycle as cycle_mod
+from smocsd.common import config
+from smocsd.common.modelmeta import ModelMeta
+from smocsd.common.modelmeta import load as load_meta
+from smocsd.data import demo
+from smocsd.delivery.outbox import Outbox
 from smocsd.store import ModelStore
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import Running, smocsd, write_config
 
-from smocsd import demo
+from smocsd.data import demo
 
 
 @pytest.fixture

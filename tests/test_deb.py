@@ -136,7 +136,7 @@ def test_contents_control_and_conffile(pkg: Package) -> None:
         "usr/share/smocsd/schemas/training-result-1.schema.json",
         "usr/share/smocsd/schemas/alarm-1.schema.json",
         "usr/share/smocsd/schemas/model-1.schema.json",
-        "usr/lib/smocsd/smocsd/cli.py",
+        "usr/lib/smocsd/smocsd/app/cli.py",
     ):
         assert (root / path).is_file(), path
     assert (root / "etc/smocsd/smocsd.toml").read_text() == (REPO / "conf/smocsd.toml").read_text()
@@ -373,7 +373,7 @@ def test_ubuntu_amd64_payload_trains_on_its_python(
     subprocess.run(["dpkg-deb", "--extract", str(deb), str(root)], check=True)
     # The launcher's own lines, with the unpacked library in place of /usr/lib/smocsd.
     launch = f"import sys; sys.path.insert(0, {str(root / build_deb.LIB)!r}); "
-    launch += "from smocsd.cli import main; sys.exit(main())"
+    launch += "from smocsd.app.cli import main; sys.exit(main())"
     config = write_config(tmp_path / "smocsd.toml", tmp_path / "state")
     (tmp_path / "state").mkdir()
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 from helpers import smocsd, write_config
 
-from smocsd import demo
+from smocsd.data import demo
 
 
 def closed_port() -> int:

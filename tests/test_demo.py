@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from smocsd import demo
+from smocsd.data import demo
 
 COLUMNS = ("ts", *demo.CHANNELS, "label")
 

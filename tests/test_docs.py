@@ -1,7 +1,7 @@
 """The documents of the external contract agree with the code, and their links resolve.
 
 Every configuration key is given with its default in four places: the README's table,
-docs/contract.md, the man page and the shipped conffile. smocsd/config.py is the truth,
+docs/contract.md, the man page and the shipped conffile. smocsd/common/config.py is the truth,
 and packaging/config_docs.py writes those four parts from it: a key added, renamed or
 given a new default there without regenerating them fails here instead of misleading an
 operator, and so does a slip of the generator, since the checks below read what the
@@ -27,7 +27,11 @@ from typing import Any
 import pytest
 from helpers import model_meta
 
-from smocsd import cli, config, cycle, metrics, outbox, schemas
+from smocsd import schemas
+from smocsd.app import cli, metrics
+from smocsd.common import config
+from smocsd.delivery import outbox
+from smocsd.training import result
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -306,11 +310,11 @@ def test_no_document_names_a_key_the_code_lacks(path):
     assert sorted(_mentioned_keys(text) - known) == []
 
 
-# --- the generated parts: packaging/config_docs.py writes them from smocsd/config.py
+# --- the generated parts: packaging/config_docs.py writes them from smocsd/common/config.py
 
 
 def test_the_generated_key_documentation_is_current():
-    """Each key's default, range and description live in smocsd/config.py only; the four
+    """Each key's default, range and description live in smocsd/common/config.py only; the four
     documents carry what the generator makes of them, not an edit by hand."""
     stale = [str(path.relative_to(ROOT)) for path in config_docs.stale()]
     assert stale == [], f"regenerate them: {config_docs.COMMAND}"
@@ -413,10 +417,15 @@ SMOCSD = ROOT / "smocsd"
 @pytest.mark.parametrize(
     ("schema", "path", "function", "extra"),
     [
-        (schemas.RESULT_SCHEMA, SMOCSD / "cycle.py", "message", {outbox.DROPPED_FIELD}),
-        (schemas.ALARM_SCHEMA, SMOCSD / "live.py", "message", {outbox.DROPPED_FIELD}),
-        (schemas.LABEL_SCHEMA, SMOCSD / "labels.py", "message", {outbox.DROPPED_FIELD}),
-        (schemas.MODEL_FORMAT, SMOCSD / "autoencoder.py", "_metadata", set()),
+        (
+            schemas.RESULT_SCHEMA,
+            SMOCSD / "training" / "result.py",
+            "message",
+            {outbox.DROPPED_FIELD},
+        ),
+        (schemas.ALARM_SCHEMA, SMOCSD / "app" / "live.py", "message", {outbox.DROPPED_FIELD}),
+        (schemas.LABEL_SCHEMA, SMOCSD / "common" / "labels.py", "message", {outbox.DROPPED_FIELD}),
+        (schemas.MODEL_FORMAT, SMOCSD / "training" / "autoencoder.py", "_metadata", set()),
     ],
 )
 def test_the_contract_gives_every_field(schema, path, function, extra):
@@ -449,7 +458,7 @@ def test_the_contract_lists_every_metric_and_no_other(tmp_path):
     (version / "metadata.json").write_text(json.dumps(model_meta(b"")))
     (version.parent / "current").symlink_to(version.name)
     tally = metrics.Tally()
-    tally.cycle_ended(cycle.Outcome.PROMOTED, 1.0)
+    tally.cycle_ended(result.Outcome.PROMOTED, 1.0)
     tally.scored(0, False, False, scoring=True)
     scorer = SimpleNamespace(
         position=SimpleNamespace(event=None, last_order=0),

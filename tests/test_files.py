@@ -1,4 +1,4 @@
-"""smocsd/files.py: the lock helper's variants, and what write_atomic leaves on a failure.
+"""smocsd/common/files.py: the lock helper's variants, and what write_atomic leaves on a failure.
 The crash tests (test_crash.py, test_labels.py) kill the write at each of its steps."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smocsd.files import locked, remove_temp_files, write_atomic
+from smocsd.common.files import locked, remove_temp_files, write_atomic
 
 
 def test_a_try_lock_says_whether_it_got_the_lock_and_a_lock_ends_with_its_block(tmp_path):

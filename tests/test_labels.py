@@ -26,10 +26,11 @@ import pytest
 from helpers import run_forked, smocsd, write_config
 from schemacheck import validate
 
-from smocsd import config, demo
-from smocsd.labels import FILE, Kind, Label, Labels
-from smocsd.live import LiveScorer
-from smocsd.outbox import Outbox
+from smocsd.app.live import LiveScorer
+from smocsd.common import config
+from smocsd.common.labels import FILE, Kind, Label, Labels
+from smocsd.data import demo
+from smocsd.delivery.outbox import Outbox
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -241,7 +242,7 @@ def test_a_corrupt_labels_file_is_one_line_naming_it(tmp_path, screened, caplog,
     scorer = LiveScorer(config.load(cfg))
     outbox = Outbox(state / "outbox.db")
     try:
-        with caplog.at_level("ERROR", logger="smocsd.live"):
+        with caplog.at_level("ERROR", logger="smocsd.app.live"):
             assert scorer.excluded() == []
             scorer.step(outbox)  # starts at the newest row, reading labels.json again
             assert scorer.excluded() == []

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from helpers import Running, insert, smocsd, write_config
 
-from smocsd import config, demo
-from smocsd.live import LiveScorer, Position, ScoredRow
-from smocsd.outbox import Outbox
+from smocsd.app.live import LiveScorer, Position, ScoredRow
+from smocsd.common import config
+from smocsd.data import demo
+from smocsd.delivery.outbox import Outbox
 
 
 @pytest.fixture
@@ -112,8 +113,8 @@ def test_an_anomaly_is_one_alarm_event_across_a_swap_and_a_restart(tmp_path, kaf
 # in the outbox, before live scoring saves its position.
 CRASH_AFTER_ALARM = """
 import os, sys
-from smocsd.outbox import Outbox
-from smocsd.cli import main
+from smocsd.delivery.outbox import Outbox
+from smocsd.app.cli import main
 put = Outbox.put
 def put_then_die(self, message):
     put(self, message)
@@ -264,7 +265,7 @@ def test_a_deleted_database_is_waited_for_and_the_new_one_scored(trained, caplog
     """Deleted, it is said once and waited for, not a warning at every poll, and `status`
     cannot count the lag; created again (its ids restarting), it is scored from its first
     row, and `status` counts the lag on it before scoring has caught up."""
-    caplog.set_level("INFO", logger="smocsd.live")
+    caplog.set_level("INFO", logger="smocsd.app.live")
     state, path = trained
     db = state / "readings.db"
     anomaly = _ingest_anew(db, state / "spare.db", keep=30, renumber=True)  # rows 1..50

@@ -21,11 +21,13 @@ import pytest
 from helpers import Running, insert, write_config
 from services import NodeExporter, ServiceError, free_port
 
-from smocsd import config, demo, metrics
-from smocsd.config import ConfigError
-from smocsd.cycle import Outcome
-from smocsd.metrics import Family, Metrics, Tally, render, write_textfile
-from smocsd.publish import Publisher
+from smocsd.app import metrics
+from smocsd.app.metrics import Family, Metrics, Tally, render, write_textfile
+from smocsd.common import config
+from smocsd.common.config import ConfigError
+from smocsd.data import demo
+from smocsd.delivery.publish import Publisher
+from smocsd.training.result import Outcome
 
 WAIT = 90.0  # generous: the suite runs on a loaded 2-core machine
 

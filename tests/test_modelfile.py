@@ -18,7 +18,8 @@ import pytest
 from helpers import smocsd, write_config
 from onnx import TensorProto, helper, numpy_helper
 
-from smocsd import demo, modelfile
+from smocsd import modelfile
+from smocsd.data import demo
 
 BACKENDS = ("ort", "numpy")
 CHECKPOINT = {"ort": "checkpoint", "numpy": "weights.npz"}

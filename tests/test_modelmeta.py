@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from helpers import Running, insert, model_meta, smocsd, write_config
 
-from smocsd import demo
-from smocsd.modelmeta import ModelMeta
-from smocsd.records import Damage
+from smocsd.common.modelmeta import ModelMeta
+from smocsd.common.records import Damage
+from smocsd.data import demo
 
 MODELS = "models/autoencoder"
 # What a field may become: wrong types, `true` for a number, null, containers, the edges of

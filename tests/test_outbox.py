@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from helpers import smocsd, write_config
 
-from smocsd import outbox as outbox_module
-from smocsd.outbox import (
+from smocsd.delivery import outbox as outbox_module
+from smocsd.delivery.outbox import (
     APPLICATION_ID,
     DROPPED_FIELD,
     FLUSH_BATCH,
@@ -85,7 +85,7 @@ def test_put_is_durable_when_it_returns(path: Path) -> None:
     """A process killed right after put() returned has still written the result."""
     message = result()
     code = (
-        f"import sys; from pathlib import Path; from smocsd.outbox import Outbox\n"
+        f"import sys; from pathlib import Path; from smocsd.delivery.outbox import Outbox\n"
         f"Outbox(Path({str(path)!r})).put({message!r}); print('put', flush=True)\n"
         f"import time; time.sleep(60)"
     )
@@ -208,7 +208,7 @@ def test_two_outboxes_on_one_file(path: Path) -> None:
 def test_concurrent_writers_in_two_processes(path: Path) -> None:
     Outbox(path).close()
     code = (
-        f"import sys, uuid; from pathlib import Path; from smocsd.outbox import Outbox\n"
+        f"import sys, uuid; from pathlib import Path; from smocsd.delivery.outbox import Outbox\n"
         f"box = Outbox(Path({str(path)!r}))\n"
         f"for i in range(150):\n"
         f"    box.put({{**{result()!r}, 'message_id': str(uuid.uuid4()),"
@@ -879,7 +879,7 @@ def test_readonly_in_a_readonly_directory(
     if writer == "crashed":  # its -wal and -shm stay, with results not in outbox.db yet
         newest = result(9)
         code = (
-            "import os, sys; from pathlib import Path; from smocsd.outbox import Outbox\n"
+            "import os, sys; from pathlib import Path; from smocsd.delivery.outbox import Outbox\n"
             # Kept in a name: on Python 3.10 a temporary outbox is freed (and closed, which
             # checkpoints the WAL away) before os._exit.
             f"box = Outbox(Path({str(path)!r}), 3); box.put({newest!r}); os._exit(0)"
@@ -908,7 +908,7 @@ OTHER_USER_CODE = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from smocsd import outbox
+from smocsd.delivery import outbox
 box = outbox.Outbox.open_readonly(Path(sys.argv[2]))
 print(json.dumps([box.pending(), sorted(box.reported("autoencoder"))]))
 """
@@ -936,7 +936,7 @@ def test_readonly_by_another_user(other_user_python: str, writer: str) -> None:
         # The package's sources (the outbox needs only its lean modules), where the other
         # user can read them: the dev venv lives under /root.
         module = shutil.copytree(
-            Path(outbox_module.__file__).parent,
+            Path(outbox_module.__file__).parents[1],
             code / "smocsd",
             ignore=shutil.ignore_patterns("__pycache__"),
         ).parent

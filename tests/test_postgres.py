@@ -12,9 +12,9 @@ import pytest
 from helpers import smocsd, write_config
 from test_daemon import running  # noqa: F401 - the fixture
 
-from smocsd import demo
-from smocsd.config import SourceConfig
-from smocsd.sources import NoDatabase, PostgresSource, SourceError, quote
+from smocsd.common.config import SourceConfig
+from smocsd.data import demo
+from smocsd.data.sources import NoDatabase, PostgresSource, SourceError, quote
 
 CHANNELS = ("temperature", "vibration", "current")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from services import CertificateAuthority, Kafka, Mosquitto
 
-from smocsd.config import KafkaConfig, MqttConfig, PublishConfig
-from smocsd.outbox import FLUSH_BATCH, Outbox
-from smocsd.publish import Publisher
+from smocsd.common.config import KafkaConfig, MqttConfig, PublishConfig
+from smocsd.delivery.outbox import FLUSH_BATCH, Outbox
+from smocsd.delivery.publish import Publisher
 
 DEVICE = "gw-test"
 MQTT_TOPIC = "smocsd/{device_id}/training-results"

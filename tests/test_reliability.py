@@ -24,10 +24,10 @@ import pytest
 from helpers import Running, insert, smocsd, write_config
 from onnx import numpy_helper
 
-from smocsd import demo
-from smocsd.config import load
-from smocsd.live import LiveScorer
-from smocsd.outbox import Outbox
+from smocsd.app.live import LiveScorer
+from smocsd.common.config import load
+from smocsd.data import demo
+from smocsd.delivery.outbox import Outbox
 from smocsd.scoring import BEYOND_SCORE
 
 MODELS = Path("models/autoencoder")
@@ -131,8 +131,8 @@ def test_a_user_jobs_outcome_is_checked(tmp_path, plant, typed):
 
 CRASH_BEFORE_ENQUEUE = """
 import os, sys
-from smocsd.outbox import Outbox
-from smocsd.cli import main
+from smocsd.delivery.outbox import Outbox
+from smocsd.app.cli import main
 def put(self, message):
     if message.get("version") is not None:
         os._exit(137)  # the power fails after the save, before the result is queued
@@ -222,7 +222,7 @@ DIVERGE = """
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from smocsd.trainers.numpy import NumpyTrainer
+from smocsd.training.trainers.numpy import NumpyTrainer
 fit = NumpyTrainer.fit
 def diverging(self, spec, train, val, out_dir, *args, **kwargs):
     result = fit(self, spec, train, val, out_dir, *args, **kwargs)
@@ -380,7 +380,7 @@ def test_a_recreated_database_restarts_gating(plant):
 def _backlog(state: Path, n: int) -> None:
     """`n` results waiting in the outbox, written as the outbox writes them (in one
     transaction: n separate durable puts would take minutes)."""
-    from smocsd.outbox import Outbox
+    from smocsd.delivery.outbox import Outbox
 
     Outbox(state / "outbox.db", n).close()
     message = {
@@ -397,7 +397,7 @@ def _backlog(state: Path, n: int) -> None:
 
 
 def _depth(state: Path) -> int:
-    from smocsd.outbox import Outbox
+    from smocsd.delivery.outbox import Outbox
 
     outbox = Outbox.open_readonly(state / "outbox.db")
     try:

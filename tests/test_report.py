@@ -15,7 +15,8 @@ import pytest
 from faults import _unavailable
 from helpers import smocsd, write_config
 
-from smocsd import demo, modelfile, report
+from smocsd import modelfile, report
+from smocsd.data import demo
 
 MODELS = Path("models/autoencoder")
 SPARK = "▁▂▃▄▅▆▇█"

@@ -20,14 +20,16 @@ import pytest
 from helpers import insert, smocsd, write_config
 from schemacheck import problems, validate
 
-from smocsd import config, demo, schemas
-from smocsd.cycle import reconcile
-from smocsd.labels import By, Kind, Labels
-from smocsd.labels import message as label_message
-from smocsd.live import LiveScorer
-from smocsd.outbox import Outbox
+from smocsd import schemas
+from smocsd.app.cycle import reconcile
+from smocsd.app.live import LiveScorer
+from smocsd.common import config
+from smocsd.common.labels import By, Kind, Labels
+from smocsd.common.labels import message as label_message
+from smocsd.data import demo
+from smocsd.delivery.outbox import Outbox
 from smocsd.schemas import ALARM_SCHEMA, LABEL_SCHEMA, MODEL_FORMAT, RESULT_SCHEMA
-from smocsd.trainers import ort_training_installed
+from smocsd.training.trainers import ort_training_installed
 
 # ---------------------------------------------------------------- the schema files
 
@@ -201,7 +203,7 @@ def test_alarm_messages_pass(tmp_path: Path) -> None:
 
 
 def test_label_messages_pass(tmp_path: Path) -> None:
-    """Built by smocsd.labels.message from labels as labels.json keeps them, and as the
+    """Built by smocsd.common.labels.message from labels as labels.json keeps them, and as the
     commands queue them."""
     labels = Labels(tmp_path)
     made = [

@@ -11,8 +11,7 @@ import onnx
 import pytest
 from helpers import model_meta
 
-from smocsd import threshold
-from smocsd.modelmeta import AlarmMeta, ModelMeta
+from smocsd.common.modelmeta import AlarmMeta, ModelMeta
 from smocsd.scoring import (
     BEYOND_SCORE,
     SCALE_FLOOR,
@@ -22,7 +21,8 @@ from smocsd.scoring import (
     WindowScore,
     shares,
 )
-from smocsd.trainers.graph import build_model, init_weights
+from smocsd.training import threshold
+from smocsd.training.trainers.graph import build_model, init_weights
 
 
 def lognormal(n: int, seed: int = 0) -> np.ndarray:

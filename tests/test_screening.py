@@ -1,5 +1,5 @@
 """A fault is never learned as normal: the cycle's screening of new rows with the current
-model (smocsd/screen.py), the rows it leaves out of training, the check that a
+model (smocsd/training/screen.py), the rows it leaves out of training, the check that a
 challenger keeps the champion's alarms, the operator's accept and exclude labels, and
 model.accept_after.
 
@@ -22,14 +22,17 @@ import pytest
 from helpers import insert, smocsd, write_config
 from schemacheck import validate
 
-from smocsd import TrainingJob, config, demo
-from smocsd import cycle as cycle_mod
-from smocsd.autoencoder import KEEP_ALARMS, AutoencoderJob
-from smocsd.labels import By, Kind, Labels
-from smocsd.live import LiveScorer
-from smocsd.outbox import Outbox
-from smocsd.sources import open_source
+from smocsd import TrainingJob
+from smocsd.app import cycle as cycle_mod
+from smocsd.app.live import LiveScorer
+from smocsd.common import config
+from smocsd.common.labels import By, Kind, Labels
+from smocsd.data import demo
+from smocsd.data.sources import open_source
+from smocsd.delivery.outbox import Outbox
 from smocsd.store import ModelStore
+from smocsd.training.autoencoder import KEEP_ALARMS, AutoencoderJob
+from smocsd.training.result import CycleResult, Outcome
 
 BACKENDS = ["ort", "numpy"]
 # A persistent fault at the default settings: vibration raised by a constant, 30 times
@@ -120,14 +123,14 @@ def anomalous(rows: list[dict]) -> float:
     return sum(r["anomalous"] for r in rows) / len(rows)
 
 
-def cycle(cfg: config.Config, force: bool = False) -> cycle_mod.CycleResult:
+def cycle(cfg: config.Config, force: bool = False) -> CycleResult:
     """One real cycle in its child process, as the daemon runs it; its result queued."""
     outbox = Outbox(cfg.state_dir / "outbox.db")
     try:
         result, queued = cycle_mod.run(cfg, outbox, force=force)
     finally:
         outbox.close()
-    assert queued and result.outcome is not cycle_mod.Outcome.FAILED, result.error
+    assert queued and result.outcome is not Outcome.FAILED, result.error
     return result
 
 
@@ -448,7 +451,7 @@ def test_a_lasting_alarm_is_accepted_after_model_accept_after(tmp_path, plant, b
         tmp_path / "c.toml", state, training={"backend": backend}, model={"accept_after": "1h"}
     )
     cfg = config.load(path)
-    assert cycle(cfg).outcome is cycle_mod.Outcome.PROMOTED
+    assert cycle(cfg).outcome is Outcome.PROMOTED
 
     first = append(db, 300, scale=8.0)  # 50 minutes of a fault: not yet
     result = cycle(cfg, force=True)

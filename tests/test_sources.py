@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smocsd.config import SourceConfig
-from smocsd.sources import NoDatabase, Readings, SourceError, SQLiteSource, quote
+from smocsd.common.config import SourceConfig
+from smocsd.data.sources import NoDatabase, Readings, SourceError, SQLiteSource, quote
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -379,7 +379,7 @@ def test_without_an_index_on_the_order_column_the_read_is_one_statement(tmp_path
     src = source(db, order_column="seq")
     src.chunk_rows = 2
     src.lock_free = False  # the statements as the locking reads run them, traced
-    with caplog.at_level(logging.WARNING, logger="smocsd.sources"):
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
         src.check()
     assert 'no index on "seq" of table readings' in caplog.text
     statements = traced(src)

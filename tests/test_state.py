@@ -12,8 +12,8 @@ import time
 import pytest
 from helpers import Running, insert, smocsd, write_config
 
-from smocsd import demo
-from smocsd.state import State, StateFile
+from smocsd.common.state import State, StateFile
+from smocsd.data import demo
 
 EVENT_ID = "0b6f3c1e-2d4a-4f5e-9a8b-7c6d5e4f3a2b"
 
@@ -189,7 +189,7 @@ def test_a_damaged_field_is_said_once_reset_and_saved_repaired(tmp_path, caplog)
         read = state.read()
     assert read.scoring is not None and read.scoring.event is None
     assert read.scoring.last_order == 3040 and read.jobs["autoencoder"].last_order == 3000
-    lines = [r.getMessage() for r in caplog.records if r.name == "smocsd.state"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "smocsd.common.state"]
     path = tmp_path / "state.json"
     assert lines == [
         f'{path}: scoring.event.peak_score: expected a number, got "x"; scoring.event reset',
@@ -207,7 +207,7 @@ def test_a_damaged_field_is_said_once_reset_and_saved_repaired(tmp_path, caplog)
     state.read()
     path.write_text(json.dumps(saved))  # damaged again after a repair: said again
     state.read()
-    assert len([r for r in caplog.records if r.name == "smocsd.state"]) == 3
+    assert len([r for r in caplog.records if r.name == "smocsd.common.state"]) == 3
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import onnx
 import onnxruntime
 import pytest
 
-from smocsd.trainers import Fit, TrainSpec, make_trainer, onnxruntime_version
-from smocsd.trainers.graph import init_weights, param_shapes
-from smocsd.trainers.numpy import Network, NumpyTrainer
+from smocsd.training.trainers import Fit, TrainSpec, make_trainer, onnxruntime_version
+from smocsd.training.trainers.graph import init_weights, param_shapes
+from smocsd.training.trainers.numpy import Network, NumpyTrainer
 
 WINDOW, CHANNELS = 10, 3
 N_FEATURES = WINDOW * CHANNELS
@@ -179,7 +179,7 @@ def test_early_stopping_exports_the_best_epoch(backend: str, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_warm_start(backend: str, data, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="smocsd.trainers")
+    caplog.set_level(logging.INFO, logger="smocsd.training.trainers")
     first, first_progress = fit(backend, spec(epochs=3), data, tmp_path / "v1")
     assert not first.warm_started
     second, second_progress = fit(backend, spec(epochs=1), data, tmp_path / "v2", tmp_path / "v1")
@@ -221,7 +221,7 @@ def test_make_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(make_trainer("numpy"), NumpyTrainer)
     with pytest.raises(ValueError, match=r"^training.backend = 'torch' is not one of"):
         make_trainer("torch")
-    monkeypatch.setitem(sys.modules, "smocsd.trainers.ort", None)  # as if it cannot import
+    monkeypatch.setitem(sys.modules, "smocsd.training.trainers.ort", None)  # as if it cannot import
     assert make_trainer("auto").name == "numpy"
     with pytest.raises(ValueError, match=r"^training.backend = 'ort' .* not available: "):
         make_trainer("ort")
@@ -232,7 +232,7 @@ def test_numpy_backend_never_imports_onnxruntime_training(tmp_path: Path) -> Non
     """Plain onnxruntime (aarch64, Python 3.13) has no onnxruntime.training at all."""
     code = (
         "import sys, numpy as np, pathlib\n"
-        "from smocsd.trainers import make_trainer, TrainSpec\n"
+        "from smocsd.training.trainers import make_trainer, TrainSpec\n"
         "class W:\n"
         "    n_features = 6\n"
         "    def __len__(self): return 40\n"
@@ -279,7 +279,7 @@ class CountingWindows(ArrayWindows):
 
 
 def test_windows_are_gathered_in_blocks_and_fed_batch_by_batch_in_shuffled_order() -> None:
-    from smocsd.trainers._common import GATHER_WINDOWS, run_epochs
+    from smocsd.training.trainers._common import GATHER_WINDOWS, run_epochs
 
     rows = np.arange(5000 * 2, dtype=np.float32).reshape(5000, 2)
     train, val = CountingWindows(rows), ArrayWindows(rows[:10])
@@ -311,7 +311,7 @@ def test_ort_training_leaves_the_callers_floats_alone(data, tmp_path: Path) -> N
 
 
 def test_numpy_adamw_flushes_moments_before_they_turn_denormal() -> None:
-    from smocsd.trainers.numpy import FLUSH_EVERY, AdamW
+    from smocsd.training.trainers.numpy import FLUSH_EVERY, AdamW
 
     params = np.ones(4, np.float32)
     grads = np.array([1.0, 1.0, 1.0, 1.0], np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smocsd.windows import (
+from smocsd.data.windows import (
     MAX_Z,
     DataError,
     Normalization,
@@ -142,7 +142,7 @@ def test_normalization_a_block_at_a_time_is_that_of_all_rows_at_once(monkeypatch
     values[[10, 500, 501]] = [np.nan, np.inf, 7.0]
     starts = valid_starts(~np.isfinite(values).all(axis=1), 10, 1)
     whole = split(values, starts, 10, 0.2)
-    monkeypatch.setattr("smocsd.windows.BLOCK_ROWS", 37)
+    monkeypatch.setattr("smocsd.data.windows.BLOCK_ROWS", 37)
     blocks = split(values, starts, 10, 0.2)
     covered = np.zeros(1000, bool)
     for s in whole.train.starts:

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from smocsd.trainers import Fit, Progress, Trainer, TrainSpec, Windows
-from smocsd.trainers._common import check_inputs, load_warm_start, run_epochs
-from smocsd.trainers.graph import build_model, init_weights, layer_sizes, param_shapes
+from smocsd.training.trainers import Fit, Progress, Trainer, TrainSpec, Windows
+from smocsd.training.trainers._common import check_inputs, load_warm_start, run_epochs
+from smocsd.training.trainers.graph import build_model, init_weights, layer_sizes, param_shapes
 
 CHECKPOINT = "weights.npz"
 

@@ -1,5 +1,5 @@
 """The daemon: a lean loop of timer, outbox, publishing and sd_notify; each training cycle
-runs in a child process (smocsd/cycle.py).
+runs in a child process (smocsd/app/child.py).
 
 Signals only set flags; the loop acts on them between steps, so a stop never interrupts
 the store's atomic save and a reload never races a cycle. Nothing raised in a tick ends
@@ -18,16 +18,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import config as config_mod
+from ..common import config as config_mod
+from ..common.config import Config, ConfigError
+from ..common.labels import Labels
+from ..common.state import State
+from ..delivery.outbox import Outbox
+from ..delivery.publish import Publisher
+from ..store import ModelStore
+from ..training.job import Stopped
+from ..training.result import CycleResult, Outcome, error_line
 from . import cycle, metrics, systemd
-from .config import Config, ConfigError
-from .cycle import CycleResult, Outcome
-from .job import Stopped
-from .labels import Labels
-from .outbox import Outbox
-from .publish import Publisher
-from .state import State
-from .store import ModelStore
 
 if TYPE_CHECKING:  # numpy and onnxruntime: imported only when scoring is on
     from .live import LiveScorer
@@ -225,7 +225,7 @@ class Daemon:
         except Stopped:
             raise
         except Exception as exc:
-            error = cycle.error_line(exc)
+            error = error_line(exc)
             if self.errors.get(name) != error:
                 log.error("%s: %s (retrying with a backoff)", name, error)
                 log.debug("traceback", exc_info=True)

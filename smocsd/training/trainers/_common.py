@@ -17,8 +17,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from smocsd.trainers import Fit, Progress, TrainSpec, Windows
-from smocsd.trainers.graph import param_shapes
+from smocsd.training.trainers import Fit, Progress, TrainSpec, Windows
+from smocsd.training.trainers.graph import param_shapes
 
 log = logging.getLogger(__name__)
 

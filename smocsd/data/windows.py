@@ -16,7 +16,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 if TYPE_CHECKING:
-    from .modelmeta import NormalizationMeta
+    from ..common.modelmeta import NormalizationMeta
 
 
 class DataError(Exception):

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar, Union
 from urllib.parse import quote
 
-from .files import fsync_path, locked
-from .schemas import ALARM_SCHEMA, LABEL_SCHEMA, RESULT_SCHEMA
+from ..common.files import fsync_path, locked
+from ..schemas import ALARM_SCHEMA, LABEL_SCHEMA, RESULT_SCHEMA
 
 __all__ = [
     "APPLICATION_ID",
@@ -90,7 +90,7 @@ _FIELDS: _Spec = {
     "timestamp": (str,),
 }
 # ... and what each kind of message smocsd queues must hold besides. The names come from
-# smocsd.schemas, not from their senders (cycle.py: numpy; publish.py: the brokers'
+# smocsd.schemas, not from their senders (hooks.py: numpy; publish.py: the brokers'
 # clients), so that the reading commands stay lean; tests/test_outbox.py checks them.
 _SCHEMA_FIELDS: dict[str, _Spec] = {
     RESULT_SCHEMA: {"outcome": (str,), "version": (int, type(None))},

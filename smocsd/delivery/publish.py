@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from smocsd.config import ConfigError, KafkaConfig, MqttConfig, PublishConfig, read_secret
+from smocsd.common.config import ConfigError, KafkaConfig, MqttConfig, PublishConfig, read_secret
 from smocsd.schemas import ALARM_SCHEMA, LABEL_SCHEMA
 
 log = logging.getLogger("smocsd.publish")
@@ -41,7 +41,7 @@ _KAFKA_REFUSED = frozenset(
 
 
 def topic_of(cfg: KafkaConfig | MqttConfig, message: dict) -> str:
-    """Alarm events (smocsd/live.py) and labels (smocsd/labels.py) go to their own
+    """Alarm events (smocsd/app/live.py) and labels (smocsd/common/labels.py) go to their own
     topics, training results to theirs."""
     schema = message.get("schema")
     if schema == ALARM_SCHEMA:

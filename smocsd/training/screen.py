@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import labels as labels_mod
-from . import scoring
-from .labels import By, Kind, Label, Labels, ranges_of
-from .modelmeta import ModelMeta
-from .store import ModelStore
+from .. import scoring
+from ..common import labels as labels_mod
+from ..common.labels import By, Kind, Label, Labels, ranges_of
+from ..common.modelmeta import ModelMeta
+from ..store import ModelStore
 
 if TYPE_CHECKING:
     from .job import TrainingJob

@@ -104,7 +104,7 @@ class CycleRecord:
     """
 
     at: str  # utcnow()
-    outcome: str  # cycle.Outcome's value
+    outcome: str  # result.Outcome's value
     version: int | None = None
     reason: str | None = None
     error: str | None = None

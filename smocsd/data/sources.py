@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .config import SourceConfig, read_secret
+from ..common.config import SourceConfig, read_secret
 
 log = logging.getLogger(__name__)
 

@@ -26,18 +26,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .config import Config
-from .cycle import Outcome
-from .files import remove_temp_files, write_atomic
-from .modelmeta import ModelMeta
-from .outbox import Outbox
-from .state import State
-from .store import ModelStore, StoreError
+from .. import __version__
+from ..common.config import Config
+from ..common.files import remove_temp_files, write_atomic
+from ..common.modelmeta import ModelMeta
+from ..common.state import State
+from ..delivery.outbox import Outbox
+from ..store import ModelStore, StoreError
+from ..training.result import Outcome
 
 if TYPE_CHECKING:  # numpy: imported by the daemon only when scoring is on
+    from ..delivery.publish import Publisher, Sink
     from .live import LiveScorer
-    from .publish import Publisher, Sink
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from . import config as config_mod
-from .config import Config, ConfigError
-from .labels import Kind, Label, LabelError, Labels, ranges_of
-from .outbox import Outbox, OutboxError, json_safe
-from .schemas import LABEL_SCHEMA
-from .store import ModelStore, StoreError, version_name
+from .. import __version__
+from ..common import config as config_mod
+from ..common.config import Config, ConfigError
+from ..common.labels import Kind, Label, LabelError, Labels, ranges_of
+from ..delivery.outbox import Outbox, OutboxError, json_safe
+from ..schemas import LABEL_SCHEMA
+from ..store import ModelStore, StoreError, version_name
 from .systemd import configure_logging
 
 if TYPE_CHECKING:
-    from .state import ScoringPosition, StateFile
+    from ..common.state import ScoringPosition, StateFile
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -66,9 +66,9 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_train_once(cfg: Config, args: argparse.Namespace) -> int:
-    from .cycle import Outcome
+    from ..delivery.outbox import json_safe
+    from ..training.result import Outcome
     from .daemon import Parts, prepare_state_dir
-    from .outbox import json_safe
 
     prepare_state_dir(cfg)
     parts = Parts(cfg)
@@ -89,7 +89,7 @@ _SOURCE_KEY = re.compile(r" ?\((source\.\w+)\)")
 def _check_source(cfg: Config) -> tuple[list[str], str | None]:
     """(problems, note): the configured table and columns checked against the database
     when it can be reached, else a note saying why it was not checked."""
-    from .sources import NoDatabase, SourceError, open_source  # numpy: not in the daemon
+    from ..data.sources import NoDatabase, SourceError, open_source  # numpy: not in the daemon
 
     source = open_source(cfg.source)
     try:
@@ -134,7 +134,7 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 
 def _check_job(cfg: Config, path: Path) -> None:
     """A training.job that cannot be loaded is a configuration error, found before running."""
-    from .cycle import JobLoadFailed, job_problem
+    from .child import JobLoadFailed, job_problem
 
     try:
         problem = job_problem(cfg.training.job)
@@ -160,7 +160,7 @@ def _outbox_readonly(cfg: Config) -> Outbox | None:
 def _training_backend(cfg: Config) -> tuple[str | None, str | None]:
     """(backend, problem): what training.backend resolves to on this install, found on
     disk without importing numpy or ONNX Runtime (status only reads, and stays cheap)."""
-    from .trainers import resolve_backend
+    from ..training.trainers import resolve_backend
 
     try:
         return resolve_backend(cfg.training.backend), None
@@ -169,7 +169,7 @@ def _training_backend(cfg: Config) -> tuple[str | None, str | None]:
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    from .state import State
+    from ..common.state import State
 
     _require_state_dir(cfg)
     store = ModelStore.of(cfg)
@@ -256,7 +256,7 @@ def _scoring_status(cfg: Config, scoring: ScoringPosition | None) -> dict[str, A
     """Where live scoring stands, how many rows it is behind, and the open alarm."""
     if scoring is None:
         return None
-    from .sources import SourceError, open_source
+    from ..data.sources import SourceError, open_source
 
     source = open_source(cfg.source)  # the database at the path now, not the one scored
     after = scoring.last_order
@@ -365,7 +365,7 @@ def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
     _require_state_dir(cfg)
     if args.outbox_command == "flush":
-        from .publish import Publisher
+        from ..delivery.publish import Publisher
 
         outbox = Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max)
         publisher = Publisher(cfg.publish, cfg.daemon.device_id)
@@ -412,11 +412,11 @@ def cmd_outbox(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
-    """Scores a stored range with live scoring's own code (smocsd/live.py `decide`), so
+    """Scores a stored range with live scoring's own code (smocsd/app/live.py `decide`), so
     the two agree row for row."""
+    from ..data.sources import SourceError, open_source
+    from ..scoring import Model
     from .live import decide  # numpy and onnxruntime: this command's imports only
-    from .scoring import Model
-    from .sources import SourceError, open_source
 
     store = ModelStore.of(cfg)
     version = args.version or store.current()
@@ -457,7 +457,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
 
 def _publish_label(cfg: Config, label: Label, action: str) -> None:
     """The label's message into the outbox; the daemon delivers it at its next check."""
-    from .labels import message
+    from ..common.labels import message
 
     try:
         outbox = Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max)
@@ -487,7 +487,7 @@ def _alarm_start(cfg: Config, state: StateFile, labels: list[Label]) -> int | No
 
 
 def cmd_accept(cfg: Config, args: argparse.Namespace) -> int:
-    from .state import State
+    from ..common.state import State
 
     _require_state_dir(cfg)
     labels = Labels(cfg.state_dir)
@@ -506,7 +506,7 @@ def cmd_accept(cfg: Config, args: argparse.Namespace) -> int:
 
 def _newest_order(cfg: Config) -> int:
     """The order value of the newest row now: what an accept without --to reaches to."""
-    from .sources import SourceError, open_source
+    from ..data.sources import SourceError, open_source
 
     source = open_source(cfg.source)
     try:
@@ -551,7 +551,7 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     if path is None:
         raise ConfigError(["demo: source.kind is not 'sqlite'; give --db PATH"])
     try:
-        from . import demo  # numpy: imported by this command only, never by the daemon
+        from ..data import demo  # numpy: imported by this command only, never by the daemon
 
         total = demo.write(path, args.rows, seed=args.seed, table=cfg.source.table)
     except sqlite3.Error as exc:  # SQLite's messages do not name the file

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..schemas import MODEL_FORMAT
 from .records import (
     Damage,
     Findings,
@@ -38,7 +39,6 @@ from .records import (
     text,
     uuid_text,
 )
-from .schemas import MODEL_FORMAT
 
 T = TypeVar("T")
 

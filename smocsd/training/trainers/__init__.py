@@ -141,7 +141,7 @@ def make_trainer(backend: str) -> Trainer:
     name = resolve_backend(backend)
     if name == "ort":
         try:
-            from smocsd.trainers.ort import OrtTrainer
+            from smocsd.training.trainers.ort import OrtTrainer
         except ImportError as e:
             if backend == "ort":
                 raise ValueError(
@@ -150,7 +150,7 @@ def make_trainer(backend: str) -> Trainer:
             log.warning("ONNX Runtime training does not import (%s); training with numpy", e)
         else:
             return OrtTrainer()
-    from smocsd.trainers.numpy import NumpyTrainer
+    from smocsd.training.trainers.numpy import NumpyTrainer
 
     return NumpyTrainer()
 

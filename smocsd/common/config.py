@@ -161,7 +161,7 @@ _MAX_DB_TIMEOUT = 24 * 86400.0
 # librdkafka's request.timeout.ms takes at most 15 minutes; MQTT's keepalive (twice the
 # timeout) a 16-bit count of seconds. Longer would stall the daemon's tick anyway. Not
 # bounded by the unit's WatchdogSec (2 min): an attempt feeds the watchdog while it waits
-# (smocsd/publish.py, _SLICE).
+# (smocsd/delivery/publish.py, _SLICE).
 _MAX_SEND_TIMEOUT = 15 * 60.0
 
 
@@ -672,7 +672,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Live scoring of every new row by the current model, in the daemon (smocsd/live.py)."""
+    """Live scoring of every new row by the current model, in the daemon (smocsd/app/live.py)."""
 
     enabled: bool = _opt(
         False,
@@ -714,7 +714,7 @@ def _textfile(value: Any) -> Path | None:
 @dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus metrics in a text file for node_exporter's textfile collector
-    (smocsd/metrics.py); None: not written."""
+    (smocsd/app/metrics.py); None: not written."""
 
     textfile: Path | None = _opt(
         None,

@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from . import scoring
-from .config import Config
-from .labels import Kind, LabelError, Labels, ranges_of
-from .outbox import Outbox
-from .schemas import ALARM_SCHEMA
-from .scoring import Model, shares
-from .sources import Moved, NoDatabase, Readings, Source, open_source
-from .state import AlarmEvent, ScoringPosition, State, utcnow
-from .store import ModelStore
+from .. import scoring
+from ..common.config import Config
+from ..common.labels import Kind, LabelError, Labels, ranges_of
+from ..common.state import AlarmEvent, ScoringPosition, State, utcnow
+from ..data.sources import Moved, NoDatabase, Readings, Source, open_source
+from ..delivery.outbox import Outbox
+from ..schemas import ALARM_SCHEMA
+from ..scoring import Model, shares
+from ..store import ModelStore
 
 log = logging.getLogger(__name__)
 

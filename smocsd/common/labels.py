@@ -21,8 +21,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ..schemas import LABEL_SCHEMA
 from .files import locked, remove_temp_files, write_atomic
-from .schemas import LABEL_SCHEMA
 from .state import utcnow
 
 FORMAT = "smocsd.labels/1"

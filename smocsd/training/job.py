@@ -1,7 +1,7 @@
 """The public extension API: TrainingJob and its five hooks, and the progress it reports.
 
 smocsd owns scheduling, the database handle, publishing, the lifecycle and error
-recovery (smocsd/cycle.py); a job only says how to build, feed, train, evaluate and
+recovery (smocsd/app/cycle.py); a job only says how to build, feed, train, evaluate and
 save its model.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # the daemon imports this module and must not load numpy through sources
-    from .config import Config
+    from ..common.config import Config
+    from ..data.sources import Source
     from .screen import LeaveOut
-    from .sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Saved:
     """What save_model() returns: the version it saved (None: it numbers none), whether it
     became the one in use, and the `model_meta` its training result carries (the built-in
     job: the whole metadata.json). A dict of the same keys is accepted too (the contract's
-    first form); smocsd.cycle checks either and converts it once."""
+    first form); smocsd.training.hooks checks either and converts it once."""
 
     version: int | None = None
     outcome: Literal["promoted", "rejected"] = "promoted"

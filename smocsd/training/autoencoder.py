@@ -14,28 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, modelfile, report, threshold
-from .job import Saved, TrainingJob
-from .labels import Kind, Label, LabelError, Labels
-from .modelmeta import METADATA, ModelMeta
-from .records import Damage
-from .schemas import MODEL_FORMAT
-from .scoring import (
-    AlarmRule,
-    Model,
-    ScoreKind,
-    WindowScore,
-    channel_errors,
-    in_ranges,
-    open_session,
-    shares,
-)
-from .screen import JOIN_WINDOWS, runs
-from .sources import Readings
-from .state import utcnow
-from .store import Champion, CurrentMoved, ModelStore
-from .trainers import Trainer, TrainSpec, make_trainer, onnxruntime_version, resolve_backend
-from .windows import (
+from .. import __version__, modelfile, report
+from ..common.labels import Kind, Label, LabelError, Labels
+from ..common.modelmeta import METADATA, ModelMeta
+from ..common.records import Damage
+from ..common.state import utcnow
+from ..data.sources import Readings
+from ..data.windows import (
     MAX_READING,
     MAX_Z,
     DataError,
@@ -48,6 +33,22 @@ from .windows import (
     split,
     valid_starts,
 )
+from ..schemas import MODEL_FORMAT
+from ..scoring import (
+    AlarmRule,
+    Model,
+    ScoreKind,
+    WindowScore,
+    channel_errors,
+    in_ranges,
+    open_session,
+    shares,
+)
+from ..store import Champion, CurrentMoved, ModelStore
+from . import threshold
+from .job import Saved, TrainingJob
+from .screen import JOIN_WINDOWS, runs
+from .trainers import Trainer, TrainSpec, make_trainer, onnxruntime_version, resolve_backend
 
 
 class _EpochLog:

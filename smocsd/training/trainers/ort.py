@@ -32,14 +32,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import OrtValueVector
 from onnxruntime.training import artifacts
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
-from smocsd.trainers import Fit, Progress, Trainer, TrainSpec, Windows
-from smocsd.trainers._common import check_inputs, load_warm_start, run_epochs
-from smocsd.trainers.graph import (
-    OUTPUT_NAME,
-    build_model,
-    init_weights,
-    param_shapes,
-)
+from smocsd.training.trainers import Fit, Progress, Trainer, TrainSpec, Windows
+from smocsd.training.trainers._common import check_inputs, load_warm_start, run_epochs
+from smocsd.training.trainers.graph import OUTPUT_NAME, build_model, init_weights, param_shapes
 
 CHECKPOINT = "checkpoint"
 T = TypeVar("T")

@@ -1,0 +1,93 @@
+"""One training cycle, end to end: the cycle lock, the job's state read, a child process
+that calls the five hooks (smocsd/app/child.py supervises it, smocsd/training/hooks.py calls them),
+cleanup of a half-built version, then the result in the outbox and the job's state
+(smocsd/app/recording.py); and, before a cycle, the results of saved versions that never
+reached the outbox.
+
+The daemon never imports numpy, ONNX Runtime or a user's job: the hooks run in a child
+process started per cycle (multiprocessing "spawn": a fresh interpreter that inherits no
+lock, thread or socket of the daemon). A crash, an OOM kill or a hang there becomes a
+`failed` result naming the cause, never a dead daemon, and the memory training needed
+goes back to the system when the child exits. `train-once` runs the very same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from ..common.config import Config
+from ..common.files import locked
+from ..common.state import State
+from ..delivery.outbox import Outbox
+from ..store import ModelStore
+from ..training.result import CycleResult, Outcome
+from .child import in_child
+from .recording import record, recovered
+
+log = logging.getLogger(__name__)
+
+
+def cycle_lock(state_dir: Path) -> contextlib.AbstractContextManager[bool]:
+    """One cycle at a time per state_dir (the daemon and a manual train-once may race):
+    whether this one may run; a cycle already running makes this one a skip, not a wait."""
+    return locked(state_dir / "cycle.lock", wait=False)
+
+
+def run(
+    cfg: Config,
+    outbox: Outbox,
+    *,
+    force: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_alive: Callable[[], None] = lambda: None,
+    on_status: Callable[[str], None] = lambda text: None,
+) -> tuple[CycleResult, bool]:
+    """One cycle: (its result, whether the result is durable in the outbox).
+
+    Raises Stopped when `should_stop` turned true (or Ctrl-C came) before a result.
+    """
+    with cycle_lock(cfg.state_dir) as held:
+        if not held:
+            return CycleResult(Outcome.SKIPPED, reason="another training cycle is running"), True
+        entry = State(cfg.state_dir).read().jobs.get(cfg.model.name)
+        job_state = None if entry is None else entry.to_json()
+        result: CycleResult | None = None
+        try:
+            result = in_child(cfg, force, job_state, should_stop, on_alive, on_status)
+        finally:
+            if result is None or result.outcome is Outcome.FAILED:
+                # The child died or failed mid-build: its half-built version goes now,
+                # under the cycle lock that no other cycle holds.
+                for leftover in ModelStore.of(cfg).recover():
+                    log.info("removed %s left by the failed cycle", leftover)
+        level = logging.ERROR if result.outcome is Outcome.FAILED else logging.INFO
+        log.log(level, "%s", result.describe())
+        return result, record(cfg, outbox, result)
+
+
+def reconcile(cfg: Config, outbox: Outbox) -> int:
+    """The model store is the truth: enqueues the result of every kept version that has
+    none in the outbox (a crash or a full disk between save and enqueue). Returns how
+    many; under the cycle lock, so a running cycle's own result is never doubled."""
+    store = ModelStore.of(cfg)
+    enqueued = 0
+    with cycle_lock(cfg.state_dir) as held:
+        if not held:
+            return 0
+        reported = outbox.reported(cfg.model.name)
+        for version in store.versions():
+            if version in reported:
+                continue
+            result = recovered(cfg, store, version)
+            if result is None:
+                continue
+            outbox.put(result.message(cfg))
+            enqueued += 1
+            log.warning(
+                "v%d had no result in the outbox (lost between save and enqueue): enqueued it",
+                version,
+            )
+    return enqueued
