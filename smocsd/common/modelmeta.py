@@ -39,6 +39,9 @@ from .records import (
     text,
     uuid_text,
 )
+from .records import count as _count
+from .records import nonnegative as _nonnegative
+from .records import positive as _positive
 
 T = TypeVar("T")
 
@@ -55,18 +58,6 @@ class MetaError(Exception):
 
 
 # --- checks of one value
-
-
-def _count(value: Any, name: str) -> int:
-    return integer(value, name, 0)
-
-
-def _positive(value: Any, name: str) -> int:
-    return integer(value, name, 1)
-
-
-def _nonnegative(value: Any, name: str) -> float:
-    return number(value, name, 0.0)
 
 
 def _boolean(value: Any, name: str) -> bool:

@@ -74,6 +74,22 @@ def uuid_text(value: Any, name: str) -> str:
     raise Damage(name, f"expected a UUID, got {shown(value)}")
 
 
+def count(value: Any, name: str) -> int:
+    """An integer >= 0: a counter, an id, a count of rows."""
+    return integer(value, name, 0)
+
+
+def positive(value: Any, name: str) -> int:
+    """An integer >= 1: a version number."""
+    return integer(value, name, 1)
+
+
+def nonnegative(value: Any, name: str) -> float:
+    """A finite number >= 0: a score or threshold (scoring caps scores at float32's largest,
+    finite), a loss."""
+    return number(value, name, 0.0)
+
+
 def or_null(check: Callable[[Any, str], T]) -> Callable[[Any, str], T | None]:
     return lambda value, name: None if value is None else check(value, name)
 

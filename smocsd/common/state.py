@@ -22,11 +22,14 @@ from typing import Any, TypeVar
 from .files import locked, remove_temp_files, write_atomic
 from .records import Damage, Findings
 from .records import Object as _Object
+from .records import count as _count
 from .records import integer as _integer
 from .records import json_list as _list
 from .records import names as _names
+from .records import nonnegative as _score
 from .records import number as _number
 from .records import or_null as _or_null
+from .records import positive as _version
 from .records import shown as _shown
 from .records import text as _text
 from .records import uuid_text as _uuid
@@ -51,25 +54,11 @@ def _order(value: Any, name: str) -> int:
     return _integer(value, name)
 
 
-def _count(value: Any, name: str) -> int:
-    """A label id, a counter, a version that may be 0."""
-    return _integer(value, name, 0)
-
-
-def _version(value: Any, name: str) -> int:
-    return _integer(value, name, 1)
-
-
 def _epoch(value: Any, name: str) -> float:
     number = _number(value, name)
     if not 0.0 <= number <= LATEST_EPOCH:
         raise Damage(name, f"expected an epoch time in 1970..9999, got {_shown(value)}")
     return number
-
-
-def _score(value: Any, name: str) -> float:
-    """A window score or threshold: scoring caps scores at float32's largest, finite."""
-    return _number(value, name, 0.0)
 
 
 def _local_time(value: Any, name: str) -> str:
