@@ -59,7 +59,7 @@ def _keys() -> dict[str, Field]:
         for f in fields(cls):
             if "parse" in f.metadata:
                 keys[f"{prefix}.{f.name}"] = f
-            else:
+            elif "derived" not in f.metadata:
                 walk(type(f.default_factory()), f"{prefix}.{f.name}")
 
     for name, cls in config._SECTIONS.items():

@@ -201,7 +201,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "next_check": state.next_check,
         "outbox_depth": depth,
         "outbox_quarantined": quarantined,
-        "scoring": _scoring_status(cfg, state.scoring),
+        "scoring": _scoring_status(cfg, state.scoring_of(cfg.model.name, cfg.model.name)),
         "labels": [x.to_json() for x in labels],
         "labels_problem": labels_problem,
         "left_out": _left_out(cfg, state),
@@ -479,7 +479,8 @@ def _alarm_start(cfg: Config, state: StateFile, labels: list[Label]) -> int | No
         for s in state.spans(cfg.model.name)
         if s.why == "alarm" and not any(x.covers(s.first) and x.covers(s.last) for x in accepted)
     ]
-    event = None if state.scoring is None else state.scoring.event
+    position = state.scoring_of(cfg.model.name, cfg.model.name)
+    event = None if position is None else position.event
     if event is not None:
         start = event.start["order"]
         return next((first for first, last in spans if first <= start <= last), start)

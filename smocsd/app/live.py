@@ -135,7 +135,9 @@ class LiveScorer:
         self.cfg = cfg
         self.store = ModelStore.of(cfg)
         self.state = State(cfg.state_dir)
-        self.position = Position.from_state(self.state.read().scoring)
+        self.position = Position.from_state(
+            self.state.read().scoring_of(cfg.model.name, cfg.model.name)
+        )
         self.source: Source | None = None
         self.missing = False  # no database at the source, said once
         self.renewed = False  # the database is not the one `position` is in
@@ -323,5 +325,6 @@ class LiveScorer:
     def _save(self) -> None:
         pos = self.position
         self.state.update(
-            scoring=ScoringPosition(pos.last_order, pos.version, pos.recent, pos.event, utcnow())
+            model=self.cfg.model.name,
+            scoring=ScoringPosition(pos.last_order, pos.version, pos.recent, pos.event, utcnow()),
         )

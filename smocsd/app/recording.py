@@ -43,9 +43,10 @@ def record(cfg: Config, outbox: Outbox, result: CycleResult) -> bool:
         reason=result.reason or None,
         error=result.error or None,
     )
-    job = None if result.job_state is None else (cfg.model.name, result.job_state)
     try:
-        State(cfg.state_dir).update(job=job, last_cycle=last_cycle)
+        State(cfg.state_dir).update(
+            model=cfg.model.name, job=result.job_state, last_cycle=last_cycle
+        )
     except OSError as exc:
         log.error("state not saved: %s", exc)
     return queued

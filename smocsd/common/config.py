@@ -18,7 +18,7 @@ import stat
 import sys
 import unicodedata
 from collections.abc import Callable
-from dataclasses import Field, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -507,6 +507,22 @@ class SourceConfig:
             rule="not `time_column` or `order_column`",
         ),
     )
+    partition_column: str | None = _opt(
+        None,
+        _column,
+        KeyDoc(
+            "a column naming each row's asset (pump, motor, line): one model per distinct "
+            "value, named `<model.name>@<value>`, trained, scored and versioned on its own "
+            "rows only ([Many machines](#many-machines))",
+            rule="not `time_column`, `order_column` or a channel; a value names a model only "
+            "if it is an integer or 1 to 64 of `A-Z a-z 0-9 . _ -` starting with a letter or "
+            "digit ([Partition values](#partition-values))",
+            unset="one model of all the table's rows",
+            example='"asset"',
+        ),
+    )
+    # Not a key: the partition value whose rows this model reads (Config.for_partition).
+    partition: str | None = field(default=None, metadata={"derived": True})
     busy_timeout: float = _opt(
         10.0,
         _positive_duration(_MAX_DB_TIMEOUT),
@@ -872,9 +888,53 @@ class Config:
     warnings: tuple[str, ...] = ()  # deprecated keys: logged, never fatal
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
+    # The [models.<name>] tables, each a whole Config with its overrides applied; empty:
+    # the top level alone is the one model.
+    models: tuple[Config, ...] = ()
+
     @property
     def state_dir(self) -> Path:
         return self.daemon.state_dir
+
+    def definitions(self) -> tuple[Config, ...]:
+        """The configured models: the [models.<name>] tables, else the top level. One that
+        is partitioned stands for one model per value (for_partition)."""
+        return self.models or (self,)
+
+    @property
+    def partitioned(self) -> bool:
+        return self.source.partition_column is not None and self.source.partition is None
+
+    def for_partition(self, value: str) -> Config:
+        """The model of one partition value: `<model.name>@<value>`, reading its rows only."""
+        return replace(
+            self,
+            source=replace(self.source, partition=value),
+            model=replace(self.model, name=f"{self.model.name}@{value}"),
+        )
+
+
+# A partition value names a directory (models/<name>@<value>), one MQTT topic level and
+# half of the Kafka key: no '/', no MQTT wildcard, no control character, no leading '.'
+# (".", ".." and hidden directories), and short enough for any file system.
+_PARTITION_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PARTITION_SEPARATOR = "@"
+
+
+def partition_value(raw: Any) -> str:
+    """A partition column's value as the model name's suffix, or ValueError saying why it
+    cannot name a model: integers as written, text as it is if it passes the rule."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        text = str(raw)
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        raise ValueError(f"{raw!r}: a {_type_name(raw)}, not an integer or text")
+    if not _PARTITION_VALUE.fullmatch(text):
+        raise ValueError(
+            f"{text!r}: not 1 to 64 of A-Z a-z 0-9 . _ - starting with a letter or digit"
+        )
+    return text
 
 
 _SECTIONS = {
@@ -897,7 +957,7 @@ def keys() -> dict[str, Field]:
         leaves = [f for f in fields(cls) if "parse" in f.metadata]
         found.update((f"{prefix}.{f.name}", f) for f in leaves)
         for f in fields(cls):
-            if "parse" not in f.metadata:
+            if f.default_factory is not MISSING:
                 walk(type(f.default_factory()), f"{prefix}.{f.name}")
 
     for name, cls in _SECTIONS.items():
@@ -918,10 +978,17 @@ def _load_section(
 ) -> Any:
     """Builds `cls` from a TOML table, collecting one problem per bad or unknown key and
     one warning per deprecated key."""
+    return cls(**_section_values(cls, table, prefix, problems, warnings))
+
+
+def _section_values(
+    cls: type, table: Any, prefix: str, problems: list[str], warnings: list[str]
+) -> dict[str, Any]:
+    """The keys a TOML table gives for `cls`, parsed (see _load_section)."""
     if not isinstance(table, dict):
         problems.append(f"{prefix}: expected a table, got {_type_name(table)}")
-        return cls()
-    known = {f.name: f for f in fields(cls)}
+        return {}
+    known = {f.name: f for f in fields(cls) if "derived" not in f.metadata}
     kwargs = {}
     for key, value in table.items():
         f = known.get(key)
@@ -929,7 +996,7 @@ def _load_section(
             warnings.append(f"{prefix}.{key}: {DEPRECATED[f'{prefix}.{key}']}")
         elif f is None:
             problems.append(f"{prefix}.{key}: unknown key")
-        elif "parse" not in f.metadata:  # a nested table
+        elif f.default_factory is not MISSING:  # a nested table
             nested = type(f.default_factory())
             kwargs[key] = _load_section(nested, value, f"{prefix}.{key}", problems, warnings)
         else:
@@ -937,7 +1004,7 @@ def _load_section(
                 kwargs[key] = f.metadata["parse"](value)
             except ValueError as exc:
                 problems.append(f"{prefix}.{key}: {exc}")
-    return cls(**kwargs)
+    return kwargs
 
 
 # A warning, not an error: the gateway connects all the same, and an upgrade must not stop
@@ -965,7 +1032,17 @@ def _dsn_has_password(dsn: str) -> bool:
 
 
 def _check(cfg: Config, problems: list[str]) -> None:
-    """Checks that span several keys."""
+    """Checks that span several keys: each model's, then the publishing ones."""
+    for model in cfg.definitions():
+        found: list[str] = []
+        _check_model(model, found)
+        prefix = f"models.{model.model.name}." if cfg.models else ""
+        problems += [prefix + problem for problem in found]
+    _check_publish(cfg, problems)
+
+
+def _check_model(cfg: Config, problems: list[str]) -> None:
+    """The checks of one model's [source], [training] and [model] keys."""
     t, s = cfg.training, cfg.source
     if t.max_rows < t.window_size + 1:
         problems.append(f"training.max_rows: must exceed window_size ({t.window_size})")
@@ -994,6 +1071,13 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"source.{key}: only for kind = 'postgres'")
     if s.time_column in s.channels or (s.order_column or "rowid") in s.channels:
         problems.append("source.channels: must not include time_column or order_column")
+    if s.partition_column in (*s.channels, s.time_column, s.order_column or "rowid"):
+        problems.append(
+            "source.partition_column: must not be time_column, order_column or a channel"
+        )
+
+
+def _check_publish(cfg: Config, problems: list[str]) -> None:
     k = cfg.publish.kafka
     if k.sasl_mechanism and not (k.security_protocol or "").startswith("SASL"):
         problems.append("publish.kafka.sasl_mechanism: needs security_protocol SASL_PLAINTEXT/SSL")
@@ -1017,6 +1101,95 @@ def _check(cfg: Config, problems: list[str]) -> None:
             )
 
 
+# The sections a [models.<name>] table may override, key by key.
+MODEL_SECTIONS = ("source", "training", "model", "scoring")
+
+
+def _model_tables(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """The [models.<name>] tables, each name a plain identifier (it names a directory)."""
+    if not isinstance(value, dict):
+        problems.append(
+            f"models: expected a table of [models.<name>] tables, got {_type_name(value)}"
+        )
+        return {}
+    tables = {}
+    for name, table in value.items():
+        try:
+            _identifier(name)
+        except ValueError as exc:
+            problems.append(f"models.{name}: {exc}")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"models.{name}: expected a table, got {_type_name(table)}")
+            continue
+        tables[name] = table
+    return tables
+
+
+def _model(
+    top: Config,
+    doc: dict[str, Any],
+    name: str,
+    table: dict[str, Any],
+    problems: list[str],
+    warnings: list[str],
+) -> Config:
+    """The model of one [models.<name>] table: the top level with the keys it names
+    replaced; `model.name` is the table's name."""
+    prefix = f"models.{name}"
+    sections: dict[str, Any] = {}
+    for section, value in table.items():
+        if section not in MODEL_SECTIONS:
+            allowed = ", ".join(f"[{prefix}.{s}]" for s in MODEL_SECTIONS)
+            problems.append(f"{prefix}.{section}: unknown key (a model overrides {allowed})")
+            continue
+        values = _section_values(
+            _SECTIONS[section], value, f"{prefix}.{section}", problems, warnings
+        )
+        if section == "model" and values.pop("name", None) is not None:
+            problems.append(f"{prefix}.model.name: the table's name, {name!r}, names the model")
+        sections[section] = values
+    # Built again from the top level's raw keys, not from top.source, whose SQLite path is
+    # already filled in: a model that changes kind to "postgres" must have none.
+    own = sections.get("source", {})
+    raw = doc.get("source", {})
+    source = _load_section(SourceConfig, raw if isinstance(raw, dict) else {}, "", [], [])
+    source = _finish_source(
+        replace(source, **own),
+        top.daemon,
+        f"{prefix}.",
+        problems if "dsn" in own else [],
+        warnings if "dsn" in own else [],
+    )
+    return replace(
+        top,
+        source=source,
+        training=replace(top.training, **sections.get("training", {})),
+        model=replace(top.model, **sections.get("model", {}), name=name),
+        scoring=replace(top.scoring, **sections.get("scoring", {})),
+        models=(),
+    )
+
+
+def _finish_source(
+    source: SourceConfig,
+    daemon: DaemonConfig,
+    prefix: str,
+    problems: list[str],
+    warnings: list[str],
+) -> SourceConfig:
+    """The source's password warning, and its SQLite path made absolute under state_dir."""
+    if source.dsn:
+        try:
+            if _dsn_has_password(source.dsn):
+                warnings.append(prefix + DSN_PASSWORD)
+        except ValueError as exc:
+            problems.append(f"{prefix}source.dsn: {exc}")
+    if source.kind == "sqlite":
+        source = replace(source, path=daemon.state_dir / (source.path or "readings.db"))
+    return source
+
+
 def _defaults(env: dict[str, str]) -> tuple[str, Path]:
     # systemd may pass several colon-separated directories; the first is ours.
     state = env.get("STATE_DIRECTORY", "").split(":")[0]
@@ -1037,11 +1210,14 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         name: _load_section(cls, doc.get(name, {}), name, problems, warnings)
         for name, cls in _SECTIONS.items()
     }
+    models = _model_tables(doc.get("models", {}), problems)
     job_options = doc.get("job", {})
     if not isinstance(job_options, dict):
         problems.append(f"job: expected a table, got {_type_name(job_options)}")
         job_options = {}
-    problems += [f"{key}: unknown section" for key in doc if key not in _SECTIONS and key != "job"]
+    problems += [
+        f"{key}: unknown section" for key in doc if key not in (*_SECTIONS, "job", "models")
+    ]
 
     host, state_dir = _defaults(env)
     daemon = sections["daemon"]
@@ -1055,15 +1231,7 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         device_id=daemon.device_id or host,
         state_dir=(daemon.state_dir or state_dir).absolute(),
     )
-    source = sections["source"]
-    if source.dsn:
-        try:
-            if _dsn_has_password(source.dsn):
-                warnings.append(DSN_PASSWORD)
-        except ValueError as exc:
-            problems.append(f"source.dsn: {exc}")
-    if source.kind == "sqlite":
-        source = replace(source, path=daemon.state_dir / (source.path or "readings.db"))
+    source = _finish_source(sections["source"], daemon, "", problems, warnings)
     publish = sections["publish"]
     if env.get("KAFKA_BROKER_URL"):
         publish = replace(
@@ -1081,6 +1249,13 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         warnings=tuple(where + w for w in warnings),
         metrics=sections["metrics"],
     )
+    if models:
+        cfg = replace(
+            cfg,
+            models=tuple(
+                _model(cfg, doc, name, table, problems, warnings) for name, table in models.items()
+            ),
+        )
     _check(cfg, problems)
     if problems:
         raise ConfigError([where + p for p in problems])

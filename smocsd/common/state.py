@@ -334,15 +334,50 @@ _JOB_KEYS = _names(JobEntry) - {"own"}
 
 
 @dataclass
+class ModelRecord:
+    """`models.<name>`: one model's last training cycle and live-scoring position (see
+    CycleRecord and ScoringPosition for what a reset costs)."""
+
+    last_cycle: CycleRecord | None = None
+    scoring: ScoringPosition | None = None
+
+    @classmethod
+    def parse(cls, value: Any, name: str, findings: Findings) -> ModelRecord:
+        obj = _Object(value, name, _names(cls), findings)
+        return cls(
+            last_cycle=findings.keep(
+                lambda: obj.optional("last_cycle", lambda v, n: CycleRecord.parse(v, n, findings)),
+                None,
+                f"{obj.at('last_cycle')} reset",
+            ),
+            scoring=findings.keep(
+                lambda: obj.optional("scoring", lambda v, n: ScoringPosition.parse(v, n, findings)),
+                None,
+            ),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.last_cycle is not None:
+            data["last_cycle"] = self.last_cycle.to_json()
+        if self.scoring is not None:
+            data["scoring"] = self.scoring.to_json()
+        return data
+
+
+@dataclass
 class StateFile:
     """The whole of state.json. `next_check` is for `status` only: reset, it says "not
     scheduled" until the daemon next waits. A damaged `jobs` is reset whole, a damaged
     entry in it alone: that model's job starts as new (JobEntry)."""
 
-    last_cycle: CycleRecord | None = None
+    last_cycle: CycleRecord | None = None  # the last cycle of any model
     next_check: str | None = None  # local time, ISO 8601
+    # Where the one model of a release before [models] tables stood: the scoring position
+    # of the model named like the top-level model.name, until it saves its own.
     scoring: ScoringPosition | None = None
     jobs: dict[str, JobEntry] = field(default_factory=dict)
+    models: dict[str, ModelRecord] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> tuple[StateFile, Findings]:
@@ -360,6 +395,16 @@ class StateFile:
                     findings.note(damage, "reset")
             return parsed
 
+        def models(value: Any, name: str) -> dict[str, ModelRecord]:
+            entries = _Object(value, name, None, findings)
+            parsed = {}
+            for model, entry in entries.data.items():
+                try:
+                    parsed[model] = ModelRecord.parse(entry, entries.at(model), findings)
+                except Damage as damage:
+                    findings.note(damage, "reset")
+            return parsed
+
         state = cls(
             last_cycle=findings.keep(
                 lambda: obj.optional("last_cycle", lambda v, n: CycleRecord.parse(v, n, findings)),
@@ -372,8 +417,24 @@ class StateFile:
                 None,
             ),
             jobs=findings.keep(lambda: obj.optional("jobs", jobs) or {}, {}),
+            models=findings.keep(lambda: obj.optional("models", models) or {}, {}),
         )
         return state, findings
+
+    def scoring_of(self, model: str, legacy_owner: str) -> ScoringPosition | None:
+        """`model`'s live-scoring position; the top-level record of an older release is
+        the position of `legacy_owner` (the top-level model.name) until it saves its own."""
+        record = self.models.get(model)
+        if record is not None and record.scoring is not None:
+            return record.scoring
+        return self.scoring if model == legacy_owner else None
+
+    def last_cycle_of(self, model: str, legacy_owner: str) -> CycleRecord | None:
+        """`model`'s last training cycle, as scoring_of finds its position."""
+        record = self.models.get(model)
+        if record is not None and record.last_cycle is not None:
+            return record.last_cycle
+        return self.last_cycle if model == legacy_owner and not self.models else None
 
     def spans(self, model: str) -> list[RecordedSpan]:
         """The row ranges screening left out of `model`'s training."""
@@ -390,6 +451,8 @@ class StateFile:
             data["scoring"] = self.scoring.to_json()
         if self.jobs:
             data["jobs"] = {model: entry.to_json() for model, entry in self.jobs.items()}
+        if self.models:
+            data["models"] = {name: record.to_json() for name, record in self.models.items()}
         return data
 
 
@@ -437,24 +500,31 @@ class State:
     def update(
         self,
         *,
-        job: tuple[str, dict[str, Any]] | None = None,
+        model: str | None = None,
+        job: dict[str, Any] | None = None,
         last_cycle: CycleRecord | None = None,
         next_check: str | None = None,
         scoring: ScoringPosition | None = None,
     ) -> None:
-        """Sets what is given (`job`: a model's name and its job's state), leaving the rest
-        and the other models' entries as they are; what the read found damaged is
-        written repaired, its unknown keys not at all."""
+        """Sets what is given for `model` (its job's state, last cycle and scoring
+        position) and the daemon's `next_check`, leaving the rest and the other models'
+        entries as they are; what the read found damaged is written repaired, its unknown
+        keys not at all. A model's last cycle is also the file's `last_cycle`."""
+        if model is None and (job or last_cycle or scoring):
+            raise ValueError("a model's record needs its name")
         with self._locked():
             state = self.read()
             state.last_cycle = last_cycle or state.last_cycle
             state.next_check = next_check or state.next_check
-            state.scoring = scoring or state.scoring
+            if model is not None and (last_cycle or scoring):
+                record = state.models.setdefault(model, ModelRecord())
+                record.last_cycle = last_cycle or record.last_cycle
+                record.scoring = scoring or record.scoring
             data = state.to_json()
             if job is not None:
                 # As the job left it: its own keys are its to check; smocsd's are checked
                 # at the next read.
-                data.setdefault("jobs", {})[job[0]] = job[1]
+                data.setdefault("jobs", {})[model] = job
             write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
 
     def remove_leftovers(self) -> list[str]:
