@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers import Running, insert, smocsd, write_config
 
-from smocsd.common.state import State, StateFile
+from smocsd.common.state import CycleRecord, ScoringPosition, State, StateFile
 from smocsd.data import demo
 
 EVENT_ID = "0b6f3c1e-2d4a-4f5e-9a8b-7c6d5e4f3a2b"
@@ -43,6 +43,18 @@ VALID = {
         },
         "at": "2026-11-28T04:18:00Z",
     },
+    "models": {
+        "autoencoder@P-1": {
+            "last_cycle": {"at": "2026-11-28T04:17:54Z", "outcome": "promoted", "version": 2},
+            "scoring": {
+                "last_order": 3041,
+                "version": 2,
+                "recent": [True],
+                "event": None,
+                "at": "2026-11-28T04:18:00Z",
+            },
+        }
+    },
     "jobs": {
         "autoencoder": {
             "last_order": 3000,
@@ -70,6 +82,7 @@ OBJECT = [[], "x", 5, True]
 # Every field of the schema (its path in VALID), the values it must refuse, and whether
 # it may be left out.
 E, J = ("scoring", "event"), ("jobs", "autoencoder")
+M = ("models", "autoencoder@P-1")
 S = (*J, "screened")
 FIELDS: list[tuple[tuple, list, bool]] = [
     (("last_cycle",), OBJECT, True),
@@ -97,6 +110,14 @@ FIELDS: list[tuple[tuple, list, bool]] = [
     ((*E, "errors"), OBJECT, False),
     ((*E, "errors", "vibration"), SCORE, True),
     ((*E, "quiet"), COUNT, True),
+    (("models",), OBJECT, True),
+    (M, OBJECT, True),
+    ((*M, "last_cycle"), OBJECT, True),
+    ((*M, "last_cycle", "outcome"), TEXT, False),
+    ((*M, "last_cycle", "version"), VERSION, True),
+    ((*M, "scoring"), OBJECT, True),
+    ((*M, "scoring", "last_order"), INT, True),
+    ((*M, "scoring", "recent"), ["x", [1], [None], {}, True], True),
     (("jobs",), OBJECT, True),
     (J, OBJECT, True),
     ((*J, "last_order"), INT, True),
@@ -115,7 +136,7 @@ FIELDS: list[tuple[tuple, list, bool]] = [
     ((*S, "accept_known"), COUNT, True),
 ]
 # Records whose keys are all smocsd's: a key they do not know is named.
-RECORDS = [(), ("last_cycle",), ("scoring",), E, S]
+RECORDS = [(), ("last_cycle",), ("scoring",), E, S, M, (*M, "last_cycle"), (*M, "scoring")]
 
 
 def dotted(path: tuple) -> str:
@@ -301,3 +322,32 @@ def test_status_and_accept_read_a_damaged_state_file(damaged):
     assert "state.json: jobs.autoencoder.last_order: expected an integer" in proc.stderr
     proc = smocsd("accept", config=path, check=True)
     assert "added #1 accept 2991..3000" in proc.stdout, proc.stdout
+
+
+def test_each_model_has_its_own_records_and_the_old_single_model_position_is_kept(tmp_path):
+    """A state.json of a release before [models]: its top-level `scoring` is the position of
+    the model named like the top-level model.name, until that model saves its own."""
+    state = State(tmp_path)
+    old = {k: v for k, v in VALID.items() if k != "models"}
+    (tmp_path / "state.json").write_text(json.dumps(old))
+    read = state.read()
+    assert read.scoring_of("autoencoder", "autoencoder").last_order == 3040
+    assert read.scoring_of("other", "autoencoder") is None
+    assert read.last_cycle_of("autoencoder", "autoencoder").outcome == "failed"
+    assert read.last_cycle_of("autoencoder@P-1", "autoencoder") is None
+
+    position = ScoringPosition(last_order=3100, version=3, recent=[], event=None, at="x")
+    state.update(model="autoencoder", scoring=position)
+    cycle = CycleRecord(at="2026-11-28T05:00:00Z", outcome="skipped", reason="wait")
+    state.update(skipped={"autoencoder@P-1": cycle, "autoencoder@P-2": cycle})
+    read = state.read()
+    assert read.scoring_of("autoencoder", "autoencoder").last_order == 3100
+    assert read.scoring_of("autoencoder", "autoencoder") == read.models["autoencoder"].scoring
+    assert read.last_cycle_of("autoencoder@P-2", "autoencoder").reason == "wait"
+    assert read.last_cycle == cycle  # the last cycle of any model
+    assert read.jobs["autoencoder"].last_order == 3000  # the rest as it was
+
+
+def test_a_models_record_needs_its_model_name(tmp_path):
+    with pytest.raises(ValueError):
+        State(tmp_path).update(job={"last_order": 1})

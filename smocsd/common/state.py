@@ -505,11 +505,13 @@ class State:
         last_cycle: CycleRecord | None = None,
         next_check: str | None = None,
         scoring: ScoringPosition | None = None,
+        skipped: dict[str, CycleRecord] | None = None,
     ) -> None:
         """Sets what is given for `model` (its job's state, last cycle and scoring
         position) and the daemon's `next_check`, leaving the rest and the other models'
         entries as they are; what the read found damaged is written repaired, its unknown
-        keys not at all. A model's last cycle is also the file's `last_cycle`."""
+        keys not at all. A model's last cycle is also the file's `last_cycle`. `skipped`:
+        the cycles the daemon's look at the gates skipped, each model's, in one write."""
         if model is None and (job or last_cycle or scoring):
             raise ValueError("a model's record needs its name")
         with self._locked():
@@ -520,6 +522,9 @@ class State:
                 record = state.models.setdefault(model, ModelRecord())
                 record.last_cycle = last_cycle or record.last_cycle
                 record.scoring = scoring or record.scoring
+            for name, cycle in (skipped or {}).items():
+                state.models.setdefault(name, ModelRecord()).last_cycle = cycle
+                state.last_cycle = cycle
             data = state.to_json()
             if job is not None:
                 # As the job left it: its own keys are its to check; smocsd's are checked
