@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -566,3 +567,169 @@ def test_os_errors_name_the_file(tmp_path):
     proc = smocsd("status", config=write_config(tmp_path / "c.toml", not_a_dir))
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"smocsd: {not_a_dir}/") and "Not a directory" in proc.stderr
+
+
+# --- several models: --model NAME
+
+
+def two_tables(root: Path) -> Path:
+    """[models.a] and [models.b], each its own table of 3000 demo rows in one database."""
+    state = root / "state"
+    demo.write(state / "readings.db", 3000, seed=1, table="ra")
+    demo.write(state / "readings.db", 3000, seed=2, table="rb")
+    return write_config(
+        root / "c.toml",
+        state,
+        {"models.a.source": {"table": "ra"}, "models.b.source": {"table": "rb"}},
+    )
+
+
+def two_assets(root: Path, rows: int = 3000) -> Path:
+    """One table of two assets, P-1 and P-2, `rows` demo rows each interleaved by time,
+    and a config partitioned by its `asset` column."""
+    state = root / "state"
+    for seed, name in ((1, "one.db"), (2, "two.db")):
+        demo.write(root / name, rows, seed=seed)
+    state.mkdir(parents=True)
+    conn = sqlite3.connect(state / "readings.db")
+    try:
+        conn.execute(f"ATTACH '{root / 'one.db'}' AS one")
+        conn.execute(f"ATTACH '{root / 'two.db'}' AS two")
+        conn.execute(
+            "CREATE TABLE readings (id INTEGER PRIMARY KEY, asset TEXT, ts REAL, "
+            "temperature REAL, vibration REAL, current REAL)"
+        )
+        conn.execute(
+            "INSERT INTO readings (asset, ts, temperature, vibration, current) "
+            "SELECT asset, ts, temperature, vibration, current FROM ("
+            "SELECT 'P-1' AS asset, * FROM one.readings UNION ALL "
+            "SELECT 'P-2' AS asset, * FROM two.readings) ORDER BY ts, asset"
+        )
+        conn.execute("CREATE INDEX readings_asset ON readings (asset, id)")
+        conn.commit()
+    finally:
+        conn.close()
+    return write_config(root / "c.toml", state, source={"partition_column": "asset"})
+
+
+def usage_line(proc: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a --model usage error (exit 2), nothing on stdout."""
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# Every command that acts on one model, as each is run without --model.
+ONE_MODEL = [
+    ("train-once", "--force"),
+    ("models", "list"),
+    ("models", "list", "--json"),
+    ("models", "show", "1"),
+    ("models", "rollback"),
+    ("score",),
+]
+
+
+def test_model_picks_the_store_of_one_of_two_tables(tmp_path):
+    cfg = two_tables(tmp_path)
+    state = tmp_path / "state"
+    for command in ONE_MODEL:
+        proc = smocsd(*command, config=cfg)
+        assert usage_line(proc) == "smocsd: several models: name one with --model (a, b)"
+        proc = smocsd(*command, "--model", "c", config=cfg)
+        assert usage_line(proc) == "smocsd: no model 'c': the models are a, b"
+    assert not (state / "models").exists()
+
+    result = json.loads(
+        smocsd("train-once", "--force", "--model", "a", config=cfg, check=True).stdout
+    )
+    assert (result["model"], result["outcome"], result["version"]) == ("a", "promoted", 1)
+    assert sorted(p.name for p in (state / "models").iterdir()) == ["a"]
+    assert ModelStore(state / "models" / "a", 5).current() == 1
+    # before or after the action, as --config
+    for args in (
+        ("models", "--model", "a", "list", "--json"),
+        ("models", "list", "--model", "a", "--json"),
+    ):
+        (row,) = json.loads(smocsd(*args, config=cfg, check=True).stdout)
+        assert (row["version"], row["current"]) == (1, True)
+    assert json.loads(smocsd("models", "list", "--json", "--model", "b", config=cfg).stdout) == []
+    shown = smocsd("models", "show", "1", "--model", "a", config=cfg, check=True).stdout
+    assert shown.splitlines()[:2] == ["model:      a", "version:    v000001"]
+    proc = smocsd("models", "show", "1", "--model", "b", config=cfg)
+    assert (proc.returncode, proc.stderr) == (1, "smocsd: model version 1 does not exist\n")
+
+    scored = smocsd("score", "--model", "a", "--from", "2990", "--json", config=cfg, check=True)
+    assert [json.loads(line)["order"] for line in scored.stdout.splitlines()] == list(
+        range(2990, 3001)
+    )
+    proc = smocsd("score", "--model", "b", config=cfg)
+    assert proc.returncode == 1 and "no current model" in proc.stderr
+
+    status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
+    models = {m["name"]: m for m in status["models"]}
+    assert list(models) == ["a", "b"]
+    assert [m["partition"] for m in status["models"]] == [None, None]
+    assert (models["a"]["current_version"], models["a"]["last_cycle"]["outcome"]) == (
+        1,
+        "promoted",
+    )
+    assert (models["b"]["current_version"], models["b"]["last_cycle"]) == (None, None)
+    assert {m["open_alarm"] for m in status["models"]} == {None}
+    assert (status["model"], status["current_version"]) == ("a", 1)  # the first model's
+    text = smocsd("status", config=cfg, check=True).stdout.splitlines()
+    assert "device:      gw-test (2 models)" in text
+    (line_a,) = [x for x in text if x.startswith("model:       a ")]
+    assert line_a.startswith("model:       a  v000001, last cycle promoted v1 "), text
+    assert "model:       b  none, last cycle never" in text
+
+    # b trains on its own table; a's versions stay as they are.
+    smocsd("train-once", "--force", "--model", "b", config=cfg, check=True)
+    smocsd("train-once", "--force", "--model", "b", config=cfg, check=True)
+    assert ModelStore(state / "models" / "a", 5).versions() == [1]
+    assert ModelStore(state / "models" / "b", 5).versions() == [1, 2]
+    proc = smocsd("models", "rollback", "--model", "b", config=cfg, check=True)
+    assert proc.stdout == "current -> v000001\n"
+    assert ModelStore(state / "models" / "a", 5).current() == 1
+
+
+def test_model_picks_a_partition_of_one_table(tmp_path):
+    cfg = two_assets(tmp_path)
+    state = tmp_path / "state"
+    names = "autoencoder@P-1, autoencoder@P-2"
+    proc = smocsd("train-once", "--force", config=cfg)
+    assert usage_line(proc) == f"smocsd: several models: name one with --model ({names})"
+    proc = smocsd("models", "list", "--model", "autoencoder", config=cfg)
+    assert usage_line(proc) == f"smocsd: no model 'autoencoder': the models are {names}"
+
+    out = smocsd("train-once", "--force", "--model", "autoencoder@P-2", config=cfg, check=True)
+    result = json.loads(out.stdout)
+    assert (result["model"], result["outcome"]) == ("autoencoder@P-2", "promoted")
+    data = result["model_meta"]["data"]
+    assert data["rows"] == 3000, data  # P-2's rows only
+    assert sorted(p.name for p in (state / "models").iterdir()) == ["autoencoder@P-2"]
+
+    status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
+    assert [(m["name"], m["partition"], m["current_version"]) for m in status["models"]] == [
+        ("autoencoder@P-1", "P-1", None),
+        ("autoencoder@P-2", "P-2", 1),
+    ]
+    listed = smocsd("models", "list", "--json", "--model", "autoencoder@P-2", config=cfg)
+    assert [row["version"] for row in json.loads(listed.stdout)] == [1]
+
+
+def test_a_models_training_job_is_checked_naming_its_key(tmp_path):
+    cfg = write_config(
+        tmp_path / "c.toml",
+        tmp_path / "state",
+        {"models.a.source": {"table": "ra"}, "models.b.training": {"job": "nosuchmod:Job"}},
+    )
+    for command in ("check-config", "train-once"):
+        proc = smocsd(command, "--model", "a", config=cfg) if command == "train-once" else None
+        proc = proc or smocsd(command, config=cfg)
+        assert (proc.returncode, proc.stdout) == (78, "")
+        assert proc.stderr == (
+            f"{cfg}: models.b.training.job: cannot import 'nosuchmod': "
+            "No module named 'nosuchmod'\n"
+        )

@@ -361,11 +361,89 @@ def test_a_host_name_that_cannot_be_a_device_id_must_be_replaced(monkeypatch):
         ("smocsd/{device_id/results", "only placeholder"),
         ("smocsd/device_id}/results", "only placeholder"),
         ("smocsd/{{device_id}}", "only placeholder"),
+        ("smocsd/{models}/results", "{device_id} and {model} are the only placeholders"),
+        ("smocsd/{Model}/results", "only placeholder"),
+        ("smocsd/{model/results", "only placeholder"),
+        ("smocsd/{{model}}", "only placeholder"),
+        ("smocsd/{mod{device_id}el}", "only placeholder"),  # one pass: no nesting
+        ("smocsd/{dev{model}ice_id}", "only placeholder"),
     ],
 )
 def test_mqtt_topic(topic, fragment):
     (line,) = problems(f"[publish.mqtt]\ntopic = {json.dumps(topic)}")
     assert line.startswith("c.toml: publish.mqtt.topic: ") and fragment in line, line
+
+
+@pytest.mark.parametrize("key", ["topic", "alarm_topic", "label_topic"])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "smocsd/{device_id}/{model}/results",
+        "smocsd/{model}",
+        "{model}",
+        "{model}/{device_id}/{model}",
+        "plant/{device_id}-{model}",
+    ],
+)
+def test_mqtt_topic_may_name_the_model(key, topic):
+    cfg = parse(f"[publish.mqtt]\n{key} = '{topic}'", env=ENV)
+    assert getattr(cfg.publish.mqtt, key) == topic
+
+
+def test_mqtt_topic_defaults_keep_their_topics():
+    mqtt = parse("", env=ENV).publish.mqtt
+    assert (mqtt.topic, mqtt.alarm_topic, mqtt.label_topic) == (
+        "smocsd/{device_id}/training-results",
+        "smocsd/{device_id}/alarms",
+        "smocsd/{device_id}/labels",
+    )
+    assert config.MODEL_PLACEHOLDER == "{model}"
+    assert "{model}" in config.MqttConfig.__dataclass_fields__["topic"].metadata["parse"].accepted
+
+
+def test_fill_mqtt_topic_fills_both_placeholders_in_one_pass():
+    fill = config.fill_mqtt_topic
+    assert fill("s/{device_id}/{model}/r", "gw-1", "pumps@P-1") == "s/gw-1/pumps@P-1/r"
+    assert fill("{model}/{model}", "gw", "m") == "m/m"
+    assert fill("s/{device_id}/r", "gw", "m") == "s/gw/r"  # the default: no model level
+    # A brace in a value is text, never a placeholder filled in again.
+    assert fill("{device_id}/{model}", "{model}", "{device_id}") == "{model}/{device_id}"
+
+
+@pytest.mark.parametrize("key", ["topic", "alarm_topic", "label_topic"])
+@pytest.mark.parametrize(
+    ("tables", "longest"),
+    [
+        ("", "autoencoder"),
+        ("[model]\nname = 'm'\n", "m"),
+        ("[source]\npartition_column = 'asset'\n", "autoencoder@" + "x" * 64),
+        ("[models.a.training]\nepochs = 2\n[models.long_name.training]\nepochs = 2\n", "long_name"),
+        (
+            "[models.a.source]\npartition_column = 'asset'\n"
+            "[models.long_name_longer_than_a.training]\nepochs = 2\n",
+            "a@" + "x" * 64,
+        ),
+    ],
+)
+def test_mqtt_topic_length_counts_the_longest_model_name(key, tables, longest):
+    """{model} is counted as the longest name a configured model can have: a partitioned
+    one's `<name>@` and a value of 64 characters (the most partition_value takes)."""
+
+    others = "".join(f"{o} = 'o'\n" for o in ("topic", "alarm_topic", "label_topic") if o != key)
+
+    def text(device_id: str) -> str:
+        return (
+            f"[daemon]\ndevice_id = '{device_id}'\n{tables}"
+            f"[publish.mqtt]\n{key} = '{{device_id}}/{{model}}'\n{others}"
+        )
+
+    room = 65535 - len("/") - len(longest)  # for the device_id
+    assert parse(text("x" * room), env=ENV)  # the limit
+    (line,) = problems(text("x" * (room + 1)))
+    assert line == (
+        f"c.toml: publish.mqtt.{key}: 65536 bytes with device_id and the longest model name "
+        f"({len(longest)} bytes) filled in, MQTT allows 65535"
+    )
 
 
 @pytest.mark.parametrize("key", ["topic", "alarm_topic", "label_topic"])
@@ -516,4 +594,364 @@ def test_a_secret_file_must_be_a_regular_file(tmp_path):
     assert config.file_problems(cfg, reader=0) == [
         f"c.toml: source.password_file: {tmp_path}/fifo: not a regular file",
         f"c.toml: publish.mqtt.password_file: {tmp_path}/nope: No such file or directory",
+    ]
+
+
+# ---------------------------------------------------------------- [models.<name>] and partitions
+
+
+def test_the_top_level_alone_is_exactly_one_model():
+    for text in (
+        "",
+        "[model]\nname = 'pump'\n[training]\nwindow_size = 20\nmin_training_samples = 80",
+    ):
+        cfg = parse(text, env=ENV)
+        assert cfg.models == () and cfg.definitions() == (cfg,)
+        assert not cfg.partitioned and cfg.source.partition is None
+    shipped = Path(__file__).parents[1] / "conf" / "smocsd.toml"
+    cfg = parse(shipped.read_text(), env=ENV)
+    assert cfg.definitions() == (cfg,)
+
+
+def test_an_empty_models_table_leaves_the_top_level_the_one_model():
+    cfg = parse("[models]\n", env=ENV)
+    assert cfg == parse("", env=ENV) and cfg.definitions() == (cfg,)
+
+
+TWO_MODELS = """\
+[source]
+table = "readings"
+channels = ["temperature", "vibration", "current"]
+[training]
+window_size = 10
+epochs = 7
+[model]
+name = "top"
+false_alarm_rate = 0.001
+[scoring]
+enabled = true
+close_after = 4
+
+[models.a.source]
+table = "pumps"
+channels = ["flow", "pressure"]
+[models.a.training]
+window_size = 20
+min_training_samples = 100
+
+[models.b.source]
+table = "plant.motors"
+[models.b.model]
+false_alarm_rate = 0.01
+alarm_above = 3
+[models.b.scoring]
+close_after = 9
+"""
+
+
+def test_model_tables_override_their_keys_and_inherit_the_rest():
+    cfg = parse(TWO_MODELS, env=ENV)
+    top = parse(TWO_MODELS.split("[models.a.source]")[0], env=ENV)
+    a, b = cfg.definitions()
+    assert cfg.models == (a, b) and [m.model.name for m in (a, b)] == ["a", "b"]
+    assert a.models == () and b.models == ()
+
+    assert (a.source.table, a.source.channels) == ("pumps", ("flow", "pressure"))
+    assert (a.training.window_size, a.training.min_training_samples) == (20, 100)
+    assert a.training.epochs == 7  # inherited
+    assert a.model == replace(top.model, name="a")
+    assert a.scoring == top.scoring
+
+    assert (b.source.table, b.source.channels) == ("plant.motors", top.source.channels)
+    assert b.training == top.training
+    assert (b.model.false_alarm_rate, b.model.alarm_above) == (0.01, 3)
+    assert b.model.keep_versions == top.model.keep_versions
+    assert (b.scoring.enabled, b.scoring.close_after) == (True, 9)
+
+    for model in (a, b):  # the rest is the top level's
+        assert (model.daemon, model.publish, model.metrics) == (
+            cfg.daemon,
+            cfg.publish,
+            cfg.metrics,
+        )
+        assert model.source.path == Path("/srv/state/readings.db")
+    assert replace(cfg, models=()) == top  # the top level is as if the tables were not there
+
+
+def test_a_relative_source_path_of_a_model_table_is_under_state_dir():
+    cfg = parse(
+        "[source]\npath = 'top.db'\n"
+        "[models.a.source]\npath = 'a.db'\n"
+        "[models.b.source]\npath = '/data/b.db'\n"
+        "[models.c.training]\nepochs = 2\n",
+        env=ENV,
+    )
+    assert cfg.source.path == Path("/srv/state/top.db")
+    assert [m.source.path for m in cfg.definitions()] == [
+        Path("/srv/state/a.db"),
+        Path("/data/b.db"),
+        Path("/srv/state/top.db"),  # inherited, made absolute once
+    ]
+
+
+def test_a_model_table_switching_to_postgres_has_no_sqlite_path():
+    cfg = parse(
+        "[source]\npath = 'top.db'\n"
+        "[models.pg.source]\nkind = 'postgres'\norder_column = 'id'\ndsn = 'host=db'\n"
+        "[models.lite.training]\nepochs = 2\n",
+        env=ENV,
+    )
+    pg, lite = cfg.definitions()
+    assert (pg.source.kind, pg.source.path, pg.source.dsn) == ("postgres", None, "host=db")
+    assert lite.source.path == Path("/srv/state/top.db")
+    # Without a path at the top level either: none is filled in for it.
+    cfg = parse("[models.pg.source]\nkind = 'postgres'\norder_column = 'id'\n", env=ENV)
+    assert cfg.models[0].source.path is None
+
+
+def test_a_model_table_switching_to_sqlite_leaves_the_top_levels_dsn():
+    cfg = parse(
+        "[source]\nkind = 'postgres'\norder_column = 'id'\ndsn = 'host=db'\n"
+        "password_file = '/etc/smocsd/pg.pass'\n"
+        "[models.lite.source]\nkind = 'sqlite'\n"
+        "[models.pg.model]\nkeep_versions = 2\n",
+        env=ENV,
+    )
+    lite, pg = cfg.definitions()
+    assert (lite.source.dsn, lite.source.password_file) == (None, None)
+    assert lite.source.path == Path("/srv/state/readings.db")
+    assert (pg.source.dsn, pg.source.path) == ("host=db", None)
+
+
+def test_a_model_switching_to_postgres_needs_order_column_naming_the_model():
+    lines = problems("[models.pg.source]\nkind = 'postgres'\n[models.lite.training]\nepochs = 2\n")
+    assert lines == ["c.toml: models.pg.source.order_column: required for kind = 'postgres'"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        (
+            "[models.a.training]\nwindow_size = 1",
+            "models.a.training.window_size: must be >= 2, got 1",
+        ),
+        ("[models.a.source]\ntable = 'a b'", "models.a.source.table: 'a b' is not a plain SQL"),
+        ("[models.a.source]\npartition = 'x'", "models.a.source.partition: unknown key"),
+        ("[models.a.scoring]\nclose_afer = 3", "models.a.scoring.close_afer: unknown key"),
+        ("[models.a.model]\nname = 'b'", "models.a.model.name: the table's name, 'a', names"),
+        ("[models.a.model]\nname = 'not an identifier'", "models.a.model.name: the table's name"),
+        ("[models.a.source]\nkind = 'mysql'", "models.a.source.kind: "),
+        ("[models.a]\nsource = 3", "models.a.source: expected a table, got int"),
+        ("[models.a]\nwindow_size = 3", "models.a.window_size: unknown key (a model overrides"),
+        ("[models.a.daemon]\ndevice_id = 'x'", "models.a.daemon: unknown key (a model overrides"),
+        ("[models.a.publish.mqtt]\nport = 1", "models.a.publish: unknown key (a model overrides"),
+        ("[models.a.metrics]\ntextfile = ''", "models.a.metrics: unknown key (a model overrides"),
+        ("[models.a.job]\nx = 1", "models.a.job: unknown key (a model overrides"),
+        ("[models.a.plugins]\nx = 1", "models.a.plugins: unknown key (a model overrides"),
+        ("[models.'pump-3']\n", "models.pump-3: a model's name is a plain identifier"),
+        ("[models.3pump]\n", "models.3pump: a model's name is a plain identifier"),
+        ("[models.'a.b']\n", 'models."a.b": a model\'s name is a plain identifier'),
+        ('[models."a\\nb"]\n', 'models."a\\nb": a model\'s name is a plain identifier'),
+        ("[models.'a@1']\n", 'models."a@1": a model\'s name is a plain identifier'),
+        ("[models]\na = 3", "models.a: expected a table, got int"),
+        (
+            "[models.a.model]\nalarm_above = 4",
+            "models.a.model.alarm_above: 4 windows can never be above",
+        ),
+        (
+            "[models.a.training]\nmin_training_samples = 39",
+            "models.a.training.min_training_samples: must be at least 4 x window_size",
+        ),
+        (
+            "[models.a.source]\nchannels = ['ts']",
+            "models.a.source.channels: must not include time_column or order_column",
+        ),
+        (
+            "[models.a.source]\ndsn = 'host=db'",
+            "models.a.source.dsn: only for kind = 'postgres'",
+        ),
+    ],
+)
+def test_each_problem_of_a_model_table_is_one_line_naming_model_section_and_key(toml, line):
+    (got,) = problems(toml + "\n[models.ok.training]\nepochs = 2\n")
+    assert got.startswith(f"c.toml: {line}"), got
+    assert "\n" not in got
+
+
+@pytest.mark.parametrize(("value", "kind"), [("3", "int"), ("[]", "list"), ("'a'", "str")])
+def test_models_must_be_a_table_of_tables(value, kind):
+    (line,) = problems(f"models = {value}")
+    assert line == f"c.toml: models: expected a table of [models.<name>] tables, got {kind}"
+
+
+@pytest.mark.parametrize(
+    "toml", ['["a\\nb"]\nx = 1', '[source]\n"a\\nb" = 1', '[models.a.source]\n"a\\u0085b" = 1']
+)
+def test_an_unknown_key_is_named_on_one_line_whatever_it_holds(toml):
+    (line,) = problems(toml)
+    assert line.splitlines() == [line], line
+    assert line.startswith("c.toml: ") and ("\\n" in line or "\\u0085" in line), line
+
+
+def test_every_model_tables_problem_is_reported_at_once():
+    lines = problems(
+        "[training]\nepochs = 0\n"
+        "[models.a.training]\nwindow_size = 1\nstride = 0\n"
+        "[models.a.model]\nname = 'x'\n"
+        "[models.b.source]\nkind = 'postgres'\nfoo = 1\n"
+        "[models.b.publish]\norder = []\n"
+        "[models.'c d']\n"
+    )
+    assert sorted(lines) == sorted(
+        [
+            "c.toml: training.epochs: must be >= 1, got 0",
+            'c.toml: models."c d": a model\'s name is a plain identifier '
+            "(letters, digits, _; not starting with a digit)",
+            "c.toml: models.a.training.window_size: must be >= 2, got 1",
+            "c.toml: models.a.training.stride: must be >= 1, got 0",
+            "c.toml: models.a.model.name: the table's name, 'a', names the model",
+            "c.toml: models.b.source.foo: unknown key",
+            "c.toml: models.b.publish: unknown key (a model overrides [models.b.source], "
+            "[models.b.training], [models.b.model], [models.b.scoring])",
+            "c.toml: models.b.source.order_column: required for kind = 'postgres'",
+        ]
+    ), lines
+
+
+def test_a_check_failing_for_a_key_of_the_top_level_names_each_model_it_fails_for():
+    lines = problems(
+        "[source]\nkind = 'postgres'\n"
+        "[models.a.source]\norder_column = 'id'\n"
+        "[models.b.training]\nepochs = 2\n"
+        "[models.c.source]\nkind = 'sqlite'\n"
+    )
+    assert lines == ["c.toml: models.b.source.order_column: required for kind = 'postgres'"]
+
+
+@pytest.mark.parametrize("column", ["ts", "temperature", "current", "rowid"])
+def test_partition_column_must_not_be_time_order_or_a_channel(column):
+    (line,) = problems(f"[source]\npartition_column = '{column}'")
+    assert line == (
+        "c.toml: source.partition_column: must not be time_column, order_column or a channel"
+    )
+    (line,) = problems(f"[models.a.source]\npartition_column = '{column}'")
+    assert line.startswith("c.toml: models.a.source.partition_column: must not be")
+
+
+def test_partition_column_must_not_be_the_order_column_either():
+    (line,) = problems("[source]\norder_column = 'id'\npartition_column = 'id'")
+    assert line.startswith("c.toml: source.partition_column: must not be")
+    assert parse("[source]\norder_column = 'id'\npartition_column = 'rowid'", env=ENV)
+
+
+def test_source_partition_is_not_a_key():
+    (line,) = problems("[source]\npartition = 'x'")
+    assert line == "c.toml: source.partition: unknown key"
+    keys = config.keys()
+    assert "source.partition" not in keys and "source.partition_column" in keys
+
+
+def test_for_partition_names_the_model_and_its_rows():
+    cfg = parse("[model]\nname = 'x'\n[source]\npartition_column = 'asset'", env=ENV)
+    assert cfg.partitioned and cfg.definitions() == (cfg,)
+    one = cfg.for_partition("P-1")
+    assert one.model.name == "x@P-1"
+    assert (one.source.partition, one.source.partition_column) == ("P-1", "asset")
+    assert not one.partitioned
+    assert replace(one, source=cfg.source, model=cfg.model) == cfg
+
+    cfg = parse(
+        "[models.pumps.source]\npartition_column = 'asset'\n[models.line.source]\n", env=ENV
+    )
+    pumps, line = cfg.definitions()
+    assert pumps.partitioned and not line.partitioned
+    assert pumps.for_partition("7").model.name == "pumps@7"
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (0, "0"),
+        (7, "7"),
+        (2**63 - 1, "9223372036854775807"),
+        ("P-1", "P-1"),
+        ("pump_3", "pump_3"),
+        ("line.4", "line.4"),
+        ("7", "7"),
+        ("0x1F", "0x1F"),
+        ("a" * 64, "a" * 64),
+    ],
+)
+def test_partition_value_accepted(raw, text):
+    assert config.partition_value(raw) == text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        ".x",
+        ".",
+        "..",
+        "_x",
+        "-x",
+        "a/b",
+        "a b",
+        " a",
+        "a\n",
+        "+",
+        "#",
+        "a+b",
+        "a#",
+        "a@b",
+        "a{b}",
+        "pumpé",
+        "a" * 65,
+        -1,  # "-1": not starting with a letter or digit
+        True,
+        1.0,
+        None,
+        b"a",
+    ],
+)
+def test_partition_value_refused(raw):
+    with pytest.raises(ValueError) as exc:
+        config.partition_value(raw)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_dsn_password_warns_once_per_place_that_sets_the_dsn():
+    cfg = parse(
+        "[source]\nkind = 'postgres'\norder_column = 'id'\n"
+        "dsn = 'postgresql://u:hunter2@db/plant'\n"
+        "[models.a.source]\ndsn = 'host=db2 password=hunter3'\n"
+        "[models.b.source]\ntable = 'other'\n"  # inherits the top level's: no second warning
+        "[models.c.source]\ndsn = 'host=db3'\n",
+        path=Path("c.toml"),
+        env=ENV,
+    )
+    assert [w.split(": holds")[0] for w in cfg.warnings] == [
+        "c.toml: source.dsn",
+        "c.toml: models.a.source.dsn",
+    ]
+    assert not any("hunter" in w for w in cfg.warnings)
+    (line,) = problems(
+        "[source]\nkind = 'postgres'\norder_column = 'id'\n"
+        "[models.a.source]\ndsn = 'host=db password=hunter 2'\n"
+    )
+    assert line == (
+        "c.toml: models.a.source.dsn: not a libpq connection string (a URI or key=value pairs)"
+    )
+
+
+def test_the_warnings_of_model_tables_are_kept():
+    cfg = parse(
+        "[model]\nthreshold_percentile = 99.0\n"
+        "[source]\nkind = 'postgres'\norder_column = 'id'\n"
+        "[models.a.source]\ndsn = 'host=db password=x'\n",
+        env=ENV,
+    )
+    assert [w.split(":")[0] for w in cfg.warnings] == [
+        "model.threshold_percentile",
+        "models.a.source.dsn",
     ]

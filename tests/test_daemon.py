@@ -163,3 +163,78 @@ def test_a_silent_kafka_broker_never_starves_the_watchdog(tmp_path, running):
             assert d.stop(timeout=30) == 0
     waiting = json.loads(smocsd("outbox", "list", "--json", config=cfg, check=True).stdout)
     assert [(m["outcome"], m["version"]) for m in waiting] == [("promoted", 1)]
+
+
+PUMPS = ("P-1", "P-2", "P-3", "P-4", "P-5")
+
+
+def _pump_rows(db: Path, start: int, rows: int, faulty: str | None = None) -> None:
+    """Rows `start`..`start + rows - 1` of each pump's own simulated timeline (seed = its
+    number), interleaved by time into one table as a historian writes them; `faulty`'s
+    vibration carries a bearing fault (+1.5, the demo's clear-cut size) from the 20th row."""
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, ts REAL, asset TEXT, "
+            "temperature REAL, vibration REAL, current REAL)"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS readings_asset ON readings (asset, id)")
+        runs = {
+            pump: demo.simulate(
+                rows, start, seed=n, anomalies=False, startup=False, regimes=False, gaps=False
+            )
+            for n, pump in enumerate(PUMPS, 1)
+        }
+        for i in range(rows):
+            for pump, run in runs.items():
+                vibration = run["vibration"][i] + (1.5 if pump == faulty and i >= 20 else 0.0)
+                conn.execute(
+                    "INSERT INTO readings (ts, asset, temperature, vibration, current) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [run["ts"][i], pump, run["temperature"][i], vibration, run["current"][i]],
+                )
+
+
+def test_five_pumps_in_one_table_five_models_and_alarms_for_the_faulty_one_only(tmp_path, running):
+    state = tmp_path / "state"
+    state.mkdir()
+    db = state / "readings.db"
+    _pump_rows(db, 0, 8000)  # about a day each: shorter, a pump's threshold rests on hours
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state,
+        daemon={"check_interval": "0.5s"},
+        source={"order_column": "id", "partition_column": "asset"},
+        training={
+            "min_training_samples": 7000,
+            "max_rows": 8000,
+            "min_new_samples": 100000,
+            "epochs": 20,
+            "hidden": [32],
+            "batch_size": 32,
+        },
+        scoring={"enabled": True, "poll_interval": "0.2s"},
+    )
+    d = running(cfg, tmp_path / "log")
+    for pump in PUMPS:
+        d.wait_for(f"autoencoder@{pump}: promoted v1", timeout=180)
+    status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
+    assert [(m["name"], m["partition"], m["current_version"]) for m in status["models"]] == [
+        (f"autoencoder@{pump}", pump, 1) for pump in PUMPS
+    ]
+    time.sleep(1)  # every model's scoring has started at the newest row
+    _pump_rows(db, 8000, 300, faulty="P-3")
+    deadline = time.monotonic() + 60
+    while True:
+        alarms = [
+            m
+            for m in json.loads(smocsd("outbox", "list", "--json", config=cfg, check=True).stdout)
+            if m.get("schema", "").startswith("smocsd.alarm")
+        ]
+        if any(m["model"] == "autoencoder@P-3" for m in alarms) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert d.stop() == 0
+    assert {m["model"] for m in alarms} == {"autoencoder@P-3"}, alarms
+    assert sorted(p.name for p in (state / "models").iterdir()) == [
+        f"autoencoder@{pump}" for pump in PUMPS
+    ]

@@ -80,6 +80,7 @@ UNSET = {
     "source.dsn": "libpq",
     "source.password_file": "pg-password",
     "source.order_column": "rowid",
+    "source.partition_column": "one model",
     "publish.kafka.security_protocol": "PLAINTEXT",
     "publish.kafka.sasl_mechanism": None,
     "publish.kafka.sasl_username": None,
@@ -458,15 +459,16 @@ def test_the_contract_lists_every_metric_and_no_other(tmp_path):
     (version / "metadata.json").write_text(json.dumps(model_meta(b"")))
     (version.parent / "current").symlink_to(version.name)
     tally = metrics.Tally()
-    tally.cycle_ended(result.Outcome.PROMOTED, 1.0)
-    tally.scored(0, False, False, scoring=True)
-    scorer = SimpleNamespace(
-        position=SimpleNamespace(event=None, last_order=0),
-        source=SimpleNamespace(count_after=lambda order: 0),
+    tally.cycle_ended("autoencoder", result.Outcome.PROMOTED, 1.0)
+    tally.scored("autoencoder", 0, False, False, scoring=True)
+    scoring = SimpleNamespace(
+        scorers={"autoencoder": SimpleNamespace(position=SimpleNamespace(event=None))},
+        lag_rows=lambda name: 0,
     )
     box = outbox.Outbox(tmp_path / "outbox.db")
     try:
-        rendered = {f.name for f in metrics.Metrics(cfg, tally).families(lambda: box, scorer)}
+        families = metrics.Metrics(cfg, tally).families(lambda: box, scoring, [cfg])
+        rendered = {f.name for f in families}
     finally:
         box.close()
     documented = set(

@@ -28,7 +28,8 @@ from schemacheck import validate
 
 from smocsd.app.live import LiveScorer
 from smocsd.common import config
-from smocsd.common.labels import FILE, Kind, Label, Labels
+from smocsd.common.labels import FILE, By, Kind, Label, Labels, for_model
+from smocsd.common.labels import message as label_message
 from smocsd.data import demo
 from smocsd.delivery.outbox import Outbox
 
@@ -56,6 +57,16 @@ def messages(state: Path) -> list[dict]:
     for message in found:
         validate(message)
     return found
+
+
+def messages_unchecked(state: Path) -> list[dict]:
+    """What waits in the outbox, as stored (a label's `model` is not in label-1's schema
+    yet)."""
+    outbox = Outbox.open_readonly(state / "outbox.db")
+    try:
+        return outbox.pending()
+    finally:
+        outbox.close()
 
 
 def label_messages(state: Path) -> list[tuple[str, int, str]]:
@@ -474,7 +485,11 @@ def test_accept_defaults_to_live_scorings_open_alarm(tmp_path, screened):
     finally:
         scorer.close()
         outbox.close()
-    event = json.loads((state / "state.json").read_text())["scoring"]["event"]
+    # Each model's position is under models.<name> (a release before [models] kept it at
+    # the top level).
+    event = json.loads((state / "state.json").read_text())["models"]["autoencoder"]["scoring"][
+        "event"
+    ]
     assert event is not None, "no alarm opened"
     start = event["start"]["order"]
     assert 3611 <= start <= 3640 and start > max(screened_alarms(state))[0]
@@ -548,3 +563,189 @@ def test_label_commands_run_by_root_become_the_state_dirs_owner(nobodys_state, c
     assert code == 0 and switched in err, err
     assert {(p.stat().st_uid, p.stat().st_gid) for p in state.iterdir()} == {(NOBODY, nogroup)}
     assert Labels(state).read() == []
+
+
+# --- labels per model
+
+
+def two_models(root: Path) -> tuple[Path, Path]:
+    """[models.a] and [models.b], each its own table of 3000 demo rows: (state, config)."""
+    state = root / "state"
+    demo.write(state / "readings.db", 3000, seed=1, table="ra")
+    demo.write(state / "readings.db", 3000, seed=2, table="rb")
+    sections = {"models.a.source": {"table": "ra"}, "models.b.source": {"table": "rb"}}
+    return state, write_config(root / "c.toml", state, sections)
+
+
+def test_a_label_with_model_is_that_models_only(tmp_path):
+    state, cfg = two_models(tmp_path)
+    out = smocsd("exclude", "--from", "10", "--to", "20", "--model", "a", config=cfg, check=True)
+    assert out.stdout == "added #1 exclude 10..20 for a: never trained on, never alarmed\n"
+    smocsd("exclude", "--from", "30", "--to", "40", config=cfg, check=True)  # every model
+    out = smocsd("accept", "--from", "50", "--to", "60", "--model", "b", config=cfg, check=True)
+    assert out.stdout == "added #3 accept 50..60 for b: the next check trains on these rows\n"
+
+    doc = json.loads((state / FILE).read_text())
+    assert [x.get("model") for x in doc["labels"]] == ["a", None, "b"]
+    assert "model" not in doc["labels"][1]  # one for every model is written as before
+    labels = Labels(state).read()
+    assert [x.model for x in labels] == ["a", None, "b"]
+    assert [x.id for x in for_model(labels, "a")] == [1, 2]
+    assert [x.id for x in for_model(labels, "b")] == [2, 3]
+    assert [x.id for x in for_model(labels, "c")] == [2]
+
+    listed = json.loads(smocsd("labels", "--json", config=cfg, check=True).stdout)
+    assert listed == doc["labels"]
+    for model, ids in (("a", [1, 2]), ("b", [2, 3])):
+        for args in (
+            ("labels", "--model", model, "--json"),
+            ("labels", "list", "--json", "--model", model),
+        ):
+            listed = json.loads(smocsd(*args, config=cfg, check=True).stdout)
+            assert [x["id"] for x in listed] == ids
+    text = smocsd("labels", "--model", "a", config=cfg, check=True).stdout.splitlines()
+    assert [line.split("  ", 1)[-1] for line in text] == [
+        "#1 exclude 10..20 for a",
+        "#2 exclude 30..40",
+        "2 label(s)",
+    ]
+    status = json.loads(smocsd("status", "--json", config=cfg, check=True).stdout)
+    assert status["labels"] == doc["labels"]
+
+    # A message names the label's model; one of every model, the top level's model.name.
+    queued = [m for m in messages_unchecked(state) if m["schema"] == "smocsd.label/1"]
+    assert [(m["model"], m["label"].get("model")) for m in queued] == [
+        ("a", "a"),
+        ("autoencoder", None),
+        ("b", "b"),
+    ]
+
+    # A wrong name is a usage error listing the models; none is needed to add or list.
+    for command in (
+        ("exclude", "--from", "1", "--to", "2"),
+        ("accept", "--from", "1", "--to", "2"),
+        ("labels",),
+        ("labels", "remove", "1"),
+    ):
+        proc = smocsd(*command, "--model", "c", config=cfg)
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+        assert one_line(proc) == "smocsd: no model 'c': the models are a, b"
+    assert len(Labels(state).read()) == 3
+
+    # Removing with --model: only a label in force for that model.
+    proc = smocsd("labels", "remove", "1", "--model", "b", config=cfg)
+    assert (proc.returncode, one_line(proc)) == (
+        1,
+        f"smocsd: {state / FILE}: label #1 is for a, not b",
+    )
+    out = smocsd("labels", "remove", "1", "--model", "a", config=cfg, check=True)
+    assert out.stdout == "removed #1 exclude 10..20 for a\n"
+    smocsd("labels", "remove", "2", "--model", "b", config=cfg, check=True)  # every model's
+    assert [x.id for x in Labels(state).read()] == [3]
+
+
+def test_accept_with_several_models_needs_from_or_model(tmp_path):
+    state, cfg = two_models(tmp_path)
+    proc = smocsd("accept", config=cfg)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert one_line(proc) == (
+        "smocsd: several models: give --from ORDER, or --model NAME to accept that model's alarm"
+    )
+    proc = smocsd("accept", "--model", "a", config=cfg)
+    assert one_line(proc) == (
+        "smocsd: no alarm to accept (none open, none recorded): give --from ORDER"
+    )
+    # --to: the newest row of the tables the label is for.
+    demo.write(state / "readings.db", 5, table="rb")
+    out = smocsd("accept", "--from", "2990", config=cfg, check=True)
+    assert out.stdout == "added #1 accept 2990..3005: the next check trains on these rows\n"
+    out = smocsd("accept", "--from", "2990", "--model", "a", config=cfg, check=True)
+    assert out.stdout == "added #2 accept 2990..3000 for a: the next check trains on these rows\n"
+
+
+def test_another_models_accept_label_does_not_make_a_model_train(tmp_path):
+    """The gate's "an accept label is new: train now" counts this model's labels and those
+    of every model only."""
+    _, cfg = two_models(tmp_path)
+    for model in ("a", "b"):
+        smocsd("train-once", "--model", model, config=cfg, check=True)
+    smocsd("accept", "--from", "100", "--to", "200", "--model", "b", config=cfg, check=True)
+    result = json.loads(smocsd("train-once", "--model", "a", config=cfg, check=True).stdout)
+    assert result["outcome"] == "skipped", result
+    result = json.loads(smocsd("train-once", "--model", "b", config=cfg, check=True).stdout)
+    assert result["outcome"] != "skipped", result
+    smocsd("accept", "--from", "100", "--to", "200", config=cfg, check=True)  # every model
+    result = json.loads(smocsd("train-once", "--model", "a", config=cfg, check=True).stdout)
+    assert result["outcome"] != "skipped", result
+
+
+def test_a_labels_file_of_the_previous_release_reads_the_same(tmp_path):
+    """No `model` in any label: each applies to every model, and is written back as it was."""
+    state = tmp_path / "state"
+    state.mkdir()
+    old = {
+        "format": "smocsd.labels/1",
+        "next_id": 4,
+        "labels": [
+            {
+                "id": 1,
+                "kind": "accept",
+                "first": 18231,
+                "last": 18262,
+                "reason": "bearing replaced",
+                "by": "operator",
+                "created_at": "2026-11-28T05:00:00Z",
+            },
+            {
+                "id": 3,
+                "kind": "exclude",
+                "first": 120000,
+                "last": 121500,
+                "reason": "",
+                "by": "accept_after",
+                "created_at": "2026-11-29T05:00:00Z",
+            },
+        ],
+    }
+    (state / FILE).write_text(json.dumps(old, indent=2) + "\n")
+    labels = Labels(state).read()
+    assert [x.model for x in labels] == [None, None]
+    assert [x.to_json() for x in labels] == old["labels"]
+    assert for_model(labels, "pumps@P-101") == labels
+    assert labels[0].describe() == "#1 accept 18231..18262: bearing replaced"
+    cfg = write_config(tmp_path / "c.toml", state)
+    assert json.loads(smocsd("labels", "--json", config=cfg, check=True).stdout) == old["labels"]
+    # A write keeps them as they were.
+    smocsd("labels", "remove", "3", config=cfg, check=True)
+    assert json.loads((state / FILE).read_text())["labels"] == old["labels"][:1]
+
+    # A `model` that is no name is a damaged file, one line naming it.
+    (state / FILE).write_text(json.dumps({**old, "labels": [{**old["labels"][0], "model": 7}]}))
+    proc = smocsd("labels", config=cfg)
+    assert proc.returncode == 1
+    assert one_line(proc).startswith(f"smocsd: {state / FILE}: not a labels file: model is 7")
+
+
+def test_a_label_message_names_the_labels_model():
+    label = Label(1, Kind.ACCEPT, 1, 2, "", By.OPERATOR, "2026-11-28T05:00:00Z", "pumps@P-101")
+    made = label_message(label, "added", "gw-01", "pumps")
+    assert (made["model"], made["label"]["model"]) == ("pumps@P-101", "pumps@P-101")
+    anyone = Label(2, Kind.EXCLUDE, 1, 2, "", By.OPERATOR, "2026-11-28T05:00:00Z")
+    made = label_message(anyone, "removed", "gw-01", "autoencoder")
+    assert made["model"] == "autoencoder" and "model" not in made["label"]
+    validate(made)
+
+
+def test_another_models_excluded_period_is_trained_on(tmp_path):
+    """Screening leaves out this model's excluded periods and those of every model only."""
+    _, cfg = two_models(tmp_path)
+    smocsd("exclude", "--from", "100", "--to", "200", "--model", "b", config=cfg, check=True)
+    smocsd("exclude", "--from", "300", "--to", "350", config=cfg, check=True)
+
+    def excluded(model: str) -> list[tuple[int, int]]:
+        out = smocsd("train-once", "--force", "--model", model, config=cfg, check=True).stdout
+        ranges = json.loads(out)["model_meta"]["data"]["left_out"]["ranges"]
+        return [(r["first"], r["last"]) for r in ranges if r["why"] == "excluded"]
+
+    assert excluded("a") == [(300, 350)]
+    assert excluded("b") == [(100, 200), (300, 350)]

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from contextlib import closing
 from pathlib import Path
@@ -17,10 +18,14 @@ import numpy as np
 import pytest
 from helpers import Running, insert, smocsd, write_config
 
-from smocsd.app.live import LiveScorer, Position, ScoredRow
+from smocsd.app import cycle
+from smocsd.app.live import LiveScorer, Position, Scored, ScoredRow, Scoring, decide
+from smocsd.app.modelset import ModelSet
 from smocsd.common import config
-from smocsd.data import demo
+from smocsd.data import demo, sources
+from smocsd.data.sources import SourceError, open_source
 from smocsd.delivery.outbox import Outbox
+from smocsd.training.result import Outcome
 
 
 @pytest.fixture
@@ -80,7 +85,7 @@ def test_an_anomaly_is_one_alarm_event_across_a_swap_and_a_restart(tmp_path, kaf
 
     daemon = Running(path, tmp_path / "log")
     try:
-        daemon.wait_for("skipped")  # the first tick is over: scoring polls
+        _scoring_started(state, "autoencoder")  # at row 3000: the rows below are new
         insert(db, 30)
         insert(db, 8, vibration_factor=6.0)
         # Out while the anomaly lasts (bench/live.py measures how soon: the README's table).
@@ -107,6 +112,19 @@ def test_an_anomaly_is_one_alarm_event_across_a_swap_and_a_restart(tmp_path, kaf
         r["value"] for r in kafka.messages(f"{topic}-results", until=lambda r: False, timeout=2)
     ]
     assert all(m["schema"] == "smocsd.training-result/1" for m in results)
+
+
+def _scoring_started(state: Path, model: str, timeout: float = 60.0) -> int:
+    """Waits for `model`'s scoring position in state.json (where it starts, at the newest
+    row); returns its last_order."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = json.loads((state / "state.json").read_text())
+            return data["models"][model]["scoring"]["last_order"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            assert time.monotonic() < deadline, f"no scoring position of {model}"
+            time.sleep(0.05)
 
 
 # `smocsd run` dying as abruptly as at a power cut right after an alarm message is durable
@@ -354,3 +372,344 @@ def test_an_event_id_is_new_for_a_recreated_database_and_survives_a_model_with_o
     scorer._events(pos, model, [row], np.ones((1, n), np.float32))
     assert set(pos.event.errors) == {"a channel of the model before", *model.channels}
     scorer.close()
+
+
+# --- many models: the partitions of one table, polled once for all of them
+
+PUMPS = ("P-1", "P-2", "P-3", "P-4", "P-5")
+PUMP_MODELS = [f"autoencoder@{pump}" for pump in PUMPS]
+
+
+def _pump_rows(
+    db: Path,
+    start: int,
+    rows: int,
+    faulty: str | None = None,
+    fault: tuple[int, int] = (0, 0),
+    dropouts: bool = False,
+) -> None:
+    """Rows `start`..`start + rows - 1` of each pump's own simulated timeline (demo.py's
+    process, seed = its number), interleaved by time into one table as a historian writes
+    them; `faulty`'s vibration carries a bearing fault (+1.5, the demo's clear-cut size)
+    on its rows fault[0]..fault[1] - 1 of these."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, ts REAL, asset TEXT, "
+            "temperature REAL, vibration REAL, current REAL)"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS readings_asset ON readings (asset, id)")
+        runs = {
+            pump: demo.simulate(
+                rows,
+                start,
+                seed=n,
+                anomalies=False,
+                startup=False,
+                gaps=False,
+                dropouts=dropouts,
+            )
+            for n, pump in enumerate(PUMPS, 1)
+        }
+        for i in range(rows):
+            for pump, run in runs.items():
+                bad = pump == faulty and fault[0] <= i < fault[1]
+                vibration = run["vibration"][i] + (1.5 if bad else 0.0)
+                conn.execute(
+                    "INSERT INTO readings (ts, asset, temperature, vibration, current) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [run["ts"][i], pump, run["temperature"][i], vibration, run["current"][i]],
+                )
+
+
+def _pump_config(root: Path, state: Path) -> config.Config:
+    path = write_config(
+        root / "pumps.toml",
+        state,
+        source={"order_column": "id", "partition_column": "asset"},
+        scoring={"enabled": True},
+    )
+    return config.load(path)
+
+
+@pytest.fixture(scope="module")
+def pump_models(tmp_path_factory) -> Path:
+    """A state directory: 2500 rows of each of five pumps in one table, and a model of
+    each pump trained on its rows."""
+    root = tmp_path_factory.mktemp("pumps")
+    state = root / "state"
+    state.mkdir()
+    _pump_rows(state / "readings.db", 0, 2500, dropouts=True)
+    cfg = _pump_config(root, state)
+    outbox = Outbox(state / "outbox.db")
+    try:
+        for model in ModelSet(cfg).resolve():
+            result, _ = cycle.run(model, outbox, force=True)
+            assert result.outcome is Outcome.PROMOTED, result
+    finally:
+        outbox.close()
+    (state / "outbox.db").unlink()
+    return state
+
+
+@pytest.fixture
+def pumps(pump_models, tmp_path) -> tuple[Path, config.Config]:
+    """A copy of pump_models' state directory: (its path, the config)."""
+    state = tmp_path / "pumps"
+    shutil.copytree(pump_models, state, symlinks=True)
+    return state, _pump_config(tmp_path, state)
+
+
+def _scoring(cfg: config.Config) -> Scoring:
+    scoring = Scoring(cfg)
+    scoring.set_models(ModelSet(cfg).resolve())
+    return scoring
+
+
+def _by_name(scored: list[Scored]) -> dict[str, Scored]:
+    by_name = {s.name: s for s in scored}
+    assert len(by_name) == len(scored)
+    return by_name
+
+
+def _newest_of(db: Path) -> dict[str, int]:
+    with closing(sqlite3.connect(db)) as conn:
+        return dict(conn.execute("SELECT asset, max(id) FROM readings GROUP BY asset"))
+
+
+def test_five_pumps_in_one_table_alarm_only_for_the_faulty_pumps_model(pumps):
+    state, cfg = pumps
+    db = state / "readings.db"
+    outbox = Outbox(state / "outbox.db")
+    scoring = _scoring(cfg)
+    assert sorted(scoring.scorers) == PUMP_MODELS
+    started = _by_name(scoring.step(outbox, force=True))  # each starts at the newest row
+    assert sorted(started) == PUMP_MODELS and all(
+        s.scoring and not s.rows for s in started.values()
+    )
+    newest = _newest_of(db)
+    _pump_rows(db, 2500, 60, faulty="P-3", fault=(20, 45))
+    during = _by_name(scoring.step(outbox, force=True))
+    _pump_rows(db, 2560, 40)
+    after = _by_name(scoring.step(outbox, force=True))
+    scoring.close()
+    for name in PUMP_MODELS:  # every new row of its own pump, none of the others'
+        rows = during[name].rows + after[name].rows
+        pump = name.split("@")[1]
+        with closing(sqlite3.connect(db)) as conn:
+            ids = [
+                i
+                for (i,) in conn.execute(
+                    "SELECT id FROM readings WHERE asset = ? AND id > ? ORDER BY id",
+                    (pump, newest[pump]),
+                )
+            ]
+        assert [r.order for r in rows] == ids, name
+        anomalous = any(r.anomalous for r in rows)
+        assert anomalous == (name == "autoencoder@P-3"), name
+    assert (during["autoencoder@P-3"].alarms, after["autoencoder@P-3"].alarms) == (1, 1)
+    assert during["autoencoder@P-3"].is_open and not after["autoencoder@P-3"].is_open
+    alarms = _alarms(outbox)
+    outbox.close()
+    assert [(m["model"], m["state"]) for m in alarms] == [
+        ("autoencoder@P-3", "open"),
+        ("autoencoder@P-3", "closed"),
+    ]
+    assert len({m["event_id"] for m in alarms}) == 1
+    assert alarms[0]["channels"][0]["name"] == "vibration"
+    with closing(sqlite3.connect(db)) as conn:
+        faulty = [
+            i
+            for (i,) in conn.execute(
+                "SELECT id FROM readings WHERE asset = 'P-3' AND id > ? ORDER BY id LIMIT 45",
+                (newest["P-3"],),
+            )
+        ][20:]
+    assert faulty[0] <= alarms[0]["start"]["order"] <= faulty[-1]
+    # Each has scored every row of its own up to the table's newest; saved at the stop.
+    saved = json.loads((state / "state.json").read_text())["models"]
+    newest = max(_newest_of(db).values())
+    assert [saved[name]["scoring"]["last_order"] for name in PUMP_MODELS] == [newest] * 5
+
+
+@pytest.mark.parametrize("models", [1, 5])
+def test_a_poll_is_one_max_query_and_one_read_however_many_partitions(pumps, monkeypatch, models):
+    """Every statement the sources run, counted where they all go through: an idle poll
+    is one max() of the whole table; a poll with new rows adds one read of them all."""
+    state, cfg = pumps
+    db = state / "readings.db"
+    outbox = Outbox(state / "outbox.db")
+    scoring = Scoring(cfg)
+    scoring.set_models(ModelSet(cfg).resolve()[:models])
+    scoring.step(outbox, force=True)  # each starts at the newest row
+    _pump_rows(db, 2500, 12)
+    scoring.step(outbox, force=True)  # each partition's tail is read once after a start
+    statements: list[str] = []
+    execute = sources._PollingConnection.execute
+
+    def counted(self, sql, parameters=(), /):
+        statements.append(sql)
+        return execute(self, sql, parameters)
+
+    monkeypatch.setattr(sources._PollingConnection, "execute", counted)
+    for _ in range(3):
+        assert all(not s.rows for s in scoring.step(outbox, force=True))
+        assert len(statements) == 1 and statements[0].startswith("SELECT max("), statements
+        assert " WHERE " not in statements.pop()  # the whole table's, not a partition's
+    for start, rows in ((2512, 7), (2519, 1), (2520, 30)):
+        _pump_rows(db, start, rows)
+        scored = scoring.step(outbox, force=True)
+        assert len(scored) == models and all(len(s.rows) == rows for s in scored)
+        assert len(statements) == 2 and statements[0].startswith("SELECT max("), statements
+        assert " ORDER BY " in statements[1] and "LIMIT" in statements[1]
+        statements.clear()
+    scoring.close()
+    outbox.close()
+
+
+def test_a_single_models_state_of_the_previous_release_is_continued_exactly(trained):
+    """state.json's top-level `scoring` (a release before [models] tables): the model
+    named like the top-level model.name goes on from it, its open event and look-back
+    too, and saves its position under models.<name>."""
+    state, path = trained
+    cfg = config.load(path)
+    event_id = "0a5e1f4c-3a52-5d40-9c8e-7f1b2c3d4e5f"
+    legacy = {
+        "last_order": 2990,
+        "version": 1,
+        "recent": [False, False],
+        "event": {
+            "event_id": event_id,
+            "version": 1,
+            "start": {"order": 2985, "time": None},
+            "last": {"order": 2988, "time": None},
+            "peak_score": 9.0,
+            "threshold": 1.0,
+            "errors": {"temperature": 1.0, "vibration": 5.0, "current": 1.0},
+            "quiet": 2,
+        },
+        "at": "2026-11-28T04:17:54Z",
+    }
+    state_json = state / "state.json"
+    state_json.write_text(json.dumps({**json.loads(state_json.read_text()), "scoring": legacy}))
+    outbox = Outbox(state / "outbox.db")
+    scoring = _scoring(cfg)
+    assert scoring.scorers["autoencoder"].position.event.event_id == event_id
+    insert(state / "readings.db", 20)
+    (scored,) = scoring.step(outbox, force=True)
+    scoring.close()
+    assert [r.order for r in scored.rows] == list(range(2991, 3021))  # from where it stood
+    assert not any(r.anomalous for r in scored.rows)
+    assert scored.was_open and not scored.is_open and scored.alarms == 1
+    (closed,) = _alarms(outbox)
+    outbox.close()
+    assert (closed["event_id"], closed["state"], closed["start"]["order"]) == (
+        event_id,
+        "closed",
+        2985,
+    )
+    assert closed["end"]["order"] == 2988  # its last alarm window: 8 quiet ones closed it
+    saved = json.loads(state_json.read_text())
+    assert saved["models"]["autoencoder"]["scoring"]["last_order"] == 3020
+    assert saved["scoring"] == legacy  # left as it was: the model's own record wins now
+
+
+def test_each_partitions_windows_go_on_across_a_restart(pumps, monkeypatch):
+    """After a restart each partition's first windows start in the rows before its first
+    new one, read once per partition; the decisions are those of one uninterrupted read."""
+    state, cfg = pumps
+    db = state / "readings.db"
+    outbox = Outbox(state / "outbox.db")
+    scoring = _scoring(cfg)
+    scoring.step(outbox, force=True)
+    _pump_rows(db, 2500, 30)
+    scoring.step(outbox, force=True)
+    scoring.close()
+    before = _newest_of(db)
+    newest_reads: list[tuple[str | None, int, int | None]] = []
+    read_newest = sources.SQLiteSource.read_newest
+
+    def counted(self, max_rows, upto=None):
+        newest_reads.append((self.cfg.partition, max_rows, upto))
+        return read_newest(self, max_rows, upto)
+
+    monkeypatch.setattr(sources.SQLiteSource, "read_newest", counted)
+    scoring = _scoring(cfg)  # the daemon restarted
+    _pump_rows(db, 2530, 25)
+    after = _by_name(scoring.step(outbox, force=True))
+    assert sorted(newest_reads) == [(pump, 9, max(before.values())) for pump in PUMPS]
+    _pump_rows(db, 2555, 10)
+    assert all(len(s.rows) == 10 for s in scoring.step(outbox, force=True))
+    assert len(newest_reads) == 5  # the tails are kept in memory from then on
+    scoring.close()
+    monkeypatch.undo()
+    for name, scorer in zip(PUMP_MODELS, ModelSet(cfg).resolve(), strict=True):
+        model = Scoring(cfg)
+        model.set_models([scorer])
+        live = model.scorers[name]
+        source = open_source(scorer.source)
+        whole = source.read_newest(100)  # its rows before the restart and after
+        source.close()
+        expected, _, _ = decide(live._current(), whole, before[name.split("@")[1]], None)
+        got = after[name].rows
+        expected = [r for r in expected if r.order <= got[-1].order]
+        assert len(got) == 25 and [r.order for r in got] == [r.order for r in expected]
+        assert [(r.over, r.anomalous) for r in got] == [(r.over, r.anomalous) for r in expected]
+        assert [r.score for r in got] == pytest.approx([r.score for r in expected], rel=1e-4)
+        model.close()
+    outbox.close()
+
+
+def test_one_failing_model_or_table_stops_no_other_and_is_said_once(
+    pumps, trained, monkeypatch, caplog
+):
+    """A model whose scoring fails keeps its position and is said once; the others score
+    on, and it catches up with every row once it recovers. A table that cannot be read
+    is said once too, and the model of another table scores on."""
+    caplog.set_level("INFO", logger="smocsd.app.live")
+    state, cfg = pumps
+    db = state / "readings.db"
+    single = config.load(trained[1])
+    outbox = Outbox(state / "outbox.db")
+    scoring = _scoring(cfg)
+    scoring.set_models([*ModelSet(cfg).resolve(), single])
+    scoring.step(outbox, force=True)
+    score = LiveScorer.score
+
+    def broken(self, *args, **kwargs):
+        if self.name == "autoencoder@P-2":
+            raise RuntimeError("model P-2 broke")
+        return score(self, *args, **kwargs)
+
+    monkeypatch.setattr(LiveScorer, "score", broken)
+    for start in (2500, 2510):
+        _pump_rows(db, start, 10)
+        insert(trained[0] / "readings.db", 10)
+        scored = _by_name(scoring.step(outbox, force=True))
+        assert "autoencoder@P-2" not in scored
+        assert [len(scored[n].rows) for n in PUMP_MODELS if n != "autoencoder@P-2"] == [10] * 4
+        assert len(scored["autoencoder"].rows) == 10
+        assert scoring.lag_rows("autoencoder@P-2") == start - 2490
+    assert caplog.text.count("model P-2 broke") == 1
+    monkeypatch.setattr(LiveScorer, "score", score)
+    scored = _by_name(scoring.step(outbox, force=True))
+    assert len(scored["autoencoder@P-2"].rows) == 20  # every row it had not scored
+    assert "scoring autoencoder@P-2: recovered from: RuntimeError: model P-2 broke" in caplog.text
+    assert scoring.lag_rows("autoencoder@P-2") == 0
+
+    def unreadable(self, after, max_rows):
+        raise SourceError(f"{self.where}: database disk image is malformed")
+
+    monkeypatch.setattr(sources.SQLiteSource, "read_tagged", unreadable)
+    for start in (2520, 2530):
+        _pump_rows(db, start, 10)
+        insert(trained[0] / "readings.db", 10)
+        scored = _by_name(scoring.step(outbox, force=True))
+        assert list(scored) == ["autoencoder"] and len(scored["autoencoder"].rows) == 10
+    assert caplog.text.count("disk image is malformed") == 1
+    assert "scoring autoencoder@*: SourceError: " in caplog.text
+    monkeypatch.undo()
+    scored = _by_name(scoring.step(outbox, force=True))
+    assert [len(scored[n].rows) for n in PUMP_MODELS] == [20] * 5
+    assert "scoring autoencoder@*: recovered from" in caplog.text
+    scoring.close()
+    outbox.close()

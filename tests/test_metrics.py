@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import Running, insert, write_config
+from helpers import Running, insert, model_meta, write_config
 from services import NodeExporter, ServiceError, free_port
 
 from smocsd.app import metrics
@@ -103,11 +103,14 @@ def _config(tmp_path: Path, **sections) -> config.Config:
 def test_every_family_follows_the_naming_conventions(tmp_path):
     cfg = _config(tmp_path, publish={"order": ["kafka", "mqtt"]})
     tally = Tally()
-    tally.cycle_ended(Outcome.FAILED, 2.5)
+    tally.cycle_ended("autoencoder", Outcome.FAILED, 2.5)
 
-    # What the metrics read of a LiveScorer: one that has no model to score with yet.
-    scorer = SimpleNamespace(position=SimpleNamespace(event=None, last_order=None), source=None)
-    families = Metrics(cfg, tally).families(lambda: _raise(OSError("no outbox")), scorer)
+    # What the metrics read of live scoring: a model that has no version to score with yet.
+    scoring = SimpleNamespace(
+        scorers={"autoencoder": SimpleNamespace(position=SimpleNamespace(event=None))},
+        lag_rows=lambda name: None,
+    )
+    families = Metrics(cfg, tally).families(lambda: _raise(OSError("no outbox")), scoring, [cfg])
     names = [f.name for f in families]
     assert len(names) == len(set(names))
     for f in families:
@@ -181,15 +184,15 @@ def test_scoring_ticks_rewrite_the_file_at_most_once_a_second(tmp_path, monkeypa
     monkeypatch.setattr(metrics, "write_textfile", lambda path, text: written.append(1))
     part = Metrics(cfg, Tally())
     assert part.due()
-    part.write(lambda: _raise(OSError()), None)  # after a cycle: always
+    part.write(lambda: _raise(OSError()), None, [cfg])  # after a cycle: always
     assert not part.due()  # scoring steps: not within a second of a write
-    part.write(lambda: _raise(OSError()), None)
+    part.write(lambda: _raise(OSError()), None, [cfg])
     assert len(written) == 2
     part._written -= metrics.MIN_INTERVAL  # a second later
     assert part.due()
     part.path = None
     assert not part.due()
-    part.write(lambda: _raise(OSError()), None)  # not configured: nothing
+    part.write(lambda: _raise(OSError()), None, [cfg])  # not configured: nothing
     assert len(written) == 2
 
 
@@ -202,7 +205,7 @@ def test_a_temp_file_a_killed_write_left_goes_at_the_first_write(tmp_path, monke
     leftover.write_text("smocsd_half")
     written: list[str] = []
     monkeypatch.setattr(metrics, "write_textfile", lambda path, text: written.append(text))
-    Metrics(cfg, Tally()).write(lambda: _raise(OSError()), None)
+    Metrics(cfg, Tally()).write(lambda: _raise(OSError()), None, [cfg])
     assert written and not leftover.exists()
 
 
@@ -231,11 +234,12 @@ def test_alarm_events_opened_are_counted_from_what_a_step_queued():
     # (messages queued, an event open before, after): opened, closed, opened and closed
     # in one step (a backlog), closed and a new one opened, open-close-open.
     for queued, before, after in ((1, False, True), (1, True, False), (2, False, False)):
-        tally.scored(queued, before, after, scoring=True)
+        tally.scored("pump@1", queued, before, after, scoring=True)
     for queued, before, after in ((2, True, True), (3, False, True), (0, True, True)):
-        tally.scored(queued, before, after, scoring=True)
-    assert tally.alarms_opened == 1 + 0 + 1 + 1 + 2 + 0
-    assert tally.caught_up is not None
+        tally.scored("pump@1", queued, before, after, scoring=True)
+    tally.scored("pump@2", 1, False, True, scoring=False)  # each model's own
+    assert tally.alarms_opened == {"pump@1": 1 + 0 + 1 + 1 + 2 + 0, "pump@2": 1}
+    assert list(tally.caught_up) == ["pump@1"]  # pump@2 has no model to score with yet
 
 
 def test_deliveries_are_counted_per_sink_as_the_publisher_offers_them():
@@ -261,16 +265,99 @@ def test_deliveries_are_counted_per_sink_as_the_publisher_offers_them():
     assert (tally.delivered, tally.failed) == (Counter(mqtt=3), Counter(kafka=3, mqtt=1))
 
 
-def test_the_last_cycle_is_known_from_state_json_after_a_restart(tmp_path):
-    (tmp_path / "state.json").write_text(
-        json.dumps({"last_cycle": {"at": "2026-11-28T04:17:54Z", "outcome": "rejected"}})
-    )
-    last = Tally.resume(tmp_path).last
+def test_each_models_last_cycle_is_known_from_state_json_after_a_restart(tmp_path):
+    state = tmp_path / "state.json"
+    rejected = {"at": "2026-11-28T04:17:54Z", "outcome": "rejected"}
+    # A release before [models] tables: its one cycle is the top-level model's.
+    state.write_text(json.dumps({"last_cycle": rejected}))
+    tally = Tally.resume(tmp_path)
+    last = tally.last_of("autoencoder", "autoencoder")
     assert last is not None and last.outcome is Outcome.REJECTED and last.duration is None
     assert last.ended == 1795839474.0
-    (tmp_path / "state.json").write_text('{"last_cycle": {"outcome": "nonsense"}}')
-    assert Tally.resume(tmp_path).last is None
-    assert Tally.resume(tmp_path / "none").last is None
+    assert tally.last_of("pump@1", "autoencoder") is None
+    # ... also once this release has saved the model's scoring position, before a cycle.
+    position = {"last_order": 3, "version": 1, "recent": [], "event": None, "at": None}
+    state.write_text(
+        json.dumps({"last_cycle": rejected, "models": {"autoencoder": {"scoring": position}}})
+    )
+    assert Tally.resume(tmp_path).last_of("autoencoder", "autoencoder") == last
+    # This release: each model's own record; the top-level one is any model's last.
+    promoted = {"at": "2026-11-29T00:00:00Z", "outcome": "promoted", "version": 2}
+    state.write_text(
+        json.dumps({"last_cycle": promoted, "models": {"pump@1": {"last_cycle": promoted}}})
+    )
+    tally = Tally.resume(tmp_path)
+    assert tally.last_of("pump@1", "autoencoder").outcome is Outcome.PROMOTED
+    assert tally.last_of("autoencoder", "autoencoder") is None
+    state.write_text('{"last_cycle": {"outcome": "nonsense"}}')
+    assert Tally.resume(tmp_path).last_of("autoencoder", "autoencoder") is None
+    assert Tally.resume(tmp_path / "none").last_of("autoencoder", "autoencoder") is None
+
+
+def test_every_models_metrics_carry_its_name_one_sample_each(tmp_path):
+    """Two partitions' models: each family of a model has a sample of each, named by its
+    `model` label, from its own store, cycles, alarms and scoring position; the daemon's
+    own families carry only the device."""
+    from smocsd.app.live import Scoring
+    from smocsd.app.modelset import ModelSet
+
+    cfg = _config(
+        tmp_path,
+        source={"order_column": "id", "partition_column": "asset"},
+        scoring={"enabled": True},
+    )
+    for name, threshold in (("autoencoder@P-1", 1.5), ("autoencoder@P-2", 2.5)):
+        version = tmp_path / "state/models" / name / "v000001"
+        version.mkdir(parents=True)
+        meta = model_meta(b"", name=name, threshold=threshold)
+        (version / "metadata.json").write_text(json.dumps(meta))
+        (version.parent / "current").symlink_to(version.name)
+    event = {
+        "event_id": "0a5e1f4c-3a52-5d40-9c8e-7f1b2c3d4e5f",
+        "version": 1,
+        "start": {"order": 5, "time": None},
+        "last": {"order": 6, "time": None},
+        "peak_score": 9.0,
+        "threshold": 2.5,
+        "errors": {"a": 1.0},
+    }
+    position = {"last_order": 6, "version": 1, "recent": [], "event": event, "at": None}
+    (tmp_path / "state/state.json").write_text(
+        json.dumps({"models": {"autoencoder@P-2": {"scoring": position}}})
+    )
+    models = ModelSet(cfg).resolve(read_table=False)
+    assert [m.model.name for m in models] == ["autoencoder@P-1", "autoencoder@P-2"]
+    tally = Tally()
+    tally.cycle_ended("autoencoder@P-1", Outcome.PROMOTED, 2.0)
+    tally.cycle_ended("autoencoder@P-2", Outcome.SKIPPED, 0.1)
+    tally.cycle_ended("autoencoder@P-2", Outcome.SKIPPED, 0.1)
+    tally.scored("autoencoder@P-2", 1, False, True, scoring=True)
+    scoring = Scoring(cfg)
+    scoring.set_models(models)
+    families = {
+        f.name: f for f in Metrics(cfg, tally).families(lambda: _raise(OSError()), scoring, models)
+    }
+    scoring.close()
+
+    def samples(name: str, **labels: str) -> dict[str, float]:
+        found = [(s, v) for s, v in families[name].samples if labels.items() <= s.items()]
+        by_model = {s["model"]: v for s, v in found}
+        assert len(by_model) == len(found), found  # one sample per model
+        return by_model
+
+    p1, p2 = "autoencoder@P-1", "autoencoder@P-2"
+    assert samples("smocsd_current_version") == {p1: 1, p2: 1}
+    assert samples("smocsd_current_threshold") == {p1: 1.5, p2: 2.5}
+    assert samples("smocsd_cycles_total", outcome="skipped") == {p1: 0, p2: 2}
+    assert samples("smocsd_cycles_total", outcome="promoted") == {p1: 1, p2: 0}
+    assert samples("smocsd_last_cycle_outcome", outcome="promoted") == {p1: 1, p2: 0}
+    assert set(samples("smocsd_last_cycle_duration_seconds")) == {p1, p2}
+    assert samples("smocsd_alarms_open") == {p1: 0, p2: 1}
+    assert samples("smocsd_alarms_total") == {p1: 0, p2: 1}
+    assert list(samples("smocsd_scoring_lag_seconds")) == [p2]  # p1 has not scored yet
+    assert "smocsd_scoring_lag_rows" not in families  # no poll of the table yet
+    for name in ("smocsd_build_info", "smocsd_start_time_seconds"):
+        assert all("model" not in s for s, _ in families[name].samples), name
 
 
 # --- the daemon

@@ -4,6 +4,7 @@ a database not created yet."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -305,3 +306,122 @@ def test_check_and_max_order(postgres):
         pg_source(postgres, table, time_column="ts", order_column="id", channels=("b",)).check()
     assert str(exc.value) == f'postgres: no such column "b" in table {table} (source.channels)'
     src.close()
+
+
+# One model per asset: source.partition_column, here named with a % and a space.
+ASSET = "Asset %"
+
+
+def asset_table(postgres, sql_type: str, assets: tuple, index: bool = True) -> str:
+    """Rows id 1..30 whose asset cycles through `assets`; a and b are the id and 2 * id."""
+    table = f"assets_{int(time.monotonic() * 1e6)}"
+    values = ", ".join(
+        f"({i}, {assets[i % len(assets)]}, {T0 + i}, {i}, {2 * i})" for i in range(1, 31)
+    )
+    postgres.admin(
+        f'CREATE TABLE {table} ("Row % No" int8 PRIMARY KEY, {quote(ASSET)} {sql_type}, '
+        "ts float8, a float8, b real)",
+        *([f'CREATE INDEX ON {table} ({quote(ASSET)}, "Row % No")'] if index else []),
+        f"INSERT INTO {table} VALUES {values}",
+        f"GRANT SELECT ON {table} TO {postgres.user}",
+        dbname=postgres.dbname,
+    )
+    return table
+
+
+def asset_source(postgres, table: str, partition: str | None = None) -> PostgresSource:
+    return pg_source(
+        postgres,
+        table,
+        time_column="ts",
+        channels=("a", "b"),
+        partition_column=ASSET,
+        partition=partition,
+    )
+
+
+# SQL type, values stored, (partition, its ids), partitions(): an int column's 7 is "7".
+PG_ASSETS = {
+    "integer": ("int4", ("7", "8", "NULL"), ("7", range(3, 31, 3)), [7, 8]),
+    "bigint": ("bigint", ("7", "8", "NULL"), ("8", range(1, 31, 3)), [7, 8]),
+    "text": ("text", ("'pump-1'", "'7'", "NULL"), ("7", range(1, 31, 3)), ["7", "pump-1"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(PG_ASSETS))
+def test_a_partition_reads_only_its_rows(postgres, kind, caplog):
+    sql_type, assets, (value, ids), values = PG_ASSETS[kind]
+    ids = list(ids)
+    table = asset_table(postgres, sql_type, assets)
+    src = asset_source(postgres, table, value)
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
+        assert src.count_after(None) == len(ids)
+    assert caplog.messages == []  # indexed
+    assert src.count_after(ids[-3]) == 2
+    assert (src.min_order(), src.max_order()) == (ids[0], ids[-1])
+    got = src.read_newest(5)
+    assert got.order.tolist() == ids[-5:]
+    assert got.values.tolist() == [[i, 2 * i] for i in ids[-5:]]
+    assert got.time.tolist() == [T0 + i for i in ids[-5:]]
+    assert src.read_newest(2, upto=ids[-2] - 1).order.tolist() == ids[-4:-2]
+    assert asset_source(postgres, table, "nobody").count_after(None) == 0
+    whole = asset_source(postgres, table)
+    assert whole.read_newest(2, upto=10).order.tolist() == [9, 10]
+    assert sorted(whole.partitions()) == values
+    # The value is bound as the column's type: the index serves the filter.
+    where, params = src._where()
+    sql, params = src._bind(f"SELECT count(*) FROM {src.table}{where}", params)
+
+    def explain(cur) -> str:
+        cur.execute("SET LOCAL enable_seqscan = off")
+        return "\n".join(row[0] for row in cur.execute(f"EXPLAIN {sql}", params))
+
+    assert 'Index Cond: ("Asset %" = ' in src._run(explain)
+    for s in (src, whole):
+        s.close()
+
+
+def test_read_tagged_reads_the_newest_rows_of_every_partition(postgres):
+    table = asset_table(postgres, "text", ("'pump-1'", "'7'", "NULL"))
+    postgres.admin(
+        f"UPDATE {table} SET a = 'NaN', ts = NULL WHERE \"Row % No\" = 29",
+        f'UPDATE {table} SET b = NULL WHERE "Row % No" = 28',
+        f"UPDATE {table} SET b = 'Infinity' WHERE \"Row % No\" = 27",
+        dbname=postgres.dbname,
+    )
+    src = asset_source(postgres, table, "7")  # a model's source reads all partitions' rows
+    got, tags = src.read_tagged(25, 100)
+    assert got.order.tolist() == [26, 27, 28, 29, 30]
+    assert tags == [None, "pump-1", "7", None, "pump-1"]
+    assert got.values[0].tolist() == [26.0, 52.0]
+    assert got.bad_rows.tolist() == [False, True, True, True, False]
+    assert np.isnan(got.time[3]) and got.time[4] == T0 + 30
+    newest, tags = src.read_tagged(None, 3)
+    assert newest.order.tolist() == [28, 29, 30] and tags == ["7", None, "pump-1"]
+    empty, tags = src.read_tagged(30, 10)
+    assert empty.values.shape == (0, 2) and tags == []
+    src.close()
+
+
+def test_a_partition_column_without_an_index_is_warned_once(postgres, caplog):
+    table = asset_table(postgres, "int8", ("7", "8"), index=False)
+    src = asset_source(postgres, table, "7")
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
+        src.count_after(None)
+        src.close()
+        assert src.read_newest(2).order.tolist() == [28, 30]  # checked again, not warned
+    assert caplog.messages == [
+        f'postgres: no index on "Asset %" of table {table}: each model\'s reads scan the '
+        f'whole table; CREATE INDEX ON "{table}" ("Asset %", "Row % No")'
+    ]
+    src.close()
+
+
+def test_a_missing_partition_column_names_the_key(postgres):
+    table = asset_table(postgres, "int8", ("7",))
+    src = pg_source(postgres, table, time_column="ts", channels=("a",), partition_column="asset")
+    with pytest.raises(SourceError) as exc:
+        src.partitions()
+    assert str(exc.value) == (
+        f'postgres: no such column "asset" in table {table} (source.partition_column)'
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import random
 import socket
 import threading
 import time
@@ -18,9 +19,10 @@ from pathlib import Path
 import pytest
 from services import CertificateAuthority, Kafka, Mosquitto
 
-from smocsd.common.config import KafkaConfig, MqttConfig, PublishConfig
+from smocsd.common.config import KafkaConfig, MqttConfig, PublishConfig, parse, partition_value
 from smocsd.delivery.outbox import FLUSH_BATCH, Outbox
-from smocsd.delivery.publish import Publisher
+from smocsd.delivery.publish import Publisher, mqtt_topic
+from smocsd.schemas import ALARM_SCHEMA, LABEL_SCHEMA
 
 DEVICE = "gw-test"
 MQTT_TOPIC = "smocsd/{device_id}/training-results"
@@ -626,3 +628,158 @@ def test_mqtt_topic_paho_refuses_fails_that_result_only(
         bad["message_id"] in line.getMessage()
         and "smocsd/gw/+/training-results" in line.getMessage()
     )
+
+
+# ---------------------------------------------------------------- the MQTT topic's placeholders
+
+
+MODEL_TOPICS = MqttConfig(
+    topic="smocsd/{device_id}/{model}/training-results",
+    alarm_topic="plant/{model}/alarms/{device_id}",
+    label_topic="{model}",
+)
+
+
+def alarm() -> dict:
+    """An alarm event as smocsd/app/live.py sends it (smocsd.alarm/1)."""
+    return {
+        "schema": ALARM_SCHEMA,
+        "message_id": str(uuid.uuid4()),
+        "event_id": str(uuid.uuid4()),
+        "state": "closed",
+        "device_id": DEVICE,
+        "model": "autoencoder",
+        "version": 3,
+        "start": {"order": 18231, "time": 1764305520.0},
+        "end": {"order": 18262, "time": None},
+        "peak_score": 4.71,
+        "threshold": 0.38,
+        "channels": [{"name": "vibration", "share": 0.91}],
+        "timestamp": "2026-11-28T05:00:00Z",
+    }
+
+
+def label() -> dict:
+    """A label message as smocsd/common/labels.py sends it (smocsd.label/1)."""
+    return {
+        "schema": LABEL_SCHEMA,
+        "message_id": str(uuid.uuid4()),
+        "device_id": DEVICE,
+        "model": "autoencoder",
+        "action": "added",
+        "label": {
+            "id": 3,
+            "kind": "accept",
+            "first": 18231,
+            "last": 18262,
+            "reason": "bearing replaced",
+            "by": "operator",
+            "created_at": "2026-11-28T05:00:00Z",
+        },
+        "timestamp": "2026-11-28T05:00:01Z",
+    }
+
+
+def test_mqtt_topic_fills_device_id_and_model_from_the_message() -> None:
+    message = {**result(), "device_id": "gw-9", "model": "pumps@P-1"}
+    alarm, label = {**message, "schema": ALARM_SCHEMA}, {**message, "schema": LABEL_SCHEMA}
+    assert mqtt_topic(MODEL_TOPICS, message) == "smocsd/gw-9/pumps@P-1/training-results"
+    assert mqtt_topic(MODEL_TOPICS, alarm) == "plant/pumps@P-1/alarms/gw-9"
+    assert mqtt_topic(MODEL_TOPICS, label) == "pumps@P-1"
+    # The defaults name no model: existing subscribers keep their topics.
+    defaults = MqttConfig()
+    assert mqtt_topic(defaults, message) == "smocsd/gw-9/training-results"
+    assert mqtt_topic(defaults, alarm) == "smocsd/gw-9/alarms"
+    assert mqtt_topic(defaults, label) == "smocsd/gw-9/labels"
+
+
+def test_mqtt_topic_takes_braces_of_a_stored_message_as_text() -> None:
+    """The values come from stored messages: one naming a placeholder is not filled in
+    again (one pass)."""
+    message = {**result(), "device_id": "{model}", "model": "{device_id}"}
+    assert mqtt_topic(MODEL_TOPICS, message) == "smocsd/{model}/{device_id}/training-results"
+
+
+def _partition_values() -> list[str]:
+    """Values partition_value accepts among candidates: every character of the BMP's first
+    part alone and between letters, and random strings (seeded) of the characters a value
+    may hold with now and then one it may not."""
+    rng = random.Random(20261204)
+    allowed = "aZ09._-"
+    awkward = "@/+#$ \t\n\x00\x7f\u0085\u2028é{}%*?"
+    candidates: list[object] = [chr(c) for c in range(0x3000)]
+    candidates += ["a" + chr(c) + "b" for c in range(0x3000)]
+    for _ in range(20000):
+        text = rng.choices(allowed, k=rng.randint(1, 70))
+        if rng.random() < 0.5:
+            text[rng.randrange(len(text))] = rng.choice(awkward)
+        candidates.append("".join(text))
+    candidates += [0, 7, 2**63 - 1, "P-1", "x" * 64]
+    values = []
+    for raw in candidates:
+        try:
+            values.append(partition_value(raw))
+        except ValueError:
+            continue
+    return values
+
+
+def test_a_partition_models_name_is_one_topic_level_without_wildcards() -> None:
+    """A model named `<name>@<value>` fills `{model}` with one level, never '+', '#' or '/'
+    (which would make paho refuse the topic, or move the message to another one)."""
+    definition = parse("[model]\nname = 'pumps'\n[source]\npartition_column = 'asset'", env={})
+    values = _partition_values()
+    assert len(values) > 1000 and "P-1" in values and "9223372036854775807" in values
+    for value in values:
+        name = definition.for_partition(value).model.name
+        assert name == f"pumps@{value}"
+        topic = mqtt_topic(MODEL_TOPICS, {**result(), "model": name})
+        assert topic.split("/") == ["smocsd", DEVICE, name, "training-results"], topic
+        assert not set(name) & set("+#/") and name.isascii() and name.isprintable()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(("pumps", "motors", "line_a"), id="model-tables"),
+        pytest.param(("pumps@P-1", "motors@7", "line_a@x_y.z-1"), id="partitions"),
+    ],
+)
+def test_mqtt_topics_naming_the_model_reach_their_subscribers(
+    mosquitto: Mosquitto, names: tuple[str, str, str]
+) -> None:
+    """Results, alarm events and labels each arrive on their model's topic level at a
+    real broker; the subscriber of one model's level gets that model's alone."""
+    cfg = PublishConfig(
+        order=("mqtt",),
+        mqtt=MqttConfig(
+            host="127.0.0.1",
+            port=mosquitto.port,
+            topic=MODEL_TOPICS.topic,
+            alarm_topic=MODEL_TOPICS.alarm_topic,
+            label_topic="smocsd/{device_id}/{model}/labels",
+            timeout=10,
+        ),
+    )
+    first, second, third = names
+    messages = [
+        {**result(0), "model": first},
+        {**alarm(), "model": second},
+        {**label(), "model": third},
+        result(3),
+    ]
+    with (
+        mosquitto.subscriber(f"smocsd/+/{first}/#") as one,
+        mosquitto.subscriber("#") as every,
+    ):
+        assert Publisher(cfg, DEVICE).attempt()(messages) == ["mqtt"] * 4
+        got = every.messages(has_all(ids(messages)))
+        assert [p for _t, p in one.messages(has_all(ids(messages[:1])))] == messages[:1]
+    topics = {p["message_id"]: t for t, p in got}
+    assert [topics[m["message_id"]] for m in messages] == [
+        f"smocsd/{DEVICE}/{first}/training-results",
+        f"plant/{second}/alarms/{DEVICE}",
+        f"smocsd/{DEVICE}/{third}/labels",
+        f"smocsd/{DEVICE}/autoencoder/training-results",
+    ]

@@ -493,3 +493,169 @@ def test_a_chunked_read_never_keeps_a_rollback_journal_writer_waiting_long(tmp_p
     assert any(
         while_writing(db, 0.05, lambda: src.read_newest(200_000))[2] > 0 for _ in range(ATTEMPTS)
     )
+
+
+# One model per asset: source.partition_column.
+
+
+def make_assets(path, declared: str, assets: tuple, index: bool = True) -> None:
+    """Rows id 1..30 whose asset cycles through `assets`; a and b are the id and 2 * id."""
+    conn = sqlite3.connect(path)
+    conn.execute(f"CREATE TABLE readings (id INTEGER PRIMARY KEY, asset {declared}, ts, a, b)")
+    if index:
+        conn.execute("CREATE INDEX by_asset ON readings (asset, id)")
+    conn.executemany(
+        "INSERT INTO readings VALUES (?, ?, ?, ?, ?)",
+        [(i, assets[i % len(assets)], T0 + i, i, 2 * i) for i in range(1, 31)],
+    )
+    conn.commit()
+    conn.close()
+
+
+def asset_source(path, partition: str | None = None, **kw) -> SQLiteSource:
+    return source(path, order_column="id", partition_column="asset", partition=partition, **kw)
+
+
+# (declared type, values stored, (partition, its ids)): an INTEGER column's 7 is the model
+# "7"; a column of no type holds 7 and "7" alike, and both are model "7".
+ASSETS = {
+    "integer": ("INTEGER", (7, 8, "9"), ("7", range(3, 31, 3))),
+    "text": ("TEXT", ("pump-1", "pump-2", 7), ("7", range(2, 31, 3))),
+    "untyped": ("", (7, "7", "x"), ("7", [i for i in range(1, 31) if i % 3 != 2])),
+}
+
+
+@pytest.mark.parametrize("kind", list(ASSETS))
+def test_a_partition_reads_only_its_rows(tmp_path, kind, caplog):
+    declared, assets, (value, ids) = ASSETS[kind]
+    make_assets(tmp_path / "r.db", declared, assets)
+    ids = list(ids)
+    src = asset_source(tmp_path / "r.db", value)
+    src.chunk_rows = 2  # several chunks, each of the partition's rows only
+    src.yield_ratio = 0.0
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
+        assert src.count_after(None) == len(ids)
+    # Indexed: not even a column of no type, whose two forms make the chunks sort the
+    # partition's rows (so the read is one statement), is warned about.
+    assert caplog.messages == []
+    assert src.count_after(ids[-3]) == 2
+    assert (src.min_order(), src.max_order()) == (ids[0], ids[-1])
+    got = src.read_newest(5)
+    assert got.order.tolist() == ids[-5:]
+    assert got.values[:, 0].tolist() == ids[-5:]
+    assert got.time.tolist() == [T0 + i for i in ids[-5:]]
+    assert asset_source(tmp_path / "r.db", "nobody").max_order() is None
+    assert asset_source(tmp_path / "r.db").count_after(None) == 30  # no partition: all rows
+
+
+def test_read_newest_up_to_an_order_value(tmp_path):
+    make_assets(tmp_path / "r.db", "INTEGER", (7, 8))
+    src = asset_source(tmp_path / "r.db", "8")  # the odd ids
+    src.chunk_rows = 2
+    src.yield_ratio = 0.0
+    assert src.read_newest(3, upto=21).order.tolist() == [17, 19, 21]
+    assert src.read_newest(3, upto=20).order.tolist() == [15, 17, 19]
+    assert src.read_newest(3, upto=0).order.tolist() == []
+    assert source(tmp_path / "r.db").read_newest(2, upto=10).order.tolist() == [9, 10]
+
+
+def plan(src: SQLiteSource, sql: str, params: tuple) -> str:
+    rows = src._connect().execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+    return "\n".join(row[3] for row in rows)
+
+
+@pytest.mark.parametrize("kind", ["integer", "text"])
+def test_a_declared_partition_column_is_read_through_its_index(tmp_path, kind):
+    """A text value bound against an INTEGER column takes the column's affinity, so "7"
+    finds 7 through the index, and the chunks need no sort."""
+    declared, assets, (value, _) = ASSETS[kind]
+    make_assets(tmp_path / "r.db", declared, assets)
+    src = asset_source(tmp_path / "r.db", value)
+    src.check()
+    assert src._keyset
+    select, params = src._select()
+    chunk = plan(src, select, (*params, 30, 2, 0))
+    assert "USING INDEX by_asset (asset=? AND id<?)" in chunk and "TEMP B-TREE" not in chunk
+    count = plan(src, *src._bind(f"SELECT count(*) FROM readings{src._where()[0]}", params))
+    assert "COVERING INDEX by_asset (asset=?)" in count
+
+
+def test_partitions_are_the_distinct_values_of_the_whole_table(tmp_path):
+    make_assets(tmp_path / "r.db", "", (7, "7", "pump-1", None, 2.5))
+    src = asset_source(tmp_path / "r.db", "pump-1")  # a model's source lists them all too
+    got = src.partitions()
+    assert sorted(got, key=repr) == sorted([7, "7", "pump-1", 2.5], key=repr)
+    column = quote("asset")
+    sql = f"SELECT DISTINCT {column} FROM readings WHERE {column} IS NOT NULL"
+    assert "TEMP B-TREE" not in plan(src, sql, ())  # DISTINCT walks the index
+    assert "COVERING INDEX by_asset" in plan(src, sql, ())
+    with pytest.raises(NoDatabase):
+        asset_source(tmp_path / "absent.db").partitions()
+
+
+def test_read_tagged_reads_the_newest_rows_of_every_partition(tmp_path):
+    db = tmp_path / "r.db"
+    make_assets(db, "", (7, "pump-1", None))
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE readings SET a = 'oops', ts = NULL WHERE id = 29")
+    conn.execute("UPDATE readings SET b = NULL WHERE id = 28")
+    conn.commit()
+    conn.close()
+    src = asset_source(db, "7")  # a model's source reads all partitions' rows here
+    got, tags = src.read_tagged(25, 100)
+    assert got.order.tolist() == [26, 27, 28, 29, 30]
+    assert tags == [None, 7, "pump-1", None, 7]
+    assert got.values[0].tolist() == [26.0, 52.0]
+    assert got.bad_rows.tolist() == [False, False, True, True, False]
+    assert np.isnan(got.time[3]) and got.time[4] == T0 + 30
+    newest, tags = src.read_tagged(None, 3)  # at most the newest max_rows, oldest first
+    assert newest.order.tolist() == [28, 29, 30] and tags == ["pump-1", None, 7]
+    empty, tags = src.read_tagged(30, 10)
+    assert empty.values.shape == (0, 2) and tags == []
+
+
+def test_a_partition_column_without_an_index_is_warned_once(tmp_path, caplog):
+    db = tmp_path / "r.db"
+    make_assets(db, "INTEGER", (7, 8), index=False)
+    src = asset_source(db, "7")
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
+        src.count_after(None)
+        src.close()
+        src.check()  # a new connection checks the columns again, but does not warn again
+        assert src.read_newest(2).order.tolist() == [28, 30]
+    warnings = [r.getMessage() for r in caplog.records if "asset" in r.getMessage()]
+    assert warnings == [
+        f'{db}: no index on "asset" of table readings: each model\'s reads scan the whole '
+        'table; CREATE INDEX "readings_asset" ON "readings" ("asset", "id")'
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
+        source(db, partition_column="asset").partitions()  # rowid order: it is implicit
+    assert caplog.messages[-1].endswith('ON "readings" ("asset")')
+    caplog.clear()
+    make_assets(tmp_path / "i.db", "INTEGER", (7, 8))
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE VIEW plant AS SELECT * FROM readings")  # its table's indexes count
+    conn.commit()
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
+        asset_source(tmp_path / "i.db", "7").read_newest(5)
+        asset_source(tmp_path / "i.db").partitions()
+        assert asset_source(db, "7", table="plant").count_after(None) == 15
+    assert caplog.messages == []
+
+
+def test_a_missing_partition_column_names_the_key(tmp_path):
+    db = tmp_path / "r.db"
+    make_db(db, [(0, 1.0, 1.0)]).close()
+    with pytest.raises(SourceError) as exc:
+        source(db, partition_column="Asset ID").partitions()
+    assert str(exc.value) == (
+        f'{db}: no such column "Asset ID" in table readings (source.partition_column)'
+    )
+
+
+def test_importing_the_sources_does_not_import_numpy():
+    """The daemon counts and lists partitions, and loads numpy only to score or train."""
+    code = "import smocsd.data.sources, sys; assert 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

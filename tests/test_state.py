@@ -274,7 +274,11 @@ def test_the_daemon_trains_scores_and_delivers_on_a_damaged_state_file(
         path.read_text().replace("order = []", 'order = ["mqtt"]')
         + f"\n[publish.mqtt]\nport = {mosquitto.port}\n"
     )
-    scoring = lambda: json.loads((state / "state.json").read_text()).get("scoring") or {}  # noqa: E731
+
+    def scoring() -> dict:
+        saved = json.loads((state / "state.json").read_text())
+        return saved.get("models", {}).get("autoencoder", {}).get("scoring") or {}
+
     with mosquitto.subscriber("smocsd/gw-test/#") as sub:
         daemon = Running(path, tmp_path / "log")
         try:

@@ -3,14 +3,17 @@ by systemd-nspawn, with smocsd installed and upgraded from a signed apt reposito
 way a fleet does it (packaging/apt_repo.py).
 
 One container per suite, the tests in order: install, train, status, watchdog, bad config,
-sandbox, upgrade, state from another install, purge. Needs root, debootstrap,
-systemd-container, gpg; under CI (CI=true) a testbed that cannot be set up fails instead of
-skipping.
+sandbox, upgrade, state from another install, purge; then, on Debian 12 only, the upgrade
+from the previous release (PREVIOUS_RELEASE) with its state. Needs root, debootstrap,
+systemd-container, gpg, and git with this repository's history; under CI (CI=true) a
+testbed that cannot be set up fails instead of skipping.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import inspect
 import json
 import re
 import shutil
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import gpg_test_key, smocsd, write_config
+from helpers import gpg_test_key, insert, smocsd, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packaging"))
 import apt_repo
@@ -58,6 +61,10 @@ SNAPSHOT_PRUNE = (
 )
 REPO_DIR = "/srv/apt"
 KEYRING = "/usr/share/keyrings/smocsd-archive-keyring.gpg"
+# The current release: the package built from this commit, which fleets run now. Issue 20's
+# release tags will replace the hash (the newest tag below this tree's version).
+PREVIOUS_RELEASE = "db48fceff7b9bd6959434df44447afdea82f3e77"
+SOURCE_TREE = Path(__file__).resolve().parent.parent
 
 
 class Box:
@@ -453,3 +460,220 @@ def test_purge_leaves_nothing_behind(box: Box) -> None:
     # adduser/deluser leave the usual backups of the account files.
     left = {p for p in box.files() - box.before if not re.fullmatch(r"/etc/\w+-", p)}
     assert not left, sorted(left)
+
+
+def previous_release(codename: str, arch: str = "amd64") -> Path:
+    """PREVIOUS_RELEASE's package for codename, built by that tree's own
+    packaging/build_deb.py (from `git archive`, so this repository's worktrees stay as they
+    are) at Debian revision 0, below this tree's packages (revision 1 and 2). Built once
+    and cached in $SMOCSD_TEST_CACHE/previous-<hash>; the wheels come from the build's
+    own cache (~/.cache/smocsd-build), which this tree's builds fill too."""
+    init = subprocess.run(
+        ["git", "-C", str(SOURCE_TREE), "show", f"{PREVIOUS_RELEASE}:smocsd/__init__.py"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if init.returncode != 0:  # e.g. a shallow clone: the release's commit is not there
+        testbed.unavailable(f"commit {PREVIOUS_RELEASE} not in {SOURCE_TREE}: {init.stderr}")
+    found = re.search(r"^__version__ = \"([^\"]+)\"", init.stdout, re.M)
+    assert found, f"no __version__ in {PREVIOUS_RELEASE}:smocsd/__init__.py"
+    version = f"{found.group(1)}-0"
+    cache = testbed.CACHE / f"previous-{PREVIOUS_RELEASE}" / codename
+    testbed.CACHE.mkdir(parents=True, exist_ok=True)
+    with (testbed.CACHE / f".previous-{PREVIOUS_RELEASE}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        debs = sorted(cache.glob(f"smocsd_{version}*_{arch}.deb"))
+        if debs:
+            return debs[0]
+        with tempfile.TemporaryDirectory(prefix="smocsd-previous-") as tmp:
+            tree, out = Path(tmp) / "tree", Path(tmp) / "out"
+            tree.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(SOURCE_TREE), "archive", PREVIOUS_RELEASE],
+                capture_output=True,
+                check=True,
+            )
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+            build = subprocess.run(
+                [
+                    sys.executable,
+                    str(tree / "packaging" / "build_deb.py"),
+                    "--target",
+                    codename,
+                    arch,
+                    "--out",
+                    str(out),
+                    "--version",
+                    version,
+                    "--fast",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=tree,
+                check=False,
+            )
+            assert build.returncode == 0, f"{PREVIOUS_RELEASE}'s build_deb.py failed:\n{build}"
+            (built,) = (out / codename).glob(f"smocsd_*_{arch}.deb")
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = cache / f".{built.name}.partial"
+            shutil.copyfile(built, partial)
+            partial.rename(cache / built.name)
+            return cache / built.name
+
+
+def _alarms(box: Box) -> list[dict]:
+    """The alarm messages waiting in the outbox (publish.order = [] keeps them there)."""
+    messages = json.loads(box.as_smocsd("outbox", "list", "--json").stdout)
+    return [m for m in messages if m["schema"].startswith("smocsd.alarm/")]
+
+
+def _alarms_opened(journal: str) -> list[int]:
+    """The orders at which the daemon logged an alarm opening."""
+    return [int(n) for n in re.findall(r"alarm opened at order (\d+)", journal)]
+
+
+@pytest.mark.parametrize("box", ["bookworm"], indirect=True)  # Debian 12's box only
+def test_upgrade_from_the_previous_release_keeps_training_and_scoring_its_model(
+    box: Box, tmp_path: Path
+) -> None:
+    """A Debian 12 gateway on the current release (PREVIOUS_RELEASE's package: one model,
+    no [models] tables), with its config and state directory, upgraded by apt to this
+    tree's package: the service restarts, the model keeps its versions and its old name,
+    the next cycle trains its v2 in the same folder, and live scoring goes on from the row
+    where it stood: the rows that came while the daemon was down are scored, the ones
+    scored before are not again (no alarm re-opens)."""
+    if box.c.run("dpkg-query", "-W", "smocsd", check=False).returncode == 0:
+        # Installed (or its config left) by the tests before: start from a clean gateway.
+        box.c.run("apt-get", "purge", "-y", "-q", "smocsd")
+    previous = previous_release(box.suite)
+    old = subprocess.run(
+        ["dpkg-deb", "-f", str(previous), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    new = box.debs[0]  # this tree's package, at its own version
+    assert subprocess.run(["dpkg", "--compare-versions", old, "lt", box.v1]).returncode == 0
+    repo = box.root / REPO_DIR.lstrip("/")
+    sign = {"gnupghome": box.key.home, "key": box.key.fingerprint}
+    started = box.c.run("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
+
+    def status() -> dict:
+        return json.loads(box.as_smocsd("status", "--json").stdout)
+
+    def scored_to(order: int) -> Callable[[], bool]:
+        return lambda: (status()["scoring"] or {}).get("last_order") == order
+
+    def add(rows: int, vibration_factor: float = 1.0) -> None:
+        """rows more rows in the daemon's database, written by the smocsd user as
+        tests/helpers.py's insert() does (copies of the newest normal rows)."""
+        script = "\n".join(
+            [
+                "import sqlite3",
+                "from contextlib import closing",
+                "from pathlib import Path",
+                inspect.getsource(insert),
+                f"insert(Path('{STATE}/readings.db'), {rows}, {vibration_factor!r})",
+            ]
+        )
+        box.c.run("runuser", "-u", "smocsd", "--", "python3", "-c", script)
+
+    try:
+        apt_repo.build({box.suite: [previous]}, repo, **sign)
+        box.c.run("apt-get", "update", "-q")
+        box.c.run("apt-get", "install", "-y", "-q", "smocsd")
+        assert box.c.run("dpkg-query", "-W", "-f=${Version}", "smocsd").stdout == old
+        config = write_config(
+            tmp_path / "smocsd.toml",
+            Path(STATE),
+            {"daemon": {"check_interval": "2s"}, "scoring": {"enabled": True, "close_after": 5}},
+        )
+        box.write(CONFIG, config.read_text())
+        box.c.run("systemctl", "restart", "smocsd")
+        box.as_smocsd("demo", "--rows", "3000")
+        wait_for("v1 on the previous release", lambda: status()["current_version"] == 1, 180)
+        # Scoring starts at the newest row once a model is current.
+        wait_for("live scoring at row 3000", scored_to(3000), 60)
+        add(30)
+        add(8, vibration_factor=6.0)
+        add(20)
+        wait_for("live scoring at row 3058", scored_to(3058), 60)
+        wait_for(
+            "the alarm on rows 3031-3038 to close",
+            lambda: {m["state"] for m in _alarms(box)} >= {"open", "closed"},
+            30,
+        )
+        before = status()
+        assert before["model"] == "autoencoder" and before["versions"] == [1], before
+        alarms = _alarms(box)
+        assert all(3031 <= m["start"]["order"] <= 3058 for m in alarms), alarms
+        versions = box.c.run("ls", MODELS).stdout.split()
+        current = box.c.run("readlink", f"{MODELS}/current").stdout
+        settings = box.read(CONFIG)
+        pid = box.show("MainPID")["MainPID"]
+
+        # The daemon is down while the package is unpacked; rows still come, an anomaly
+        # among them, and the new daemon must score them from where the old one stopped.
+        box.c.run("systemctl", "stop", "smocsd")
+        add(30)
+        add(8, vibration_factor=6.0)
+        add(20)
+        time.sleep(1)  # the journal's --since counts whole seconds
+        upgraded = box.c.run("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
+        apt_repo.build({box.suite: [previous, new]}, repo, **sign)
+        box.c.run("apt-get", "update", "-q")
+        # As unattended-upgrades does: a changed conffile of the package never prompts,
+        # the operator's config is kept.
+        box.c.run(
+            "apt-get",
+            "upgrade",
+            "-y",
+            "-q",
+            "-o",
+            "Dpkg::Options::=--force-confdef",
+            "-o",
+            "Dpkg::Options::=--force-confold",
+        )
+
+        assert box.c.run("dpkg-query", "-W", "-f=${Version}", "smocsd").stdout == box.v1
+        wait_for("smocsd active", lambda: box.show("ActiveState")["ActiveState"] == "active", 60)
+        assert box.show("MainPID")["MainPID"] not in (pid, "0")
+        assert box.c.run("ls", MODELS).stdout.split() == versions
+        assert box.c.run("readlink", f"{MODELS}/current").stdout == current
+        assert box.read(CONFIG) == settings
+        after = status()
+        assert after["model"] == "autoencoder" and after["current_version"] == 1, after
+        if "models" in after:  # this tree's per-model records, where status lists them
+            models = [(m["name"], m.get("partition")) for m in after["models"]]
+            assert models == [("autoencoder", None)], after["models"]
+
+        wait_for("live scoring at row 3116", scored_to(3116), 60)
+        journal = box.journal("--since", upgraded)
+        opened = _alarms_opened(journal)
+        # The anomaly on rows 3089-3096 came while no daemon ran: only a scorer that goes
+        # on from row 3058 sees it (one that starts again at the newest row does not).
+        assert opened, f"no alarm on rows 3059-3116, scored from row 3058 on:\n{journal}"
+        assert all(3058 < n <= 3116 for n in opened), f"rows scored again:\n{journal}"
+        new_alarms = [m for m in _alarms(box) if m not in alarms]
+        assert {m["event_id"] for m in new_alarms}.isdisjoint(m["event_id"] for m in alarms)
+        assert all(m["start"]["order"] > 3058 for m in new_alarms), new_alarms
+        assert all(m["model"] == "autoencoder" for m in new_alarms), new_alarms
+
+        box.as_smocsd("demo", "--rows", "600")  # enough new rows for the next cycle
+        wait_for("v2 under the old name", lambda: 2 in status()["versions"], 180)
+        assert box.c.run("test", "-d", f"{MODELS}/v000002", check=False).returncode == 0
+        wait_for("live scoring at row 3716", scored_to(3716), 60)
+        last = status()
+        assert last["model"] == "autoencoder" and last["versions"] == [1, 2], last
+        results = json.loads(box.as_smocsd("outbox", "list", "--json").stdout)
+        v2 = [m for m in results if m["schema"].startswith("smocsd.training-result/")]
+        assert any(m["model"] == "autoencoder" and m.get("version") == 2 for m in v2), v2
+        journal = box.journal("--since", upgraded)
+        assert all(n > 3058 for n in _alarms_opened(journal)), journal[-3000:]
+        # The whole run: each alarm opened once, the ones before the upgrade too.
+        opened = _alarms_opened(box.journal("--since", started))
+        assert len(opened) == len(set(opened)), opened
+    except AssertionError as exc:  # what the daemons said is most of the story
+        journal = box.journal("--since", started)[-6000:]
+        raise AssertionError(f"{exc}\n--- smocsd's journal (end) ---\n{journal}") from exc
+    finally:
+        box.c.run("apt-get", "purge", "-y", "-q", "smocsd", check=False)
+        box.publish(1)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..common import config as config_mod
 from ..common.config import Config, ConfigError
-from ..common.labels import Kind, Label, LabelError, Labels, ranges_of
+from ..common.labels import Kind, Label, LabelError, Labels, for_model, ranges_of
 from ..delivery.outbox import Outbox, OutboxError, json_safe
 from ..schemas import LABEL_SCHEMA
 from ..store import ModelStore, StoreError, version_name
@@ -53,6 +53,33 @@ class Failure(Exception):
     """A runtime failure the operator can act on: one line, exit 1."""
 
 
+class UsageError(Exception):
+    """A `--model` that names no model, or none given where there are several: one line
+    naming the models there are, exit 2."""
+
+
+def _one_model(cfg: Config, args: argparse.Namespace) -> Config:
+    """The model `--model NAME` names; without it, the only one."""
+    from .modelset import NoSuchModel, find  # reads the source: not at import
+
+    try:
+        return find(cfg, getattr(args, "model", None))
+    except NoSuchModel as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _all_models(cfg: Config) -> list[Config]:
+    """Every model; those the store knows alone when the table cannot be read."""
+    from ..data.sources import SourceError
+    from .modelset import ModelSet
+
+    try:
+        return ModelSet(cfg).resolve()
+    except (SourceError, ConfigError, OSError) as exc:
+        log.warning("models not read from the table: %s", exc)
+        return ModelSet(cfg).resolve(read_table=False)
+
+
 def _print_json(obj: Any) -> None:
     """Strict JSON: a non-finite number read from a file (state.json, an outbox message)
     prints as null, never as NaN or Infinity, which JSON parsers refuse."""
@@ -71,12 +98,13 @@ def cmd_train_once(cfg: Config, args: argparse.Namespace) -> int:
     from .daemon import Parts, prepare_state_dir
 
     prepare_state_dir(cfg)
+    model = _one_model(cfg, args)
     parts = Parts(cfg)
     try:
-        result, queued = parts.cycle(force=args.force)
+        result, queued = parts.cycle(model, force=args.force)
     finally:
         parts.close()
-    _print_json(json_safe(result.message(cfg)))
+    _print_json(json_safe(result.message(model)))
     return EX_FAIL if result.outcome is Outcome.FAILED or not queued else EX_OK
 
 
@@ -133,15 +161,26 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _check_job(cfg: Config, path: Path) -> None:
-    """A training.job that cannot be loaded is a configuration error, found before running."""
+    """A training.job that cannot be loaded is a configuration error, found before running:
+    the top level's, and each other one a [models.<name>] table names."""
     from .child import JobLoadFailed, job_problem
 
-    try:
-        problem = job_problem(cfg.training.job)
-    except JobLoadFailed as exc:  # short of memory, say: exit 1, which systemd restarts
-        raise Failure(f"{path}: {exc}") from None
-    if problem:
-        raise ConfigError([f"{path}: {problem}"])
+    keys = {cfg.training.job: "training.job"}  # a job once, named by the first key of it
+    for definition in cfg.models:
+        keys.setdefault(definition.training.job, f"models.{definition.model.name}.training.job")
+    for job, key in keys.items():
+        try:
+            problem = job_problem(job)
+        except JobLoadFailed as exc:  # short of memory, say: exit 1, which systemd restarts
+            raise Failure(f"{path}: {_rekeyed(str(exc), key)}") from None
+        if problem:
+            raise ConfigError([f"{path}: {_rekeyed(problem, key)}"])
+
+
+def _rekeyed(problem: str, key: str) -> str:
+    """A training.job problem naming the key of the [models.<name>] table that set it."""
+    prefix = "training.job"
+    return key + problem[len(prefix) :] if problem.startswith(prefix) else problem
 
 
 def _require_state_dir(cfg: Config) -> None:
@@ -172,9 +211,21 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from ..common.state import State
 
     _require_state_dir(cfg)
-    store = ModelStore.of(cfg)
-    current = store.current()
     state = State(cfg.state_dir).read()
+    configs = _all_models(cfg)
+    models = [_model_status(cfg, model, state) for model in configs]
+    # The top-level fields are those of a release before [models]: they describe the one
+    # model, and with several the first of them (the contract says so); `models` has all.
+    first = configs[0] if configs else cfg
+    store = ModelStore.of(first)
+    current = store.current()
+    last_cycle = state.last_cycle  # with one model, its last cycle, as before
+    if len(configs) > 1:
+        last_cycle = state.last_cycle_of(first.model.name, cfg.model.name)
+    if models:
+        scoring = models[0]["scoring"]
+    else:
+        scoring = _scoring_status(first, state.scoring_of(first.model.name, cfg.model.name))
     outbox = _outbox_readonly(cfg)
     depth = quarantined = 0
     if outbox is not None:
@@ -182,14 +233,14 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             depth, quarantined = len(outbox), len(outbox.quarantined())
         finally:
             outbox.close()
-    backend, backend_problem = _training_backend(cfg)
+    backend, backend_problem = _training_backend(first)
     try:
         labels, labels_problem = Labels(cfg.state_dir).read(), None
     except LabelError as exc:  # status shows the rest, and says what is wrong
         labels, labels_problem = [], str(exc)
     status = {
         "device_id": cfg.daemon.device_id,
-        "model": cfg.model.name,
+        "model": first.model.name,
         "current_version": current,
         # A dangling `current` (its version removed by hand) is a problem too: no model
         # scores or is trained against until the next promotion or a rollback.
@@ -197,51 +248,119 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "versions": store.versions(),
         "training_backend": backend,
         "training_backend_problem": backend_problem,
-        "last_cycle": None if state.last_cycle is None else state.last_cycle.to_json(),
+        "last_cycle": None if last_cycle is None else last_cycle.to_json(),
         "next_check": state.next_check,
         "outbox_depth": depth,
         "outbox_quarantined": quarantined,
-        "scoring": _scoring_status(cfg, state.scoring_of(cfg.model.name, cfg.model.name)),
+        "scoring": scoring,
         "labels": [x.to_json() for x in labels],
         "labels_problem": labels_problem,
-        "left_out": _left_out(cfg, state),
+        "left_out": _left_out(first, state),
         "state_dir": str(cfg.state_dir),
+        "models": models,
     }
     if args.json:
         _print_json(status)
         return EX_OK
+    several = len(models) > 1
     last = status["last_cycle"] or {}
-    problem = status["current_problem"]
-    damaged = f" {'DAMAGED' if current else 'DANGLING'}: {problem}" if problem else ""
-    print(f"model:       {cfg.model.name} (device {cfg.daemon.device_id})")
-    print(f"current:     {version_name(current) if current else 'none'}{damaged}")
-    print(f"kept:        {', '.join(map(version_name, status['versions'])) or 'none'}")
+    if several:  # the daemon's lines here, each model's below
+        print(f"device:      {cfg.daemon.device_id} ({len(models)} models)")
+    else:
+        problem = status["current_problem"]
+        damaged = f" {'DAMAGED' if current else 'DANGLING'}: {problem}" if problem else ""
+        print(f"model:       {first.model.name} (device {cfg.daemon.device_id})")
+        print(f"current:     {version_name(current) if current else 'none'}{damaged}")
+        print(f"kept:        {', '.join(map(version_name, status['versions'])) or 'none'}")
     if backend:
-        print(f"backend:     {backend} (training.backend = {cfg.training.backend})")
+        print(f"backend:     {backend} (training.backend = {first.training.backend})")
     else:  # every cycle will fail until the backend is installed or the key changed
         print(f"backend:     none: {backend_problem}")
-    detail = last.get("reason") or last.get("error") or ""
-    version = f" v{last['version']}" if last.get("version") else ""
-    print(f"last cycle:  {last.get('at', 'never')} {last.get('outcome', '')}{version} {detail}")
+    if not several:
+        detail = last.get("reason") or last.get("error") or ""
+        version = f" v{last['version']}" if last.get("version") else ""
+        at = last.get("at", "never")
+        print(f"last cycle:  {at} {last.get('outcome', '')}{version} {detail}")
     print(f"next check:  {status['next_check'] or 'not scheduled (daemon not running?)'}")
     held = f", {quarantined} in quarantine (smocsd outbox list)" if quarantined else ""
     print(f"outbox:      {depth} result(s) waiting{held}")
-    scoring = status["scoring"]
-    if scoring:
+    if scoring and not several:
         event = scoring["open_alarm"]
         alarm = f", ALARM open since order {event['start']['order']}" if event else ""
         lag = "?" if scoring["lag_rows"] is None else scoring["lag_rows"]
         where = f"row {scoring['last_order']} with v{scoring['version']}"
         print(f"scoring:     {where}, {lag} rows behind{alarm}")
     spans = status["left_out"]
-    if spans:
+    if spans and not several:
         kinds = ", ".join(f"{sum(s['why'] == w for s in spans)} {w}" for w in ("alarm", "spike"))
         print(f"left out:    {len(spans)} range(s) of rows alarmed on, not trained on ({kinds})")
     for x in labels:
         print(f"label:       {x.describe()}")
     if labels_problem:
         print(f"labels:      UNREADABLE: {labels_problem}")
+    if several:
+        for entry, model in zip(models, configs, strict=True):
+            print(f"model:       {_model_line(entry, len(state.spans(model.model.name)))}")
     return EX_OK
+
+
+def _model_status(cfg: Config, model: Config, state: StateFile) -> dict[str, Any]:
+    """One model's entry in `status --json`'s `models`."""
+    store = ModelStore.of(model)
+    current = store.current()
+    name = model.model.name
+    last = state.last_cycle_of(name, cfg.model.name)
+    scoring = _scoring_status(model, state.scoring_of(name, cfg.model.name))
+    return {
+        "name": name,
+        "partition": model.source.partition,
+        "current_version": current,
+        "current_problem": store.check(current) if current else store.dangling(),
+        "last_cycle": None if last is None else last.to_json(),
+        "scoring": scoring,
+        "open_alarm": None if scoring is None else scoring["open_alarm"],
+    }
+
+
+def _age(at: str) -> str:
+    """'5m ago' for a utcnow() time; the time itself when it is not one."""
+    from datetime import datetime, timezone
+
+    try:
+        then = datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        return str(at)
+    seconds = (datetime.now(timezone.utc) - then).total_seconds()
+    if seconds < 0:
+        return f"{at} (ahead of the clock)"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _model_line(entry: dict[str, Any], spans: int) -> str:
+    """A model's line in `status`: its current version, last cycle, scoring, open alarm."""
+    current = entry["current_version"]
+    text = f"{entry['name']}  {version_name(current) if current else 'none'}"
+    if entry["current_problem"]:
+        text += f" {'DAMAGED' if current else 'DANGLING'}"
+    last = entry["last_cycle"]
+    if last is None:
+        text += ", last cycle never"
+    else:
+        version = f" v{last['version']}" if last.get("version") else ""
+        text += f", last cycle {last.get('outcome')}{version} {_age(last.get('at'))}"
+    scoring = entry["scoring"]
+    if scoring:
+        lag = "?" if scoring["lag_rows"] is None else scoring["lag_rows"]
+        text += f", scoring row {scoring['last_order']} ({lag} behind)"
+    if spans:
+        text += f", {spans} range(s) left out"
+    event = entry["open_alarm"]
+    if event:
+        text += f", OPEN ALARM since order {event['start']['order']}"
+    return text
 
 
 def _left_out(cfg: Config, state: StateFile) -> list[dict[str, Any]]:
@@ -303,7 +422,8 @@ def _model_rows(store: ModelStore) -> list[dict[str, Any]]:
 
 def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
     _require_state_dir(cfg)
-    store = ModelStore.of(cfg)
+    model = _one_model(cfg, args)
+    store = ModelStore.of(model)
     if args.models_command == "show":
         if args.json:  # as the file has it, damaged or not: what the operator asked to see
             _print_json(store.metadata_json(args.version))
@@ -327,6 +447,7 @@ def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
             champion = f"v{ev['previous_version']}'s {num(ev['previous_val_loss'])}"
         report = store.path(args.version) / "report.html"
         for name, value in [
+            ("model", model.model.name),
             ("version", version_name(args.version)),
             ("outcome", meta.outcome),
             ("created_at", meta.created_at),
@@ -418,7 +539,8 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
     from ..scoring import Model
     from .live import decide  # numpy and onnxruntime: this command's imports only
 
-    store = ModelStore.of(cfg)
+    model_cfg = _one_model(cfg, args)
+    store = ModelStore.of(model_cfg)
     version = args.version or store.current()
     if version is None:
         raise Failure("no current model to score with (train one first)")
@@ -431,7 +553,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
     # Rows before the range: a whole window for its first row, and the windows the alarm
     # rule looks back on.
     context = model.window_size - 1 + model.rule.of - 1
-    source = open_source(cfg.source)
+    source = open_source(model_cfg.source)
     try:
         rows_wanted = source.count_after(after) + (context if after is not None else 0)
         readings = source.read_newest(rows_wanted)
@@ -439,7 +561,8 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
         raise Failure(str(exc)) from None
     finally:
         source.close()
-    excluded = ranges_of(Labels(cfg.state_dir).read(), Kind.EXCLUDE)
+    in_force = for_model(Labels(cfg.state_dir).read(), model_cfg.model.name)
+    excluded = ranges_of(in_force, Kind.EXCLUDE)
     rows, _, _ = decide(model, readings, after, None, excluded)
     rows = [r for r in rows if args.to_order is None or r.order <= args.to_order]
     if args.json:
@@ -456,7 +579,8 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _publish_label(cfg: Config, label: Label, action: str) -> None:
-    """The label's message into the outbox; the daemon delivers it at its next check."""
+    """The label's message into the outbox; the daemon delivers it at its next check. It
+    names the label's model, or for a label of every model the top-level model.name."""
     from ..common.labels import message
 
     try:
@@ -469,17 +593,18 @@ def _publish_label(cfg: Config, label: Label, action: str) -> None:
         raise Failure(f"{exc}; {label.describe()} was {action} all the same") from None
 
 
-def _alarm_start(cfg: Config, state: StateFile, labels: list[Label]) -> int | None:
-    """Where the alarm to accept began: the start of the recorded run of alarmed rows
+def _alarm_start(cfg: Config, model: Config, state: StateFile, labels: list[Label]) -> int | None:
+    """Where `model`'s alarm to accept began: the start of the recorded run of alarmed rows
     (a window's margin before the first alarm, earlier bursts joined) that holds live
     scoring's open event, else of the newest such run no accept label covers yet."""
-    accepted = [x for x in labels if x.kind is Kind.ACCEPT]
+    name = model.model.name
+    accepted = [x for x in for_model(labels, name) if x.kind is Kind.ACCEPT]
     spans = [
         (s.first, s.last)
-        for s in state.spans(cfg.model.name)
+        for s in state.spans(name)
         if s.why == "alarm" and not any(x.covers(s.first) and x.covers(s.last) for x in accepted)
     ]
-    position = state.scoring_of(cfg.model.name, cfg.model.name)
+    position = state.scoring_of(name, cfg.model.name)
     event = None if position is None else position.event
     if event is not None:
         start = event.start["order"]
@@ -491,31 +616,50 @@ def cmd_accept(cfg: Config, args: argparse.Namespace) -> int:
     from ..common.state import State
 
     _require_state_dir(cfg)
+    models, owner = _label_scope(cfg, args)
     labels = Labels(cfg.state_dir)
     first, last = args.from_order, args.to_order
     if first is None:
-        first = _alarm_start(cfg, State(cfg.state_dir).read(), labels.read())
+        if len(models) > 1:  # whose alarm? Each model has its own.
+            raise Failure(
+                "several models: give --from ORDER, or --model NAME to accept that model's alarm"
+            )
+        state = State(cfg.state_dir).read()
+        first = next((_alarm_start(cfg, m, state, labels.read()) for m in models), None)
         if first is None:
             raise Failure("no alarm to accept (none open, none recorded): give --from ORDER")
     if last is None:
-        last = _newest_order(cfg)
-    label = labels.add(Kind.ACCEPT, first, last, args.reason)
+        last = _newest_order(models)
+    label = labels.add(Kind.ACCEPT, first, last, args.reason, model=owner)
     _publish_label(cfg, label, "added")
     print(f"added {label.describe()}: the next check trains on these rows")
     return EX_OK
 
 
-def _newest_order(cfg: Config) -> int:
-    """The order value of the newest row now: what an accept without --to reaches to."""
+def _label_scope(cfg: Config, args: argparse.Namespace) -> tuple[list[Config], str | None]:
+    """(the models a new label is for, the name it records): with --model that model and
+    its name, else every model and None (the label applies to all)."""
+    if getattr(args, "model", None) is None:
+        return _all_models(cfg), None
+    model = _one_model(cfg, args)
+    return [model], model.model.name
+
+
+def _newest_order(models: list[Config]) -> int:
+    """The order value of the newest row now (of those models read): what an accept
+    without --to reaches to."""
     from ..data.sources import SourceError, open_source
 
-    source = open_source(cfg.source)
-    try:
-        newest = source.max_order()
-    except SourceError as exc:
-        raise Failure(f"{exc}: give --to ORDER") from None
-    finally:
-        source.close()
+    found = []
+    for model in models:
+        source = open_source(model.source)
+        try:
+            found.append(source.max_order())
+        except SourceError as exc:
+            raise Failure(f"{exc}: give --to ORDER") from None
+        finally:
+            source.close()
+    newest = max((x for x in found if x is not None), default=None)
     if newest is None:
         raise Failure("the table has no rows yet: give --to ORDER")
     return newest
@@ -523,7 +667,10 @@ def _newest_order(cfg: Config) -> int:
 
 def cmd_exclude(cfg: Config, args: argparse.Namespace) -> int:
     _require_state_dir(cfg)
-    label = Labels(cfg.state_dir).add(Kind.EXCLUDE, args.from_order, args.to_order, args.reason)
+    owner = None if getattr(args, "model", None) is None else _one_model(cfg, args).model.name
+    label = Labels(cfg.state_dir).add(
+        Kind.EXCLUDE, args.from_order, args.to_order, args.reason, model=owner
+    )
     _publish_label(cfg, label, "added")
     print(f"added {label.describe()}: never trained on, never alarmed")
     return EX_OK
@@ -531,13 +678,15 @@ def cmd_exclude(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_labels(cfg: Config, args: argparse.Namespace) -> int:
     _require_state_dir(cfg)
+    # --model: that model's labels and those of every model; without it, all of them.
+    name = None if getattr(args, "model", None) is None else _one_model(cfg, args).model.name
     labels = Labels(cfg.state_dir)
     if args.labels_command == "remove":
-        label = labels.remove(args.id)
+        label = labels.remove(args.id, name)
         _publish_label(cfg, label, "removed")
         print(f"removed {label.describe()}")
         return EX_OK
-    found = labels.read()
+    found = labels.read() if name is None else for_model(labels.read(), name)
     if args.json:
         _print_json([x.to_json() for x in found])
         return EX_OK
@@ -604,6 +753,23 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="configuration file (default: $SMOCSD_CONFIG, else /etc/smocsd/smocsd.toml)",
     )
+    # --model, for the commands that act on one model: before or after the action, as
+    # --config (`smocsd models --model a list`, `smocsd models list --model a`).
+    one = argparse.ArgumentParser(add_help=False)
+    one.add_argument(
+        "--model",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="the model to act on (`smocsd status` lists them; needed when there are several)",
+    )
+    # ... and for a new label: the model it is for, else every model.
+    labelled = argparse.ArgumentParser(add_help=False)
+    labelled.add_argument(
+        "--model",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="the model the label is for (default: every model, however many there are)",
+    )
     p = argparse.ArgumentParser(
         prog="smocsd",
         parents=[common],
@@ -613,13 +779,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"smocsd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+    def add(name: str, func: Callable, help: str, parents: tuple = ()) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common, *parents], help=help, description=help)
         sp.set_defaults(func=func)
         return sp
 
     add("run", cmd_run, "run the daemon until SIGTERM/SIGINT; SIGHUP re-reads the config")
-    sp = add("train-once", cmd_train_once, "run one training cycle now and print its result")
+    sp = add(
+        "train-once", cmd_train_once, "run one training cycle now and print its result", (one,)
+    )
     sp.add_argument(
         "--force",
         action="store_true",
@@ -633,15 +801,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = add("models", cmd_models, "list, show or roll back model versions")
+    sp = add("models", cmd_models, "list, show or roll back model versions", (one,))
     msub = sp.add_subparsers(dest="models_command", metavar="ACTION")
-    ls = msub.add_parser("list", parents=[common], help="versions kept and their metrics")
+    ls = msub.add_parser("list", parents=[common, one], help="versions kept and their metrics")
     ls.add_argument("--json", action="store_true")
-    show = msub.add_parser("show", parents=[common], help="a version's essentials")
+    show = msub.add_parser("show", parents=[common, one], help="a version's essentials")
     show.add_argument("version", type=VERSION)
     show.add_argument("--json", action="store_true", help="the whole metadata.json")
     msub.add_parser(
-        "rollback", parents=[common], help="point current at VERSION (default: the previous one)"
+        "rollback",
+        parents=[common, one],
+        help="point current at VERSION (default: the previous one)",
     ).add_argument("version", type=VERSION, nargs="?")
     sp.set_defaults(models_command="list", json=False)
 
@@ -653,7 +823,12 @@ def _parser() -> argparse.ArgumentParser:
     osub.add_parser("flush", parents=[common], help="try to deliver waiting results now")
     sp.set_defaults(outbox_command="list", json=False)
 
-    sp = add("score", cmd_score, "score stored readings as live scoring does, one line per window")
+    sp = add(
+        "score",
+        cmd_score,
+        "score stored readings as live scoring does, one line per window",
+        (one,),
+    )
     sp.add_argument(
         "--from", dest="from_order", type=ORDER, help="first order value (default: all)"
     )
@@ -665,13 +840,15 @@ def _parser() -> argparse.ArgumentParser:
         "accept",
         cmd_accept,
         "this is the new normal: rows the current model alarmed on become trainable, and "
-        "the next check trains on them",
+        "the next check trains on them; without --model, for every model",
+        (labelled,),
     )
     sp.add_argument(
         "--from",
         dest="from_order",
         type=ORDER,
-        help="first order value (default: where the open or newest recorded alarm began)",
+        help="first order value (default: where the open or newest recorded alarm began; "
+        "with several models, that of the model --model names)",
     )
     sp.add_argument(
         "--to", dest="to_order", type=ORDER, help="last order value (default: the newest row now)"
@@ -680,21 +857,32 @@ def _parser() -> argparse.ArgumentParser:
     sp = add(
         "exclude",
         cmd_exclude,
-        "a maintenance or calibration period: never trained on, never alarmed",
+        "a maintenance or calibration period: never trained on, never alarmed; without "
+        "--model, for every model",
+        (labelled,),
     )
     sp.add_argument(
         "--from", dest="from_order", type=ORDER, required=True, help="first order value"
     )
     sp.add_argument("--to", dest="to_order", type=ORDER, required=True, help="last order value")
     sp.add_argument("--reason", default="", help="why, for the record and the fleet")
-    sp = add("labels", cmd_labels, "list the accept and exclude labels, or remove one")
+    sp = add(
+        "labels",
+        cmd_labels,
+        "list the accept and exclude labels, or remove one; --model: those in force for "
+        "that model (its own and those of every model)",
+        (one,),
+    )
     lsub = sp.add_subparsers(dest="labels_command", metavar="ACTION")
-    lsub.add_parser("list", parents=[common], help="the labels in force").add_argument(
+    lsub.add_parser("list", parents=[common, one], help="the labels in force").add_argument(
         "--json", action="store_true"
     )
-    lsub.add_parser("remove", parents=[common], help="remove label ID").add_argument(
-        "id", type=_integer(1, why=" (label ids start at 1)")
-    )
+    lsub.add_parser(
+        "remove",
+        parents=[common, one],
+        help="remove label ID (with --model, only one in force for that model; one of "
+        "every model goes for all)",
+    ).add_argument("id", type=_integer(1, why=" (label ids start at 1)"))
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(labels_command="list")
 
@@ -787,6 +975,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EX_CONFIG
+    except UsageError as exc:  # one line naming the models there are
+        print(f"smocsd: {exc}", file=sys.stderr)
+        return EX_USAGE
     except (Failure, StoreError, OutboxError, LabelError) as exc:  # each names its file
         print(f"smocsd: {exc}", file=sys.stderr)
         return EX_FAIL

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def cycle_lock(state_dir: Path) -> contextlib.AbstractContextManager[bool]:
-    """One cycle at a time per state_dir (the daemon and a manual train-once may race):
+    """One cycle at a time per state_dir, of any model (the daemon and a manual train-once
+    may race; two training processes at once would share a small gateway's memory):
     whether this one may run; a cycle already running makes this one a skip, not a wait."""
     return locked(state_dir / "cycle.lock", wait=False)
 
@@ -64,7 +65,7 @@ def run(
                 for leftover in ModelStore.of(cfg).recover():
                     log.info("removed %s left by the failed cycle", leftover)
         level = logging.ERROR if result.outcome is Outcome.FAILED else logging.INFO
-        log.log(level, "%s", result.describe())
+        log.log(level, "%s: %s", cfg.model.name, result.describe())
         return result, record(cfg, outbox, result)
 
 

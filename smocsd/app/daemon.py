@@ -20,17 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from ..common import config as config_mod
 from ..common.config import Config, ConfigError
-from ..common.labels import Labels
-from ..common.state import State
+from ..common.labels import LabelError, Labels
+from ..common.state import CycleRecord, State, utcnow
 from ..delivery.outbox import Outbox
 from ..delivery.publish import Publisher
 from ..store import ModelStore
 from ..training.job import Stopped
 from ..training.result import CycleResult, Outcome, error_line
 from . import cycle, metrics, systemd
+from .gates import Gates
+from .modelset import ModelSet
 
 if TYPE_CHECKING:  # numpy and onnxruntime: imported only when scoring is on
-    from .live import LiveScorer
+    from .live import Scoring
 
 log = logging.getLogger("smocsd")
 
@@ -78,6 +80,7 @@ class Parts:
 
     def cycle(
         self,
+        model: Config | None = None,
         *,
         force: bool = False,
         should_stop: Callable[[], bool] = lambda: False,
@@ -85,21 +88,23 @@ class Parts:
         on_status: Callable[[str], None] = lambda text: None,
     ) -> tuple[CycleResult, bool]:
         """Results waiting go out first, lost ones are recovered from the store, then one
-        cycle, whose result is durable in the outbox before its delivery is tried."""
+        cycle of `model` (None: the configuration itself, a single model), whose result is
+        durable in the outbox before its delivery is tried."""
+        model = model or self.cfg
         self.flush(should_stop)
         if should_stop():  # asked mid-flush: no cycle to start
             raise Stopped()
-        cycle.reconcile(self.cfg, self.outbox)
+        cycle.reconcile(model, self.outbox)
         started = time.monotonic()
         result, queued = cycle.run(
-            self.cfg,
+            model,
             self.outbox,
             force=force,
             should_stop=should_stop,
             on_alive=on_alive,
             on_status=on_status,
         )
-        self.metrics.tally.cycle_ended(result.outcome, time.monotonic() - started)
+        self.metrics.tally.cycle_ended(model.model.name, result.outcome, time.monotonic() - started)
         if result.outcome is not Outcome.SKIPPED:
             self.flush(should_stop)
         return result, queued
@@ -117,8 +122,9 @@ def prepare_state_dir(cfg: Config) -> None:
     ):
         log.warning("removed %s left by an interrupted write", leftover)
     with cycle.cycle_lock(cfg.state_dir) as locked:
-        for leftover in ModelStore.of(cfg).recover() if locked else ():
-            log.warning("removed %s left by an interrupted save", leftover)
+        for model in ModelSet(cfg).resolve(read_table=False) if locked else ():
+            for leftover in ModelStore.of(model).recover():
+                log.warning("removed %s left by an interrupted save", leftover)
 
 
 class Daemon:
@@ -134,35 +140,35 @@ class Daemon:
         self.unsent: list[dict[str, Any]] = []
         self.failures = 0  # ticks in a row that raised
         self.errors: dict[str, str] = {}  # the error each step of the loop last logged
+        self.modelset = ModelSet(cfg)
+        self.models: list[Config] = self.modelset.resolve(read_table=False)
+        self.gates = Gates(cfg)
+        self.trained_last: str | None = None  # the model whose cycle ran last
+        self.reconciled = False  # every model's store reconciled with the outbox
         self.scorer = self._scorer(cfg)
-        self.scored_at = 0.0  # monotonic time of the last scoring step
+        if self.scorer is not None:
+            self.scorer.set_models(self.models)
 
     @staticmethod
-    def _scorer(cfg: Config) -> LiveScorer | None:
-        """The live scorer, if scoring is on: only then does the daemon load numpy and
-        onnxruntime."""
-        if not cfg.scoring.enabled:
+    def _scorer(cfg: Config) -> Scoring | None:
+        """Live scoring, if any model has it on: only then does the daemon load numpy and
+        onnxruntime. Its models are set after each resolution (set_models)."""
+        if not any(d.scoring.enabled for d in cfg.definitions()):
             return None
-        from .live import LiveScorer
+        from .live import Scoring
 
-        return LiveScorer(cfg)
+        return Scoring(cfg)
 
     def _score(self) -> None:
-        """A scoring step when one is due; alarm events go out at once."""
-        if self.scorer is None:
+        """A scoring step of the tables that are due; alarm events go out at once. An
+        error of one table or model is Scoring's to say, and stops none of the others."""
+        if self.scorer is None or not self.scorer.due():
             return
-        now = time.monotonic()
-        if now - self.scored_at < self.parts.cfg.scoring.poll_interval:
-            return
-        self.scored_at = now
-        was_open = self.scorer.position.event is not None
-        _, alarms = self.scorer.step(self.parts.outbox)
-        self.parts.metrics.tally.scored(
-            alarms,
-            was_open,
-            self.scorer.position.event is not None,
-            scoring=self.scorer.model is not None,
-        )
+        tally = self.parts.metrics.tally
+        alarms = 0
+        for s in self.scorer.step(self.parts.outbox):
+            tally.scored(s.name, s.alarms, s.was_open, s.is_open, scoring=s.scoring)
+            alarms += s.alarms
         if alarms:
             self.parts.flush(self._should_stop)
 
@@ -178,7 +184,7 @@ class Daemon:
     def _write_metrics(self) -> None:
         """The metrics file, if configured: after every check, and after scoring steps.
         A failure is the guarded step's, logged once, never the loop's."""
-        self.parts.metrics.write(lambda: self.parts.outbox, self.scorer)
+        self.parts.metrics.write(lambda: self.parts.outbox, self.scorer, self.models)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGHUP:
@@ -206,6 +212,8 @@ class Daemon:
         finally:
             systemd.notify("STOPPING=1", "STATUS=stopping")
             self.parts.close()
+            self.gates.close()
+            self.modelset.close()
             if self.scorer is not None:
                 self.scorer.close()
         log.info("smocsd stopped")
@@ -240,18 +248,64 @@ class Daemon:
                 self.failures = 0
 
     def _tick(self) -> None:
+        """Every model's gates, and a cycle of each whose gates pass, one training process
+        at a time, starting after the model that trained last: with many models, none
+        waits more than one round for another's training."""
         outbox = self.parts.outbox
         while self.unsent:
             outbox.put(self.unsent[0])
             self.unsent.pop(0)
-        result, queued = self.parts.cycle(
-            should_stop=self._should_stop,
-            on_alive=self._alive,
-            on_status=lambda text: systemd.notify(f"STATUS={text}"),
-        )
-        if not queued and result.version is None:
-            self.unsent.append(result.message(self.parts.cfg))
-        self.last = result.reason or result.describe()
+        self.parts.flush(self._should_stop)
+        self.models = self.modelset.resolve()
+        if self.scorer is not None:
+            self.scorer.set_models(self.models)
+        if not self.reconciled:  # a cycle reconciles its own model; at start, all of them
+            for model in self.models:
+                cycle.reconcile(model, outbox)
+            self.reconciled = True
+        names = [m.model.name for m in self.models]
+        start = names.index(self.trained_last) + 1 if self.trained_last in names else 0
+        trained: list[str] = []
+        waiting: dict[str, CycleRecord] = {}
+        state = State(self.parts.cfg.state_dir).read()
+        try:
+            labels = Labels(self.parts.cfg.state_dir).read()
+        except LabelError:  # the training process fails on it, naming the file
+            labels = []
+        for model in self.models[start:] + self.models[:start]:
+            started = time.monotonic()
+            reason = self.gates.waiting(model, state, labels)
+            if reason is not None:
+                self.parts.metrics.tally.cycle_ended(
+                    model.model.name, Outcome.SKIPPED, time.monotonic() - started
+                )
+                waiting[model.model.name] = CycleRecord(
+                    utcnow(), Outcome.SKIPPED.value, None, reason
+                )
+                self.last = reason
+                continue
+            result, queued = self.parts.cycle(
+                model,
+                should_stop=self._should_stop,
+                on_alive=self._alive,
+                on_status=lambda text: systemd.notify(f"STATUS={text}"),
+            )
+            if not queued and result.version is None:
+                self.unsent.append(result.message(model))
+            self.last = result.reason or result.describe()
+            if result.outcome is not Outcome.SKIPPED:
+                self.trained_last = model.model.name
+                trained.append(f"{model.model.name}: {result.describe()}")
+        if waiting:  # in one write: one per model and minute would wear an SD card
+            State(self.parts.cfg.state_dir).update(skipped=waiting)
+            # One line a check, however many models wait, as with one model.
+            shown = [f"{name}: skipped: {c.reason}" for name, c in list(waiting.items())[:3]]
+            more = f" and {len(waiting) - 3} more waiting" if len(waiting) > 3 else ""
+            log.info("%s%s", "; ".join(shown), more)
+        if len(self.models) > 1:
+            self.last = f"{len(self.models)} models, {len(waiting)} waiting for data"
+            if trained:
+                self.last += "; " + "; ".join(trained)
 
     def _wait(self) -> float:
         interval = self.parts.cfg.daemon.check_interval
@@ -269,7 +323,7 @@ class Daemon:
         self._guarded("next check", lambda: state.update(next_check=when.isoformat()))
         status = f"idle: next check {when:%H:%M:%S}, {self.last}{self._waiting()}"
         systemd.notify(f"STATUS={status}")
-        step = min(1.0, self.parts.cfg.scoring.poll_interval) if self.scorer else 1.0
+        step = min(1.0, self.scorer.poll_interval) if self.scorer else 1.0
         while not (self.stop_requested or self.reload_requested) and time.monotonic() < deadline:
             self._alive()
             time.sleep(min(step, max(0.0, deadline - time.monotonic())))
@@ -308,12 +362,18 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
         else:
             self.parts.close()
+            self.gates.close()
+            self.modelset.close()
             if parts.metrics.path != self.parts.metrics.path:
                 self._retire(self.parts.metrics)
             self.parts = parts
+            self.modelset, self.gates = ModelSet(cfg), Gates(cfg)
+            self.reconciled = False
             if self.scorer is not None:
-                self.scorer.close()
+                self.scorer.close()  # saves where its models stand
             self.scorer = self._scorer(cfg)
+            if self.scorer is not None:  # the next tick adds the partitions new in the table
+                self.scorer.set_models(self.modelset.resolve(read_table=False))
             systemd.configure_logging(cfg.daemon.log_level)
             for warning in cfg.warnings:
                 log.warning("%s", warning)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..common.config import Config
 from ..common.labels import Kind, Label, for_model
 from ..common.state import StateFile
-from ..data.sources import Source, open_source
+from ..data.sources import Source, SourceError, open_source
 from ..training import gate
 
 if TYPE_CHECKING:
@@ -39,9 +39,17 @@ class Gates:
     def waiting(self, model: Config, state: StateFile, labels: list[Label]) -> str | None:
         """Why `model` need not start a training process now (None: start one). Only a
         certain no: anything the process would repair or decide otherwise (a new accept
-        label, ids gone backwards, a clock set back) starts it."""
+        label, ids gone backwards, a clock set back) starts it, and so does a source that
+        cannot be read, so that the cycle fails and its result says why, as it did."""
         if model.training.job != "autoencoder":
             return None
+        try:
+            return self._waiting(model, state, labels)
+        except SourceError:
+            self.sources.pop(model.model.name).close()
+            return None
+
+    def _waiting(self, model: Config, state: StateFile, labels: list[Label]) -> str | None:
         name = model.model.name
         entry: JobEntry | None = state.jobs.get(name)
         source = self._source(model)

@@ -10,6 +10,9 @@ does: Prometheus' rate() and increase() take such resets in their stride, and
 `smocsd_start_time_seconds` says when one happened. Persisting them instead would cost a
 state.json write per delivery and still lose the deliveries of `smocsd outbox flush`.
 
+Every metric of a model carries its name (`model="pump@P-3"`), one sample per model; the
+daemon's own (outbox, deliveries, start) carry only the device.
+
 Nothing here imports numpy: the daemon stays lean when scoring is off.
 """
 
@@ -30,14 +33,14 @@ from .. import __version__
 from ..common.config import Config
 from ..common.files import remove_temp_files, write_atomic
 from ..common.modelmeta import ModelMeta
-from ..common.state import State
+from ..common.state import CycleRecord, State
 from ..delivery.outbox import Outbox
 from ..store import ModelStore, StoreError
 from ..training.result import Outcome
 
 if TYPE_CHECKING:  # numpy: imported by the daemon only when scoring is on
     from ..delivery.publish import Publisher, Sink
-    from .live import LiveScorer
+    from .live import Scoring
 
 log = logging.getLogger(__name__)
 
@@ -137,45 +140,76 @@ class LastCycle:
     duration: float | None  # None: a cycle of an earlier daemon, known from state.json
 
 
+def _last_cycle(record: CycleRecord | None) -> LastCycle | None:
+    """A cycle state.json keeps; None if it holds no outcome and time we know."""
+    if record is None:
+        return None
+    ended = _epoch(record.at)
+    try:
+        return None if ended is None else LastCycle(Outcome(record.outcome), ended, None)
+    except ValueError:  # another release's outcome
+        return None
+
+
 @dataclass
 class Tally:
-    """What the daemon counts: kept across a reload, started anew with the process."""
+    """What the daemon counts, per model where it is a model's: kept across a reload,
+    started anew with the process."""
 
     started: float = field(default_factory=time.time)
-    cycles: Counter[Outcome] = field(default_factory=Counter)
+    cycles: Counter[tuple[str, Outcome]] = field(default_factory=Counter)  # (model, outcome)
     delivered: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
-    alarms_opened: int = 0
-    last: LastCycle | None = None
-    caught_up: float | None = None  # time.monotonic() when scoring last had every row
+    alarms_opened: Counter[str] = field(default_factory=Counter)  # per model
+    last: dict[str, LastCycle] = field(default_factory=dict)  # per model
+    # state.json's top-level last_cycle as a release before [models] tables left it: the
+    # cycle of the model named like the top-level model.name (StateFile.last_cycle_of).
+    legacy: LastCycle | None = None
+    # time.monotonic() when scoring last had every row, per model
+    caught_up: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def resume(cls, state_dir: Path) -> Tally:
-        """A new tally that knows the last cycle from state.json, so that the file says
-        it before the first cycle of this daemon (which may train for minutes) ends."""
+        """A new tally that knows each model's last cycle from state.json, so that the
+        file says it before the first cycle of this daemon (which may train for minutes)
+        ends."""
         tally = cls()
         try:
-            last = State(state_dir).read().last_cycle
+            state = State(state_dir).read()
         except OSError:  # unreadable now: the first cycle will tell
             return tally
-        if last is not None:
-            with contextlib.suppress(ValueError):
-                ended = _epoch(last.at)
-                if ended is not None:
-                    tally.last = LastCycle(Outcome(last.outcome), ended, None)
+        for name, record in state.models.items():
+            last = _last_cycle(record.last_cycle)
+            if last is not None:
+                tally.last[name] = last
+        # Every cycle of this release writes its model's own record: without any, the
+        # top-level one is an older release's, of its one model. (Scoring positions alone
+        # under models.<name> do not say so: the first start of this release saves them.)
+        if not any(r.last_cycle for r in state.models.values()):
+            tally.legacy = _last_cycle(state.last_cycle)
         return tally
 
-    def cycle_ended(self, outcome: Outcome, duration: float) -> None:
-        self.cycles[outcome] += 1
-        self.last = LastCycle(outcome, time.time(), duration)
+    def last_of(self, model: str, legacy_owner: str) -> LastCycle | None:
+        """`model`'s last cycle; `legacy_owner` (the top-level model.name) owns an older
+        release's."""
+        last = self.last.get(model)
+        if last is None and model == legacy_owner:
+            return self.legacy
+        return last
 
-    def scored(self, queued: int, was_open: bool, is_open: bool, *, scoring: bool) -> None:
-        """After a live scoring step that queued `queued` alarm messages. Each opens or
-        closes an event, so (queued + the change in open events) / 2 of them opened one.
-        `scoring`: a model scored, so every row there was is now scored."""
-        self.alarms_opened += (queued + int(is_open) - int(was_open)) // 2
+    def cycle_ended(self, model: str, outcome: Outcome, duration: float) -> None:
+        self.cycles[model, outcome] += 1
+        self.last[model] = LastCycle(outcome, time.time(), duration)
+
+    def scored(
+        self, model: str, queued: int, was_open: bool, is_open: bool, *, scoring: bool
+    ) -> None:
+        """After a live scoring step that queued `queued` alarm messages of `model`. Each
+        opens or closes an event, so (queued + the change in open events) / 2 of them
+        opened one. `scoring`: a model scored, so every row there was is now scored."""
+        self.alarms_opened[model] += (queued + int(is_open) - int(was_open)) // 2
         if scoring:
-            self.caught_up = time.monotonic()
+            self.caught_up[model] = time.monotonic()
 
     def sent(self, sink: str, acked: list[bool]) -> None:
         ok = sum(acked)
@@ -216,8 +250,8 @@ class Metrics:
         self.cfg = cfg
         self.tally = tally
         self.path = cfg.metrics.textfile
-        self.store = ModelStore.of(cfg)
-        self._meta: dict[int, ModelMeta | None] = {}  # versions never change
+        self._stores: dict[str, ModelStore] = {}
+        self._meta: dict[tuple[str, int], ModelMeta | None] = {}  # versions never change
         self._written = -math.inf  # time.monotonic() of the last write
 
     def due(self) -> bool:
@@ -225,15 +259,18 @@ class Metrics:
         (or failed attempt) is MIN_INTERVAL old. After a cycle the daemon always writes."""
         return self.path is not None and time.monotonic() - self._written >= MIN_INTERVAL
 
-    def write(self, outbox: Callable[[], Outbox], scorer: LiveScorer | None) -> None:
-        """Writes the file, if one is configured. Raises OSError naming the file."""
+    def write(
+        self, outbox: Callable[[], Outbox], scoring: Scoring | None, models: list[Config]
+    ) -> None:
+        """Writes the file, if one is configured, with a sample per model of `models` in
+        each model's family. Raises OSError naming the file."""
         if self.path is None:
             return
         first = self._written == -math.inf
         self._written = time.monotonic()
         if first:  # The daemon is the file's one writer: a temp file there is a kill's.
             remove_temp_files(self.path)
-        write_textfile(self.path, render(self.families(outbox, scorer)))
+        write_textfile(self.path, render(self.families(outbox, scoring, models)))
 
     def remove(self) -> None:
         """Removes the file (its path left the configuration): nothing would update it."""
@@ -241,18 +278,22 @@ class Metrics:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
-    def families(self, outbox: Callable[[], Outbox], scorer: LiveScorer | None) -> list[Family]:
+    def families(
+        self, outbox: Callable[[], Outbox], scoring: Scoring | None, models: list[Config]
+    ) -> list[Family]:
         """Every metric. What cannot be read now (the outbox on a broken disk, the
-        readings database) is left out, never the whole file: the step that uses it
-        logs why."""
+        readings database, a model's store) is left out, never the whole file: the step
+        that uses it logs why."""
         cfg, tally = self.cfg, self.tally
         dev = {"device": cfg.daemon.device_id}
-        mod = {**dev, "model": cfg.model.name}
-        out: list[Family] = []
+        out: dict[str, Family] = {}
 
         def family(name: str, kind: str, text: str) -> Family:
-            out.append(Family(name, kind, text))
-            return out[-1]
+            """The family `name`, made at its first sample: families come out in that
+            order, each with the samples of every model."""
+            if name not in out:
+                out[name] = Family(name, kind, text)
+            return out[name]
 
         family("smocsd_build_info", "gauge", "The running smocsd's version; always 1.").add(
             1, **dev, version=__version__
@@ -262,33 +303,12 @@ class Metrics:
             "gauge",
             "When the daemon started (Unix time); its _total counters count from then.",
         ).add(tally.started, **dev)
-
-        last = tally.last
-        outcome = family(
-            "smocsd_last_cycle_outcome",
-            "gauge",
-            "1 for the outcome of the last cycle, 0 for the others; skipped: too little "
-            "new data to train.",
-        )
-        cycles = family(
-            "smocsd_cycles_total", "counter", "Cycles ended since the daemon started, by outcome."
-        )
-        for o in Outcome:
-            if last is not None:
-                outcome.add(int(o is last.outcome), **mod, outcome=o.value)
-            cycles.add(tally.cycles[o], **mod, outcome=o.value)
-        if last is not None:
-            family(
-                "smocsd_last_cycle_timestamp_seconds", "gauge", "When the last cycle ended."
-            ).add(last.ended, **mod)
-        if last is not None and last.duration is not None:
-            family(
-                "smocsd_last_cycle_duration_seconds",
-                "gauge",
-                "How long the last cycle took: gate, read, training, evaluation, save.",
-            ).add(round(last.duration, 3), **mod)
-
-        self._model_families(family, mod)
+        for model in models:
+            self._cycle_families(family, {**dev, "model": model.model.name})
+        names = {m.model.name for m in models}
+        self._stores = {n: s for n, s in self._stores.items() if n in names}
+        for model in models:
+            self._model_families(family, {**dev, "model": model.model.name}, model)
         self._outbox_families(family, dev, outbox)
 
         delivered = family(
@@ -307,30 +327,67 @@ class Metrics:
             delivered.add(tally.delivered[sink], **dev, sink=sink)
             failed.add(tally.failed[sink], **dev, sink=sink)
 
-        if scorer is not None:
-            self._scoring_families(family, mod, scorer)
-        return out
+        if scoring is not None:
+            for model in models:
+                name = model.model.name
+                if name in scoring.scorers:
+                    self._scoring_families(family, {**dev, "model": name}, scoring, name)
+        return list(out.values())
 
-    def _metadata(self, version: int) -> ModelMeta | None:
-        if version not in self._meta:
+    def _cycle_families(self, family: Callable[..., Family], mod: dict[str, str]) -> None:
+        """The model's last cycle, and its cycles by outcome since the daemon started."""
+        tally = self.tally
+        last = tally.last_of(mod["model"], self.cfg.model.name)
+        outcome = family(
+            "smocsd_last_cycle_outcome",
+            "gauge",
+            "1 for the outcome of the last cycle, 0 for the others; skipped: too little "
+            "new data to train.",
+        )
+        cycles = family(
+            "smocsd_cycles_total", "counter", "Cycles ended since the daemon started, by outcome."
+        )
+        for o in Outcome:
+            if last is not None:
+                outcome.add(int(o is last.outcome), **mod, outcome=o.value)
+            cycles.add(tally.cycles[mod["model"], o], **mod, outcome=o.value)
+        if last is not None:
+            family(
+                "smocsd_last_cycle_timestamp_seconds", "gauge", "When the last cycle ended."
+            ).add(last.ended, **mod)
+        if last is not None and last.duration is not None:
+            family(
+                "smocsd_last_cycle_duration_seconds",
+                "gauge",
+                "How long the last cycle took: gate, read, training, evaluation, save.",
+            ).add(round(last.duration, 3), **mod)
+
+    def _metadata(self, store: ModelStore, name: str, version: int) -> ModelMeta | None:
+        if (name, version) not in self._meta:
             try:
-                self._meta[version] = self.store.metadata(version)
+                self._meta[name, version] = store.metadata(version)
             except (StoreError, OSError):
-                self._meta[version] = None
-        return self._meta[version]
+                self._meta[name, version] = None
+        return self._meta[name, version]
 
-    def _model_families(self, family: Callable[..., Family], mod: dict[str, str]) -> None:
-        """The current model and the newest version (the last training), from the store:
-        right across restarts, rollbacks and manual train-once runs."""
-        current = self.store.current()
-        versions = self.store.versions()
-        self._meta = {v: m for v, m in self._meta.items() if v in versions}
+    def _model_families(
+        self, family: Callable[..., Family], mod: dict[str, str], model: Config
+    ) -> None:
+        """The current model and the newest version (the last training), from the model's
+        store: right across restarts, rollbacks and manual train-once runs."""
+        name = mod["model"]
+        store = self._stores.get(name)
+        if store is None:
+            store = self._stores[name] = ModelStore.of(model)
+        current = store.current()
+        versions = store.versions()
+        self._meta = {(n, v): m for (n, v), m in self._meta.items() if n != name or v in versions}
         family(
             "smocsd_current_version", "gauge", "The model version `current` points to; 0: none."
         ).add(current or 0, **mod)
-        meta = self._metadata(current) if current is not None else None
+        meta = self._metadata(store, name, current) if current is not None else None
         if meta is not None:
-            for name, value, text in (
+            for what, value, text in (
                 ("threshold", meta.threshold, "The current model's alarm threshold."),
                 (
                     "validation_loss",
@@ -339,8 +396,8 @@ class Metrics:
                 ),
             ):
                 if (number := _number(value)) is not None:
-                    family(f"smocsd_current_{name}", "gauge", text).add(number, **mod)
-        newest = self._metadata(versions[-1]) if versions else None
+                    family(f"smocsd_current_{what}", "gauge", text).add(number, **mod)
+        newest = self._metadata(store, name, versions[-1]) if versions else None
         if newest is None:
             return
         created = _epoch(newest.created_at)
@@ -350,7 +407,7 @@ class Metrics:
                 "gauge",
                 "When the newest version (promoted or rejected) was trained.",
             ).add(created, **mod)
-        for number, name, text in (
+        for number, what, text in (
             (newest.data.rows, "read_rows", "Rows the newest version's training read."),
             (
                 newest.data.dropped_rows,
@@ -358,7 +415,7 @@ class Metrics:
                 "Rows it left out: NULL, NaN, inf, non-numeric.",
             ),
         ):
-            family(f"smocsd_last_training_{name}", "gauge", text).add(number, **mod)
+            family(f"smocsd_last_training_{what}", "gauge", text).add(number, **mod)
 
     def _outbox_families(
         self, family: Callable[..., Family], dev: dict[str, str], outbox: Callable[[], Outbox]
@@ -384,9 +441,9 @@ class Metrics:
             ).add(round(age, 3), **dev)
 
     def _scoring_families(
-        self, family: Callable[..., Family], mod: dict[str, str], scorer: LiveScorer
+        self, family: Callable[..., Family], mod: dict[str, str], scoring: Scoring, name: str
     ) -> None:
-        pos = scorer.position
+        pos = scoring.scorers[name].position
         family("smocsd_alarms_open", "gauge", "1 while an alarm event is open, else 0.").add(
             int(pos.event is not None), **mod
         )
@@ -394,21 +451,23 @@ class Metrics:
             "smocsd_alarms_total",
             "counter",
             "Alarm events live scoring opened since the daemon started.",
-        ).add(self.tally.alarms_opened, **mod)
-        if self.tally.caught_up is not None:
+        ).add(self.tally.alarms_opened[name], **mod)
+        caught_up = self.tally.caught_up.get(name)
+        if caught_up is not None:
             family(
                 "smocsd_scoring_lag_seconds",
                 "gauge",
                 "Seconds since live scoring last had scored every row there was.",
-            ).add(round(time.monotonic() - self.tally.caught_up, 3), **mod)
-        if scorer.source is not None and pos.last_order is not None:
-            try:
-                behind = scorer.source.count_after(pos.last_order)
-            except Exception:  # the scoring step logs why
-                log.debug("metrics: readings not counted", exc_info=True)
-            else:
-                family(
-                    "smocsd_scoring_lag_rows",
-                    "gauge",
-                    "Rows in the readings table past the last row live scoring scored.",
-                ).add(behind, **mod)
+            ).add(round(time.monotonic() - caught_up, 3), **mod)
+        try:
+            behind = scoring.lag_rows(name)
+        except Exception:  # the scoring step logs why
+            log.debug("metrics: readings not counted", exc_info=True)
+            return
+        if behind is not None:
+            family(
+                "smocsd_scoring_lag_rows",
+                "gauge",
+                "Rows in the readings table (of the model's partition) past the last row "
+                "live scoring scored; a partition's as of the last poll of its table.",
+            ).add(behind, **mod)

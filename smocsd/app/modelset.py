@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from ..common.config import PARTITION_SEPARATOR, Config, partition_value
-from ..data.sources import SourceError, open_source
+from ..data.sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +51,23 @@ class ModelSet:
         self.cfg = cfg
         self._refused: set[tuple[str, str]] = set()
         self._unreadable: dict[str, str] = {}
+        # One source per definition, kept: a PostgreSQL connection, and the table's checks
+        # (its missing index said once), are not redone at every check.
+        self._sources: dict[str, Source] = {}
 
     def table_values(self, definition: Config) -> list[str]:
         """The partition values in the table now (those that can name a model)."""
         name = definition.model.name
-        source = open_source(definition.source)
+        source = self._sources.get(name) or open_source(definition.source)
+        self._sources[name] = source
         try:
             raw = source.partitions()
         except SourceError as exc:
+            source.close()  # the next check connects again
             if self._unreadable.get(name) != str(exc):
                 log.warning("models %s@*: values not read: %s", name, exc)
             self._unreadable[name] = str(exc)
             return []
-        finally:
-            source.close()
         if self._unreadable.pop(name, None) is not None:
             log.info("models %s@*: values read again", name)
         values = []
@@ -84,6 +87,10 @@ class ModelSet:
                         name,
                     )
         return values
+
+    def close(self) -> None:
+        for source in self._sources.values():
+            source.close()
 
     def resolve(self, *, read_table: bool = True) -> list[Config]:
         """Every model, in a stable order (definitions as configured, values sorted);
@@ -108,7 +115,11 @@ def _value_order(value: str) -> tuple[int, int, str]:
 def find(cfg: Config, name: str | None, *, read_table: bool = True) -> Config:
     """The model `--model NAME` names; without NAME, the only model. NoSuchModel, naming
     those that exist, when NAME is none of them or there are several to choose from."""
-    models = ModelSet(cfg).resolve(read_table=read_table)
+    found = ModelSet(cfg)
+    try:
+        models = found.resolve(read_table=read_table)
+    finally:
+        found.close()
     if name is None and len(models) == 1:
         return models[0]
     for model in models:

@@ -329,27 +329,41 @@ def _device_id(value: Any) -> str:
     return value
 
 
-# The one placeholder of publish.mqtt.topic; any other brace is a typo of it.
+# The placeholders of the publish.mqtt topics, filled in per message (publish.py): the
+# device_id and the model's name; any other brace is a typo of one.
 DEVICE_ID_PLACEHOLDER = "{device_id}"
+MODEL_PLACEHOLDER = "{model}"
+_MQTT_PLACEHOLDER = re.compile("|".join(map(re.escape, (DEVICE_ID_PLACEHOLDER, MODEL_PLACEHOLDER))))
 MQTT_TOPIC_MAX_BYTES = 65535  # MQTT's length prefix is 16 bits, of UTF-8
 
 
+def fill_mqtt_topic(pattern: str, device_id: str, model: str) -> str:
+    """A publish.mqtt topic with its placeholders filled in, in one pass: a brace in the
+    device_id or the model's name is text, never a placeholder."""
+    values = {DEVICE_ID_PLACEHOLDER: device_id, MODEL_PLACEHOLDER: model}
+    return _MQTT_PLACEHOLDER.sub(lambda m: values[m.group()], pattern)
+
+
 @_accepts(
-    f"not empty; no `#`, `+`, control character or leading `$`; `{DEVICE_ID_PLACEHOLDER}` is "
-    f"the only placeholder; at most {MQTT_TOPIC_MAX_BYTES} UTF-8 bytes once it is filled in"
+    f"not empty; no `#`, `+`, control character or leading `$`; `{DEVICE_ID_PLACEHOLDER}` and "
+    f"`{MODEL_PLACEHOLDER}` (the model's name, one topic level) are the only placeholders; at "
+    f"most {MQTT_TOPIC_MAX_BYTES} UTF-8 bytes filled in with the longest model name configured "
+    "(a partitioned one's with a 64-character value)"
 )
 def _mqtt_topic(value: Any) -> str:
     """A topic to publish to: no wildcards, not a '$' topic (reserved for the broker's own,
     like $SYS), no control characters (the spec forbids NUL, brokers may drop U+0001-
-    U+009F); its length is checked once device_id is substituted."""
+    U+009F); its length is checked once the placeholders are substituted (_check_publish)."""
     _control_free(_nonempty_str(value))
     bad = sorted(set(value) & set("#+"))
     if bad:
         raise ValueError(f"{value!r} contains the MQTT wildcard {', '.join(map(repr, bad))}")
     if value.startswith("$"):
         raise ValueError(f"{value!r} starts with '$', reserved for the broker's own topics")
-    if set(value.replace(DEVICE_ID_PLACEHOLDER, "")) & set("{}"):
-        raise ValueError(f"{value!r}: {DEVICE_ID_PLACEHOLDER} is the only placeholder")
+    if set(_MQTT_PLACEHOLDER.sub("", value)) & set("{}"):
+        raise ValueError(
+            f"{value!r}: {DEVICE_ID_PLACEHOLDER} and {MODEL_PLACEHOLDER} are the only placeholders"
+        )
     return value
 
 
@@ -515,8 +529,8 @@ class SourceConfig:
             "value, named `<model.name>@<value>`, trained, scored and versioned on its own "
             "rows only ([Many machines](#many-machines))",
             rule="not `time_column`, `order_column` or a channel; a value names a model only "
-            "if it is an integer or 1 to 64 of `A-Z a-z 0-9 . _ -` starting with a letter or "
-            "digit ([Partition values](#partition-values))",
+            "if it is an integer ≥ 0 or 1 to 64 of `A-Z a-z 0-9 . _ -` starting with a letter "
+            "or digit ([Partition values](#partition-values))",
             unset="one model of all the table's rows",
             example='"asset"',
         ),
@@ -917,13 +931,15 @@ class Config:
 # A partition value names a directory (models/<name>@<value>), one MQTT topic level and
 # half of the Kafka key: no '/', no MQTT wildcard, no control character, no leading '.'
 # (".", ".." and hidden directories), and short enough for any file system.
-_PARTITION_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PARTITION_VALUE_MAX = 64  # characters, all ASCII
+_PARTITION_VALUE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{PARTITION_VALUE_MAX - 1}}}")
 PARTITION_SEPARATOR = "@"
 
 
 def partition_value(raw: Any) -> str:
     """A partition column's value as the model name's suffix, or ValueError saying why it
-    cannot name a model: integers as written, text as it is if it passes the rule."""
+    cannot name a model: integers as written, text as it is if it passes the rule (so a
+    negative integer, "-1", cannot: a stored model's directory must give its value back)."""
     if isinstance(raw, int) and not isinstance(raw, bool):
         text = str(raw)
     elif isinstance(raw, str):
@@ -935,6 +951,13 @@ def partition_value(raw: Any) -> str:
             f"{text!r}: not 1 to 64 of A-Z a-z 0-9 . _ - starting with a letter or digit"
         )
     return text
+
+
+def _longest_name(definition: Config) -> str:
+    """The longest name a model of `definition` can have (ASCII: as many bytes)."""
+    if definition.partitioned:
+        return f"{definition.model.name}{PARTITION_SEPARATOR}{'x' * PARTITION_VALUE_MAX}"
+    return definition.model.name
 
 
 _SECTIONS = {
@@ -981,6 +1004,15 @@ def _load_section(
     return cls(**_section_values(cls, table, prefix, problems, warnings))
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key_name(key: str) -> str:
+    """A TOML key as a problem line names it: bare if TOML allows, else quoted as TOML
+    writes it, so that the line stays one line whatever the file's key holds."""
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
 def _section_values(
     cls: type, table: Any, prefix: str, problems: list[str], warnings: list[str]
 ) -> dict[str, Any]:
@@ -995,7 +1027,7 @@ def _section_values(
         if f is None and f"{prefix}.{key}" in DEPRECATED:
             warnings.append(f"{prefix}.{key}: {DEPRECATED[f'{prefix}.{key}']}")
         elif f is None:
-            problems.append(f"{prefix}.{key}: unknown key")
+            problems.append(f"{prefix}.{_key_name(key)}: unknown key")
         elif f.default_factory is not MISSING:  # a nested table
             nested = type(f.default_factory())
             kwargs[key] = _load_section(nested, value, f"{prefix}.{key}", problems, warnings)
@@ -1088,21 +1120,30 @@ def _check_publish(cfg: Config, problems: list[str]) -> None:
         problems.append("publish.mqtt.ca_file: set tls = true to use it")
     if m.password_file and not m.username:
         problems.append("publish.mqtt.password_file: needs username")
+    # Conservative for {model}: the longest name any configured model can have (a partition
+    # value of 64 characters). A stored message naming a longer model (of an earlier
+    # config) is refused by paho at publish time, that message alone (publish.py).
+    longest = max((_longest_name(d) for d in cfg.definitions()), key=len)
     for key, topic in (
         ("topic", m.topic),
         ("alarm_topic", m.alarm_topic),
         ("label_topic", m.label_topic),
     ):
-        size = len(topic.replace(DEVICE_ID_PLACEHOLDER, cfg.daemon.device_id).encode())
+        size = len(fill_mqtt_topic(topic, cfg.daemon.device_id, longest).encode())
         if size > MQTT_TOPIC_MAX_BYTES:
+            filled = "device_id"
+            if MODEL_PLACEHOLDER in topic:
+                filled += f" and the longest model name ({len(longest)} bytes)"
             problems.append(
-                f"publish.mqtt.{key}: {size} bytes with device_id filled in, "
+                f"publish.mqtt.{key}: {size} bytes with {filled} filled in, "
                 f"MQTT allows {MQTT_TOPIC_MAX_BYTES}"
             )
 
 
 # The sections a [models.<name>] table may override, key by key.
 MODEL_SECTIONS = ("source", "training", "model", "scoring")
+# The [source] keys of one kind only (_check_model refuses them with the other).
+_KIND_ONLY = {"sqlite": ("path",), "postgres": ("dsn", "password_file")}
 
 
 def _model_tables(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -1114,10 +1155,11 @@ def _model_tables(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
         return {}
     tables = {}
     for name, table in value.items():
-        try:
-            _identifier(name)
-        except ValueError as exc:
-            problems.append(f"models.{name}: {exc}")
+        if not _IDENT.fullmatch(name):
+            problems.append(
+                f"models.{_key_name(name)}: a model's name is a plain identifier "
+                "(letters, digits, _; not starting with a digit)"
+            )
             continue
         if not isinstance(table, dict):
             problems.append(f"models.{name}: expected a table, got {_type_name(table)}")
@@ -1141,19 +1183,26 @@ def _model(
     for section, value in table.items():
         if section not in MODEL_SECTIONS:
             allowed = ", ".join(f"[{prefix}.{s}]" for s in MODEL_SECTIONS)
-            problems.append(f"{prefix}.{section}: unknown key (a model overrides {allowed})")
+            problems.append(
+                f"{prefix}.{_key_name(section)}: unknown key (a model overrides {allowed})"
+            )
             continue
-        values = _section_values(
+        if section == "model" and isinstance(value, dict) and "name" in value:
+            # Refused whatever its value: one line, not a second one for a bad identifier.
+            problems.append(f"{prefix}.model.name: the table's name, {name!r}, names the model")
+            value = {key: v for key, v in value.items() if key != "name"}
+        sections[section] = _section_values(
             _SECTIONS[section], value, f"{prefix}.{section}", problems, warnings
         )
-        if section == "model" and values.pop("name", None) is not None:
-            problems.append(f"{prefix}.model.name: the table's name, {name!r}, names the model")
-        sections[section] = values
     # Built again from the top level's raw keys, not from top.source, whose SQLite path is
-    # already filled in: a model that changes kind to "postgres" must have none.
+    # already filled in: a model that changes kind to "postgres" must have none. Nor does
+    # it inherit the top level's keys of the other kind (a SQLite path, a DSN), which no
+    # model table could unset.
     own = sections.get("source", {})
     raw = doc.get("source", {})
     source = _load_section(SourceConfig, raw if isinstance(raw, dict) else {}, "", [], [])
+    if own.get("kind", source.kind) != source.kind:
+        source = replace(source, **dict.fromkeys(_KIND_ONLY[source.kind]))
     source = _finish_source(
         replace(source, **own),
         top.daemon,
@@ -1216,7 +1265,9 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         problems.append(f"job: expected a table, got {_type_name(job_options)}")
         job_options = {}
     problems += [
-        f"{key}: unknown section" for key in doc if key not in (*_SECTIONS, "job", "models")
+        f"{_key_name(key)}: unknown section"
+        for key in doc
+        if key not in (*_SECTIONS, "job", "models")
     ]
 
     host, state_dir = _defaults(env)
@@ -1246,7 +1297,6 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         publish=publish,
         job_options=job_options,
         path=path,
-        warnings=tuple(where + w for w in warnings),
         metrics=sections["metrics"],
     )
     if models:
@@ -1256,6 +1306,8 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
                 _model(cfg, doc, name, table, problems, warnings) for name, table in models.items()
             ),
         )
+    # After the model tables, whose deprecated keys and DSN passwords warn too.
+    cfg = replace(cfg, warnings=tuple(where + w for w in warnings))
     _check(cfg, problems)
     if problems:
         raise ConfigError([where + p for p in problems])

@@ -6,6 +6,9 @@ Two kinds of label, each a range of the order column:
   model alarmed on become trainable again, and the next check trains at once.
 - exclude: a maintenance or calibration period, never trained on and never alarmed.
 
+A label names the model it is for (`model`, `smocsd accept --model NAME`), or none: it
+applies to every model, as each label made before models had names does (`for_model`).
+
 The file is rewritten whole by `write_atomic` under `labels.lock`, so a crash at any
 instant leaves the old list or the new one; ids only grow (`next_id`), so a removed
 label's id never names another. No numpy here: the daemon and `status` read labels.
@@ -52,12 +55,18 @@ class Label:
     reason: str
     by: By
     created_at: str
+    model: str | None = None  # the model it is for; None: every model
 
     def covers(self, order: int) -> bool:
         return self.first <= order <= self.last
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "kind": self.kind.value, "by": self.by.value}
+        """As labels.json keeps it; `model` only when the label has one, so that a label
+        for every model is written as a release before models had names wrote it."""
+        data = {**asdict(self), "kind": self.kind.value, "by": self.by.value}
+        if self.model is None:
+            del data["model"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Label:
@@ -69,12 +78,27 @@ class Label:
             reason=str(data.get("reason", "")),
             by=By(data.get("by", "operator")),
             created_at=str(data["created_at"]),
+            model=_model_name(data.get("model")),
         )
 
     def describe(self) -> str:
         reason = f": {self.reason}" if self.reason else ""
         by = "" if self.by is By.OPERATOR else f" (by {self.by.value})"
-        return f"#{self.id} {self.kind.value} {self.first}..{self.last}{by}{reason}"
+        model = "" if self.model is None else f" for {self.model}"
+        return f"#{self.id} {self.kind.value} {self.first}..{self.last}{model}{by}{reason}"
+
+    def applies_to(self, model: str) -> bool:
+        """Whether the label is in force for `model`: it names that model, or none."""
+        return self.model is None or self.model == model
+
+
+def _model_name(value: Any) -> str | None:
+    """A label's `model`: absent or null (every model), else a non-empty string."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"model is {value!r}, not a model's name")
+    return value
 
 
 class Labels:
@@ -111,13 +135,20 @@ class Labels:
         write_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode())
 
     def add(
-        self, kind: Kind, first: int, last: int, reason: str = "", by: By = By.OPERATOR
+        self,
+        kind: Kind,
+        first: int,
+        last: int,
+        reason: str = "",
+        by: By = By.OPERATOR,
+        model: str | None = None,
     ) -> Label:
+        """A new label over `first`..`last`, for `model` (None: every model)."""
         if first > last:
             raise LabelError(f"--from {first} is after --to {last}")
         with self._locked():
             next_id, labels = self._load()
-            label = Label(next_id, kind, first, last, reason, by, utcnow())
+            label = Label(next_id, kind, first, last, reason, by, utcnow(), model)
             self._write(next_id + 1, [*labels, label])
         return label
 
@@ -126,14 +157,25 @@ class Labels:
         with self._locked():
             return remove_temp_files(self.path)
 
-    def remove(self, label_id: int) -> Label:
+    def remove(self, label_id: int, model: str | None = None) -> Label:
+        """Removes label `label_id`; given `model`, only if it is in force for that model
+        (one for every model goes for all of them)."""
         with self._locked():
             next_id, labels = self._load()
             gone = [x for x in labels if x.id == label_id]
             if not gone:
                 raise LabelError(f"{self.path}: no label #{label_id}")
+            if model is not None and not gone[0].applies_to(model):
+                raise LabelError(
+                    f"{self.path}: label #{label_id} is for {gone[0].model}, not {model}"
+                )
             self._write(next_id, [x for x in labels if x.id != label_id])
         return gone[0]
+
+
+def for_model(labels: list[Label], name: str) -> list[Label]:
+    """The labels in force for model `name`: those for it and those for every model."""
+    return [x for x in labels if x.applies_to(name)]
 
 
 def ranges_of(labels: list[Label], kind: Kind) -> list[tuple[int, int]]:
@@ -142,12 +184,13 @@ def ranges_of(labels: list[Label], kind: Kind) -> list[tuple[int, int]]:
 
 
 def message(label: Label, action: str, device_id: str, model: str) -> dict[str, Any]:
-    """The smocsd.label/1 message: what a gateway was told, for the fleet's central side."""
+    """The smocsd.label/1 message: what a gateway was told, for the fleet's central side.
+    `model` names the model it was told about: the label's own, if it has one."""
     return {
         "schema": LABEL_SCHEMA,
         "message_id": str(uuid.uuid4()),
         "device_id": device_id,
-        "model": model,
+        "model": label.model or model,
         "action": action,  # "added" or "removed"
         "label": label.to_json(),
         "timestamp": utcnow(),

@@ -434,7 +434,8 @@ class StateFile:
         record = self.models.get(model)
         if record is not None and record.last_cycle is not None:
             return record.last_cycle
-        return self.last_cycle if model == legacy_owner and not self.models else None
+        mine = model == legacy_owner and not any(r.last_cycle for r in self.models.values())
+        return self.last_cycle if mine else None
 
     def spans(self, model: str) -> list[RecordedSpan]:
         """The row ranges screening left out of `model`'s training."""
@@ -506,12 +507,15 @@ class State:
         next_check: str | None = None,
         scoring: ScoringPosition | None = None,
         skipped: dict[str, CycleRecord] | None = None,
+        scorings: dict[str, ScoringPosition] | None = None,
     ) -> None:
         """Sets what is given for `model` (its job's state, last cycle and scoring
         position) and the daemon's `next_check`, leaving the rest and the other models'
         entries as they are; what the read found damaged is written repaired, its unknown
-        keys not at all. A model's last cycle is also the file's `last_cycle`. `skipped`:
-        the cycles the daemon's look at the gates skipped, each model's, in one write."""
+        keys not at all. A model's last cycle is also the file's `last_cycle`. `skipped`
+        (the cycles the daemon's look at the gates skipped) and `scorings` (the positions
+        of a table's partitions after a poll) give many models' records in one write: one
+        a model would be hundreds of writes a minute to a gateway's SD card."""
         if model is None and (job or last_cycle or scoring):
             raise ValueError("a model's record needs its name")
         with self._locked():
@@ -525,6 +529,8 @@ class State:
             for name, cycle in (skipped or {}).items():
                 state.models.setdefault(name, ModelRecord()).last_cycle = cycle
                 state.last_cycle = cycle
+            for name, position in (scorings or {}).items():
+                state.models.setdefault(name, ModelRecord()).scoring = position
             data = state.to_json()
             if job is not None:
                 # As the job left it: its own keys are its to check; smocsd's are checked

@@ -24,17 +24,21 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..common.config import SourceConfig, read_secret
+
+if TYPE_CHECKING:  # numpy is imported where rows are read: the daemon only counts them
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _ROWID = ("rowid", "oid", "_rowid_")  # SQLite's names for the implicit rowid
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+# A bound value's place in SQL built here, made "?" or "%s" by _bind(): config.py
+# refuses NUL in names, and no SQL of ours holds one.
+_P = "\0"
 
 
 def _ascii_lower(name: str) -> str:
@@ -72,6 +76,8 @@ class Readings:
     @property
     def bad_rows(self) -> np.ndarray:
         """Mask of rows that must never reach training."""
+        import numpy as np
+
         return ~np.isfinite(self.values).all(axis=1)
 
 
@@ -89,12 +95,39 @@ def _epoch_number(x: str) -> str:
 
 def _readings(data: np.ndarray) -> Readings:
     """Columns order, time, channels... -> Readings; an infinite time is no time."""
+    import numpy as np
+
     time = data[:, 1]
     return Readings(
         order=data[:, 0].astype(np.int64),
         time=np.where(np.isfinite(time), time, np.nan),
         values=data[:, 2:],
     )
+
+
+def _tagged(rows: list[tuple], channels: int) -> tuple[Readings, list[Any]]:
+    """Rows of order, time, channels..., partition value -> (Readings, the values)."""
+    import numpy as np
+
+    # None (NULL) becomes NaN in a float64 array.
+    data = np.array([row[:-1] for row in rows], dtype=np.float64).reshape(len(rows), channels + 2)
+    return _readings(data), [row[-1] for row in rows]
+
+
+def _sqlite_partition(column: str, declared: str, value: str) -> tuple[str, tuple]:
+    """The condition selecting partition `value` of `column` (quoted), declared `declared`.
+
+    A value bound as text compares as the column's affinity makes it: "7" equals 7 in an
+    INTEGER, REAL or NUMERIC column, and a TEXT column holds 7 as "7". A column of no type
+    (BLOB affinity) stores what was given, so a canonical integer is matched in both forms.
+    """
+    kind = declared.upper()
+    blob = not any(t in kind for t in ("INT", "CHAR", "CLOB", "TEXT")) and (
+        kind == "" or "BLOB" in kind
+    )
+    if blob and re.fullmatch(r"0|[1-9][0-9]{0,17}", value):  # within int64
+        return f"{column} IN ({_P}, {_P})", (value, int(value))
+    return f"{column} = {_P}", (value,)
 
 
 class Source(ABC):
@@ -106,32 +139,81 @@ class Source(ABC):
         self.schema, _, self.name = cfg.table.rpartition(".")
         self.table = ".".join(map(quote, cfg.table.split(".")))
         self.order = quote(cfg.order_column or "rowid")
-        self._max_sql = f"SELECT max({self.order}) FROM {self.table}"
-        self._min_sql = f"SELECT min({self.order}) FROM {self.table}"
         # The time_column expression; None until this connection's columns are checked.
         self._time: str | None = None
+        # cfg.partition's condition (SQL with _P) and values, as the column's type needs
+        # them; set with _time.
+        self._part: tuple[str, tuple] | None = None
+        self._index_checked = False  # the partition column's index: warned once per object
 
     @abstractmethod
     def _run(self, work: Callable[[Any], T]) -> T:
         """`work(cursor)` on a connection whose columns are checked; errors -> SourceError."""
 
     @abstractmethod
+    def _bind(self, sql: str, params: tuple) -> tuple[str, Any]:
+        """`sql` with its _P as the driver's placeholders, and the parameters to pass."""
+
+    @abstractmethod
+    def read_newest(self, max_rows: int, upto: int | None = None) -> Readings:
+        """At most `max_rows` newest rows by order_column (of those <= `upto` if given),
+        oldest first."""
+
+    @abstractmethod
+    def read_tagged(self, after: int | None, max_rows: int) -> tuple[Readings, list[Any]]:
+        """The newest `max_rows` rows of all partitions with order > `after` (all when None),
+        oldest first, and each row's raw partition_column value: live scoring reads every
+        partition's new rows in one query."""
+
+    def _where(self, *more: tuple[str, tuple], partition: bool = True) -> tuple[str, tuple]:
+        """The WHERE clause and its values: this model's partition (unless `partition` is
+        false) and each (condition, values) of `more`. After the check, which sets _part."""
+        conds = [self._part] if partition and self._part is not None else []
+        conds += more
+        if not conds:
+            return "", ()
+        values = tuple(v for _, vs in conds for v in vs)
+        return " WHERE " + " AND ".join(c for c, _ in conds), values
+
     def count_after(self, last_order: int | None) -> int:
         """Rows with order_column > last_order (all rows when None)."""
 
-    @abstractmethod
-    def read_newest(self, max_rows: int) -> Readings:
-        """At most `max_rows` newest rows by order_column, oldest first."""
+        def count(db: Any) -> int:
+            after = () if last_order is None else ((f"{self.order} > {_P}", (last_order,)),)
+            where, params = self._where(*after)
+            sql = f"SELECT count(*) FROM {self.table}{where}"
+            # fetchall() runs a SQLite statement to its end, which releases SHARED at once.
+            return db.execute(*self._bind(sql, params)).fetchall()[0][0]
+
+        return self._run(count)
+
+    def _extreme(self, function: str) -> int | None:
+        def read(db: Any) -> Any:
+            where, params = self._where()
+            sql = f"SELECT {function}({self.order}) FROM {self.table}{where}"
+            return db.execute(*self._bind(sql, params)).fetchall()[0][0]
+
+        value = self._run(read)
+        return None if value is None else int(value)
 
     def max_order(self) -> int | None:
         """The largest order_column value; None when the table is empty."""
-        top = self._run(lambda db: db.execute(self._max_sql).fetchall()[0][0])
-        return None if top is None else int(top)
+        return self._extreme("max")
 
     def min_order(self) -> int | None:
         """The smallest order_column value; None when the table is empty."""
-        first = self._run(lambda db: db.execute(self._min_sql).fetchall()[0][0])
-        return None if first is None else int(first)
+        return self._extreme("min")
+
+    def _partition_column(self) -> str:
+        if self.cfg.partition_column is None:
+            raise ValueError("source.partition_column is not set")
+        return quote(self.cfg.partition_column)
+
+    def partitions(self) -> list[Any]:
+        """The distinct non-NULL partition_column values of the whole table, as stored."""
+        column = self._partition_column()
+        sql = f"SELECT DISTINCT {column} FROM {self.table} WHERE {column} IS NOT NULL"
+        return self._run(lambda db: [row[0] for row in db.execute(*self._bind(sql, ())).fetchall()])
 
     def moved(self) -> Moved | None:
         """Whether the database this source has open is no longer the one its config names.
@@ -148,19 +230,13 @@ class Source(ABC):
     def close(self) -> None:  # noqa: B027 - a source may hold nothing to release
         """Releases the connection; the next call reconnects."""
 
-    def _count_sql(self, last_order: int | None, placeholder: str) -> tuple[str, tuple]:
-        if last_order is None:
-            return f"SELECT count(*) FROM {self.table}", ()
-        sql = f"SELECT count(*) FROM {self.table} WHERE {self.order} > "
-        if placeholder == "%s":  # psycopg: with parameters, a % in a name ("Load %") is %%
-            sql = sql.replace("%", "%%")
-        return sql + placeholder, (last_order,)
-
     def _wanted(self) -> list[tuple[str, str]]:
         """(config key, column) for every column the reads name; SQLite's rowid is implicit."""
         wanted = [("source.time_column", self.cfg.time_column)]
         if self.cfg.order_column is not None:
             wanted.append(("source.order_column", self.cfg.order_column))
+        if self.cfg.partition_column is not None:
+            wanted.append(("source.partition_column", self.cfg.partition_column))
         return wanted + [("source.channels", c) for c in self.cfg.channels]
 
     def _no_column(self, key: str, column: str, columns: Collection[str]) -> SourceError:
@@ -173,6 +249,19 @@ class Source(ABC):
     def _no_table(self, near: str | None = None) -> SourceError:
         hint = f"; did you mean {near}?" if near else ""
         return SourceError(f"{self.where}: no such table {self.cfg.table} (source.table){hint}")
+
+    def _warn_unindexed(self, create: str, columns: list[str]) -> None:
+        """Each partition's model filters on the partition column: without an index whose
+        first column it is, every model's every read scans the whole table."""
+        log.warning(
+            "%s: no index on %s of table %s: each model's reads scan the whole table; "
+            "CREATE INDEX %s (%s)",
+            self.where,
+            quote(self.cfg.partition_column or ""),
+            self.cfg.table,
+            create,
+            ", ".join(map(quote, columns)),
+        )
 
 
 # The file change counter (fileformat2: "incremented whenever the database file is
@@ -357,10 +446,16 @@ class SQLiteSource(Source):
             if self._time is None:
                 self._time = self._check(conn)
                 self._keyset = self._indexed(conn)
+                if self.cfg.partition_column is not None and not self._index_checked:
+                    self._check_partition_index(conn)
+                    self._index_checked = True
             return work(conn)
         except sqlite3.Error as exc:
             self.close()
             raise self._error(exc) from None
+
+    def _bind(self, sql: str, params: tuple) -> tuple[str, Any]:
+        return sql.replace(_P, "?"), params
 
     def _error(self, exc: sqlite3.Error) -> SourceError:
         """`exc` naming the file; SQLite's "unable to open" gets the system's reason."""
@@ -373,24 +468,28 @@ class SQLiteSource(Source):
         return SourceError(f"{self.path}: {message}")
 
     def _check(self, conn: sqlite3.Connection) -> str:
-        """Checks the configured columns; returns the time_column expression.
+        """Checks the configured columns and sets the partition condition; returns the
+        time_column expression.
 
         Names match as SQLite resolves them, ignoring ASCII case only, so a config that
         SQLite would run is never refused.
         """
-        columns = [
-            row[0]
-            for row in conn.execute(
-                "SELECT name FROM pragma_table_info(?, ?)", (self.name, self.schema or None)
-            )
-        ]
-        if not columns:  # a SQLite table always has a column
+        types = conn.execute(
+            "SELECT name, type FROM pragma_table_info(?, ?)", (self.name, self.schema or None)
+        ).fetchall()
+        if not types:  # a SQLite table always has a column
             raise self._no_table()
-        known = {_ascii_lower(c) for c in columns}
+        columns = [name for name, _ in types]
+        declared = {_ascii_lower(name): type_name for name, type_name in types}
         for key, column in self._wanted():
             rowid = key == "source.order_column" and _ascii_lower(column) in _ROWID
-            if _ascii_lower(column) not in known and not rowid:
+            if _ascii_lower(column) not in declared and not rowid:
                 raise self._no_column(key, column, columns)
+        self._part = None
+        column = self.cfg.partition_column
+        if column is not None and self.cfg.partition is not None:
+            declared_type = declared[_ascii_lower(column)]
+            self._part = _sqlite_partition(quote(column), declared_type, self.cfg.partition)
         # SQLite types each value, not the column. Numbers are epoch seconds (or ms);
         # text shaped like a date is ISO 8601 / 'YYYY-MM-DD HH:MM:SS[.fff]' read by
         # julianday(), which honours a Z or +HH:MM offset and takes naive text as UTC,
@@ -404,56 +503,91 @@ class SQLiteSource(Source):
             f"THEN round((julianday({t}) - 2440587.5) * 86400.0, 3) END END"
         )
 
-    def _select(self) -> str:
-        """One chunk of read_newest: rows up to an order value, newest first."""
+    def _check_partition_index(self, conn: sqlite3.Connection) -> None:
+        """Warns if no index starts with the partition column (a view's are its tables')."""
+        schema = f"{quote(self.schema)}." if self.schema else ""
+        kind = conn.execute(
+            f"SELECT type FROM {schema}sqlite_master WHERE name = ? COLLATE NOCASE",
+            (self.name,),
+        ).fetchall()
+        if kind and kind[0][0] == "view":
+            return
+        firsts = conn.execute(
+            "SELECT i.name FROM pragma_index_list(?, ?) AS l, pragma_index_info(l.name, ?) AS i"
+            " WHERE i.seqno = 0",
+            (self.name, self.schema or None, self.schema or None),
+        ).fetchall()
+        column = self.cfg.partition_column or ""
+        if any(_ascii_lower(name or "") == _ascii_lower(column) for (name,) in firsts):
+            return  # an index on an expression has no name at seqno 0
+        columns = [column]
+        if self.cfg.order_column is not None and _ascii_lower(self.cfg.order_column) not in _ROWID:
+            columns.append(self.cfg.order_column)  # an index holds the rowid anyway
+        index = f"{schema}{quote(f'{self.name}_{column}')}"
+        self._warn_unindexed(f"{index} ON {quote(self.name)}", columns)
+
+    def _columns(self) -> str:
+        """The select list of order, time and channels, as every read converts them."""
         # typeof() turns text or blobs in a numeric column into NULL (-> NaN) so one bad
         # row is dropped instead of failing the cycle; SQLite itself cannot hold NaN.
         cols = ", ".join(
             f"CASE WHEN typeof({quote(c)}) IN ('integer', 'real') THEN {quote(c)} END"
             for c in self.cfg.channels
         )
-        return (
-            f"SELECT {self.order}, {self._time}, {cols} FROM {self.table} "
-            f"WHERE {self.order} <= ? ORDER BY {self.order} DESC LIMIT ? OFFSET ?"
+        return f"{self.order}, {self._time}, {cols}"
+
+    def _select(self) -> tuple[str, tuple]:
+        """One chunk of read_newest: rows up to an order value, newest first; its SQL and
+        the partition's values, to which the chunk's top, limit and offset are added."""
+        # The chunk's top is bound after the partition's values, so its ? is written here.
+        where, params = self._where((f"{self.order} <= ?", ()))
+        sql = (
+            f"SELECT {self._columns()} FROM {self.table}{where} "
+            f"ORDER BY {self.order} DESC LIMIT ? OFFSET ?"
         )
+        return sql.replace(_P, "?"), params
 
     def _indexed(self, conn: sqlite3.Connection) -> bool:
         """Whether an index serves the chunks. Without one every chunk would scan and sort
         the whole table, so the read is one statement, and a warning says so."""
-        plan = conn.execute(f"EXPLAIN QUERY PLAN {self._select()}", (0, 1, 0)).fetchall()
+        select, params = self._select()
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {select}", (*params, 0, 1, 0)).fetchall()
         if any("TEMP B-TREE" in row[3] for row in plan):
-            log.warning(
-                "%s: no index on %s of table %s: each read holds the database's read lock "
-                "for a whole table scan, and a writer in rollback-journal mode cannot "
-                "commit meanwhile; index it (source.order_column)",
-                self.path,
-                self.order,
-                self.cfg.table,
-            )
+            # A column of no type matched in both its integer and text form: two ranges of
+            # one index, merged by a sort of the partition's rows, not the table's.
+            if self._part is None or len(self._part[1]) == 1:
+                log.warning(
+                    "%s: no index on %s of table %s: each read holds the database's read "
+                    "lock for a whole table scan, and a writer in rollback-journal mode "
+                    "cannot commit meanwhile; index it (source.order_column)",
+                    self.path,
+                    self.order,
+                    self.cfg.table,
+                )
             return False
         return True
 
-    def count_after(self, last_order: int | None) -> int:
-        sql, params = self._count_sql(last_order, "?")
-        # fetchall() runs each statement to its end, which releases SHARED at once.
-        return self._run(lambda conn: conn.execute(sql, params).fetchall()[0][0])
+    def read_newest(self, max_rows: int, upto: int | None = None) -> Readings:
+        import numpy as np
 
-    def read_newest(self, max_rows: int) -> Readings:
         width = len(self.cfg.channels) + 2
 
         def read(conn: sqlite3.Connection) -> list[np.ndarray]:
-            select = self._select()  # after the check, which sets self._time
+            select, part = self._select()  # after the check, which sets self._time
             chunk = self.chunk_rows if self._keyset else max_rows
             # Keyset pagination down from the newest row as it is now: rows committed
             # meanwhile are above `top` and stay out, as they would of one statement.
-            top = conn.execute(self._max_sql).fetchall()[0][0]
+            below = () if upto is None else ((f"{self.order} <= {_P}", (upto,)),)
+            where, params = self._where(*below)
+            top_sql = f"SELECT max({self.order}) FROM {self.table}{where}"
+            top = conn.execute(*self._bind(top_sql, params)).fetchall()[0][0]
             skip = 0  # rows already read whose order equals `top` (a non-unique column)
             parts: list[np.ndarray] = []
             left = max_rows
             while top is not None and left > 0:
                 want = min(chunk, left)
                 started = time.monotonic()
-                rows = conn.execute(select, (top, want, skip)).fetchall()
+                rows = conn.execute(select, (*part, top, want, skip)).fetchall()
                 took = time.monotonic() - started
                 parts.append(np.array(rows, dtype=np.float64).reshape(len(rows), width))
                 left -= len(rows)
@@ -470,6 +604,19 @@ class SQLiteSource(Source):
         if not parts:
             return _readings(np.empty((0, width)))
         return _readings(np.concatenate([part[::-1] for part in reversed(parts)]))
+
+    def read_tagged(self, after: int | None, max_rows: int) -> tuple[Readings, list[Any]]:
+        # One statement: live scoring reads the few rows since its last poll.
+        def read(conn: sqlite3.Connection) -> list[tuple]:
+            newer = () if after is None else ((f"{self.order} > {_P}", (after,)),)
+            where, params = self._where(*newer, partition=False)
+            sql = (
+                f"SELECT {self._columns()}, {self._partition_column()} "
+                f"FROM {self.table}{where} ORDER BY {self.order} DESC LIMIT {_P}"
+            )
+            return conn.execute(*self._bind(sql, (*params, max_rows))).fetchall()
+
+        return _tagged(self._run(read)[::-1], len(self.cfg.channels))
 
     def close(self) -> None:
         if self._conn is not None:
@@ -572,8 +719,16 @@ class PostgresSource(Source):
             self.close()  # the next cycle reconnects (the server may have restarted)
             raise SourceError(f"postgres: {_first_line(exc)}") from None
 
+    def _bind(self, sql: str, params: tuple) -> tuple[str, Any]:
+        # psycopg parses placeholders only when given parameters, and then a % in a name
+        # ("Load %") must be %%; COPY does not even take an empty tuple as parameters.
+        if not params:
+            return sql, None
+        return sql.replace("%", "%%").replace(_P, "%s"), params
+
     def _check(self, cur) -> str:
-        """Checks the configured columns; returns the time_column expression for its type.
+        """Checks the configured columns and sets the partition condition; returns the
+        time_column expression for its type.
 
         The table is resolved as the reads resolve it: quoted, through search_path when
         unqualified. Names are compared exactly, since quoted names are case-sensitive.
@@ -592,6 +747,19 @@ class PostgresSource(Source):
         for key, column in self._wanted():
             if column not in types:
                 raise self._no_column(key, column, types)
+        column = self.cfg.partition_column
+        self._part = None
+        if column is not None and self.cfg.partition is not None:
+            # Bound as the column's type, so its index serves: an integer column gets an int
+            # (or NULL, equal to nothing: text not an integer would fail the read), other
+            # columns untyped text, which the server reads as the column's type.
+            value: Any = self.cfg.partition
+            if types[column] in ("smallint", "integer", "bigint"):
+                value = int(value) if re.fullmatch(r"[0-9]{1,18}", value) else None
+            self._part = (f"{quote(column)} = {_P}", (value,))
+        if column is not None and not self._index_checked:
+            self._check_partition_index(cur, oid, column)
+            self._index_checked = True
         time = _pg_time(quote(self.cfg.time_column), types[self.cfg.time_column])
         if time is None:
             raise SourceError(
@@ -600,6 +768,19 @@ class PostgresSource(Source):
                 "(source.time_column)"
             )
         return time
+
+    def _check_partition_index(self, cur, oid: int, column: str) -> None:
+        """Warns if no valid index starts with the partition column. A view or a foreign
+        table has none of its own, and is left alone."""
+        kind, indexed = cur.execute(
+            "SELECT c.relkind::text, EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid"
+            " AND i.indisvalid AND i.indkey[0] = a.attnum)"
+            " FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %s"
+            " WHERE c.oid = %s::oid",
+            (column, oid),
+        ).fetchone()
+        if not indexed and kind not in ("v", "f"):
+            self._warn_unindexed(f"ON {self.table}", [column, self.cfg.order_column or "rowid"])
 
     def _near_table(self, cur) -> str | None:
         """A table whose name differs only in case, for the error's hint."""
@@ -617,23 +798,28 @@ class PostgresSource(Source):
             return None
         return f"{row[0]}.{row[1]}" if self.schema else row[1]
 
-    def count_after(self, last_order: int | None) -> int:
-        sql, params = self._count_sql(last_order, "%s")
-        return self._run(lambda cur: cur.execute(sql, params).fetchone()[0])
-
-    def read_newest(self, max_rows: int) -> Readings:
-        n = len(self.cfg.channels)
-        # Non-finite floats come back as NaN/Infinity, NULL as 'nan'; both become non-finite.
+    def _columns(self) -> str:
+        """The select list of order, time and channels, as every read converts them."""
+        # Non-finite floats come back as NaN/Infinity; NULL as None or COPY's 'nan'.
         cols = ", ".join(f"{quote(c)}::float8" for c in self.cfg.channels)
+        return f"{self.order}::int8, {self._time}, {cols}"  # after the check: _time is set
+
+    def read_newest(self, max_rows: int, upto: int | None = None) -> Readings:
+        import numpy as np
+
+        n = len(self.cfg.channels)
 
         def copy(cur) -> bytes:
-            inner = (  # after the check, which sets self._time
-                f"SELECT {self.order}::int8, {self._time}, {cols} FROM {self.table} "
+            below = () if upto is None else ((f"{self.order} <= {_P}", (int(upto),)),)
+            where, params = self._where(*below)
+            inner = (
+                f"SELECT {self._columns()} FROM {self.table}{where} "
                 f"ORDER BY {self.order} DESC LIMIT {int(max_rows)}"
             )
             buf = io.BytesIO()
-            # No parameters: psycopg sends the text as is, % in names included.
-            with cur.copy(f"COPY ({inner}) TO STDOUT WITH (FORMAT csv, NULL 'nan')") as cp:
+            # COPY takes no bound parameters: psycopg merges them into the text client-side.
+            sql = f"COPY ({inner}) TO STDOUT WITH (FORMAT csv, NULL 'nan')"
+            with cur.copy(*self._bind(sql, params)) as cp:
                 for chunk in cp:
                     buf.write(chunk)
             return buf.getvalue()
@@ -643,6 +829,19 @@ class PostgresSource(Source):
             return _readings(np.empty((0, n + 2)))
         data = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.float64, ndmin=2)
         return _readings(data[np.argsort(data[:, 0], kind="stable")])
+
+    def read_tagged(self, after: int | None, max_rows: int) -> tuple[Readings, list[Any]]:
+        # A plain fetch: live scoring reads the few rows since its last poll.
+        def read(cur) -> list[tuple]:
+            newer = () if after is None else ((f"{self.order} > {_P}", (after,)),)
+            where, params = self._where(*newer, partition=False)
+            sql = (
+                f"SELECT {self._columns()}, {self._partition_column()} "
+                f"FROM {self.table}{where} ORDER BY {self.order} DESC LIMIT {_P}"
+            )
+            return cur.execute(*self._bind(sql, (*params, max_rows))).fetchall()
+
+        return _tagged(self._run(read)[::-1], len(self.cfg.channels))
 
     def close(self) -> None:
         if self._conn is not None:

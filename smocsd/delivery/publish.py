@@ -23,7 +23,14 @@ from typing import Any, Protocol
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from smocsd.common.config import ConfigError, KafkaConfig, MqttConfig, PublishConfig, read_secret
+from smocsd.common.config import (
+    ConfigError,
+    KafkaConfig,
+    MqttConfig,
+    PublishConfig,
+    fill_mqtt_topic,
+    read_secret,
+)
 from smocsd.schemas import ALARM_SCHEMA, LABEL_SCHEMA
 
 log = logging.getLogger("smocsd.publish")
@@ -49,6 +56,14 @@ def topic_of(cfg: KafkaConfig | MqttConfig, message: dict) -> str:
     if schema == LABEL_SCHEMA:
         return cfg.label_topic
     return cfg.topic
+
+
+def mqtt_topic(cfg: MqttConfig, message: dict) -> str:
+    """The MQTT topic of `message`: its kind's topic with `{device_id}` and `{model}` filled
+    in from the message itself (a stored result keeps the device and model it was made
+    by). A model's name is one topic level: an identifier, or `<identifier>@<value>` whose
+    value has no '/', '+' or '#' (config.partition_value)."""
+    return fill_mqtt_topic(topic_of(cfg, message), str(message["device_id"]), str(message["model"]))
 
 
 def _payload(message: dict) -> bytes:
@@ -454,14 +469,13 @@ class MqttSink:
     def _publish(
         self, client: mqtt.Client, message: dict, where: str
     ) -> mqtt.MQTTMessageInfo | None:
-        """Queues `message` on its device's topic; None, logged, if paho refuses it. The
-        device_id comes from the stored result, out of reach of the config's checks, and
-        one such result must not fail the others of the call."""
-        pattern = topic_of(self.cfg, message)
-        topic = pattern.replace("{device_id}", str(message["device_id"]))
+        """Queues `message` on its device's and model's topic; None, logged, if paho refuses
+        it. The device_id and the model come from the stored result, out of reach of the
+        config's checks, and one such result must not fail the others of the call."""
+        topic = mqtt_topic(self.cfg, message)
         try:
             return client.publish(topic, _payload(message), qos=self.cfg.qos)
-        except ValueError as exc:  # a wildcard (+, #) in the topic, or it is empty
+        except ValueError as exc:  # a wildcard (+, #) in the topic, empty, or too long
             log.error(
                 "mqtt %s: result %s not sent to topic %r: %s",
                 where,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__, modelfile, report
-from ..common.labels import Kind, Label, LabelError, Labels
+from ..common.labels import Kind, Label, LabelError, Labels, for_model
 from ..common.modelmeta import METADATA, ModelMeta
 from ..common.records import Damage
 from ..common.state import utcnow
@@ -45,7 +45,7 @@ from ..scoring import (
     shares,
 )
 from ..store import Champion, CurrentMoved, ModelStore
-from . import threshold
+from . import gate, threshold
 from .job import Saved, TrainingJob
 from .screen import JOIN_WINDOWS, runs
 from .trainers import Trainer, TrainSpec, make_trainer, onnxruntime_version, resolve_backend
@@ -109,10 +109,6 @@ def _chunks(session: Any, windows: WindowSet, n_channels: int) -> Iterator[tuple
         yield lo, channel_errors(session, part, n_channels)
 
 
-# A trained_at this far ahead of the clock is a clock that was reset, not drift.
-CLOCK_SLACK = 60.0
-
-
 def _check_state(job: AutoencoderJob) -> None:
     """Repairs state the world has moved under: a clock set back, a recreated database.
 
@@ -121,7 +117,7 @@ def _check_state(job: AutoencoderJob) -> None:
     """
     now = time.time()
     trained_at = job.state.get("trained_at", 0)
-    if trained_at > now + CLOCK_SLACK:
+    if trained_at > now + gate.CLOCK_SLACK:
         job.logger.warning(
             "state: last training at %s is in the future (clock set back?): counting from now",
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(trained_at)),
@@ -160,16 +156,14 @@ def _gate(job: AutoencoderJob) -> str | None:
     """Why this tick must not train (None: go ahead)."""
     _check_state(job)
     try:
-        job.labels = Labels(job.config.state_dir).read()
+        # Another model's accept label is no reason for this one to train.
+        job.labels = for_model(Labels(job.config.state_dir).read(), job.config.model.name)
     except LabelError:  # fails the cycle in leave_out(), once there is something to train
         job.labels = []
     t = job.config.training
     last_order = job.state.get("last_order")
     if last_order is None:
-        total = job.db_manager.count_after(None)
-        if total < t.min_training_samples:
-            return f"{total} rows of {t.min_training_samples} needed for the first training"
-        return None
+        return gate.first_training(t, job.db_manager.count_after(None))
     if job.force:
         return None
     accepted = max((x.id for x in job.labels if x.kind is Kind.ACCEPT), default=0)
@@ -177,13 +171,9 @@ def _gate(job: AutoencoderJob) -> str | None:
         job.logger.info("an accept label is new: training now, without waiting for the gates")
         job.state["accept_tried"] = accepted
         return None
-    new = job.db_manager.count_after(last_order)
-    if new < t.min_new_samples:
-        return f"{new} new rows of {t.min_new_samples} needed"
-    since = time.time() - job.state.get("trained_at", 0)
-    if since < t.min_interval:
-        return f"last training {since:.0f}s ago, min_interval is {t.min_interval:.0f}s"
-    return None
+    return gate.retraining(
+        t, lambda: job.db_manager.count_after(last_order), job.state.get("trained_at", 0)
+    )
 
 
 class AutoencoderJob(TrainingJob):

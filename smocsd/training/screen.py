@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import scoring
 from ..common import labels as labels_mod
-from ..common.labels import By, Kind, Label, Labels, ranges_of
+from ..common.labels import By, Kind, Label, Labels, for_model, ranges_of
 from ..common.modelmeta import ModelMeta
 from ..store import ModelStore
 
@@ -200,7 +200,8 @@ class Screening:
         self.pending_from: int | None = None  # first row of accepts no current model knows
 
     def run(self) -> LeaveOut:
-        in_force = self.labels.read()
+        # This model's labels and those for every model; another model's are not its.
+        in_force = for_model(self.labels.read(), self.cfg.model.name)
         newest = self.source.max_order()
         if self.after is not None and (newest is None or newest < self.after):
             self.log.warning("screening: order column went backwards: its record starts again")
@@ -332,6 +333,7 @@ class Screening:
                 f"alarmed for {lasted / 3600:.1f} h without a break, longer than "
                 f"model.accept_after ({limit / 3600:g} h): accepted as the new normal",
                 By.ACCEPT_AFTER,
+                model=self.cfg.model.name,  # one asset's lasting fault is its own new normal
             )
             self.log.warning("accepted as the new normal: %s", label.describe())
             self.messages.append(
