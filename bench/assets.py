@@ -122,14 +122,16 @@ class Inserter(threading.Thread):
 
     def __init__(self, db: Path, assets: list[Asset]) -> None:
         super().__init__(daemon=True)
-        self.db, self.assets = db, assets
+        self.assets = assets
+        # One connection throughout, as an ingest service keeps it; used under `lock`.
+        self.conn = sqlite3.connect(db, timeout=30, check_same_thread=False)
         self.running = threading.Event()
         self.stopped = threading.Event()
-        self.lock = threading.Lock()  # the assets' noise streams and the rows' time order
+        self.lock = threading.Lock()  # the connection, the noise streams, the rows' order
 
     def _insert(self, rows: list[tuple]) -> None:
-        with closing(sqlite3.connect(self.db, timeout=30)) as conn, conn:
-            conn.executemany(INSERT, rows)
+        with self.conn:
+            self.conn.executemany(INSERT, rows)
 
     def run(self) -> None:
         tick = time.monotonic()
@@ -150,6 +152,7 @@ class Inserter(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         self.join()
+        self.conn.close()
 
 
 @dataclass
@@ -161,11 +164,12 @@ class Daemon:
     proc: subprocess.Popen = field(init=False)
 
     def __post_init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smocsd", "run", "--config", str(self.config_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("w"),
-        )
+        with self.log.open("w") as stderr:  # the child writes to its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "smocsd", "run", "--config", str(self.config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
 
     def check(self) -> None:
         """Raises, with the log's end, if the daemon has exited."""
