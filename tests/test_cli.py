@@ -86,6 +86,26 @@ def test_check_config_checks_the_table_and_columns(tmp_path):
     assert proc.stderr.startswith(f"{table}: source.table: {state}/readings.db: no such table")
 
 
+def test_check_config_checks_each_models_table_and_names_its_keys(tmp_path):
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 100)
+    cfg = write_config(tmp_path / "c.toml", state)
+    cfg.write_text(
+        cfg.read_text()
+        + '[models.a.source]\ntable = "readings"\n'
+        + '[models.b.source]\ntable = "readings"\npartition_column = "asset"\n'
+        + '[models.c.source]\npath = "other.db"\n'
+    )
+    proc = smocsd("check-config", config=cfg)
+    assert (proc.returncode, proc.stdout) == (78, "")
+    assert proc.stderr.splitlines() == [
+        f'{cfg}: models.b.source.partition_column: {state}/readings.db: no such column "asset" '
+        "in table readings",
+        f"{cfg}: models.c.source not checked: {state}/other.db: no such database file "
+        "(source.path); waiting for the ingest to create it",
+    ]
+
+
 def test_check_config_notes_a_database_it_cannot_reach_without_failing(tmp_path):
     state = tmp_path / "state"
     state.mkdir()

@@ -114,9 +114,23 @@ def cmd_train_once(cfg: Config, args: argparse.Namespace) -> int:
 _SOURCE_KEY = re.compile(r" ?\((source\.\w+)\)")
 
 
-def _check_source(cfg: Config) -> tuple[list[str], str | None]:
+def _check_sources(cfg: Config) -> tuple[list[str], list[str]]:
+    """(problems, notes): each model's table and columns (the top level's, or each
+    [models.<name>] table's), as _check_source finds them."""
+    problems, notes = [], []
+    for model in cfg.definitions():
+        prefix = f"models.{model.model.name}." if cfg.models else ""
+        found, note = _check_source(model, prefix)
+        problems += found
+        if note:
+            notes.append(f"{prefix}source not checked: {note}")
+    return problems, notes
+
+
+def _check_source(cfg: Config, prefix: str = "") -> tuple[list[str], str | None]:
     """(problems, note): the configured table and columns checked against the database
-    when it can be reached, else a note saying why it was not checked."""
+    when it can be reached, else a note saying why it was not checked; `prefix` is the
+    model table's, which the keys a problem names get."""
     from ..data.sources import NoDatabase, SourceError, open_source  # numpy: not in the daemon
 
     source = open_source(cfg.source)
@@ -128,7 +142,7 @@ def _check_source(cfg: Config) -> tuple[list[str], str | None]:
         key = _SOURCE_KEY.search(str(exc))
         if key is None:
             return [], str(exc)
-        return [f"{cfg.path}: {key[1]}: {_SOURCE_KEY.sub('', str(exc), count=1)}"], None
+        return [f"{cfg.path}: {prefix}{key[1]}: {_SOURCE_KEY.sub('', str(exc), count=1)}"], None
     except ConfigError as exc:
         # A refused password_file is among file_problems already; a systemd credential
         # is not.
@@ -147,15 +161,15 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     state_dir_problem = config_mod.state_dir_problem(cfg)
     problems = [state_dir_problem] if state_dir_problem else []
     problems += config_mod.file_problems(cfg, reader)
-    source_problems, note = _check_source(cfg)
+    source_problems, notes = _check_sources(cfg)
     problems += source_problems
     for problem in problems:
         print(problem, file=sys.stderr)
-    if note:
-        print(f"{args.config_path}: source not checked: {note}", file=sys.stderr)
+    for note in notes:
+        print(f"{args.config_path}: {note}", file=sys.stderr)
     if problems:
         return EX_CONFIG
-    if not note:
+    if not notes:
         print(f"{args.config_path}: ok")
     return EX_OK
 

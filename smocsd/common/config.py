@@ -1429,12 +1429,20 @@ def file_problems(cfg: Config, reader: int) -> list[str]:
 
     """
     where = f"{cfg.path}: " if cfg.path else ""
-    problems = []
+    keys: list[tuple[str, Any]] = []
     for key in (*SECRET_FILE_KEYS, *CA_FILE_KEYS):
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        problem = value and file_problem(value, secret=key in SECRET_FILE_KEYS, reader=reader)
+        keys.append((key, value))
+    for model in cfg.models:  # a model table's own password file
+        if model.source.password_file != cfg.source.password_file:
+            key = f"models.{model.model.name}.source.password_file"
+            keys.append((key, model.source.password_file))
+    problems = []
+    for key, value in keys:
+        secret = key.endswith("password_file")
+        problem = value and file_problem(value, secret=secret, reader=reader)
         if problem:
             problems.append(f"{where}{key}: {problem}")
     return problems
