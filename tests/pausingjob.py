@@ -18,7 +18,10 @@ class PausingJob(AutoencoderJob):
     point of a cycle, between its training and its save, whatever the machine's speed."""
 
     def save_model(self, model_metrics: dict, eval_results: dict) -> dict:
-        Path(self.config.job_options["paused"]).touch()
+        paused = Path(self.config.job_options["paused"])
+        if paused.is_dir():  # several models: a file each, named by the model
+            paused = paused / self.config.model.name
+        paused.touch()
         resume = Path(self.config.job_options["resume"])
         while not resume.exists():
             self.progress.between_batches()  # honours a stop; counts as progress

@@ -240,3 +240,33 @@ def test_five_pumps_in_one_table_five_models_and_alarms_for_the_faulty_one_only(
     assert sorted(p.name for p in (state / "models").iterdir()) == [
         f"autoencoder@{pump}" for pump in PUMPS
     ]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_training_processes_bounds_the_models_training_at_once(tmp_path, running, processes):
+    """Two models due at once: one training process at a time by default, both at once with
+    daemon.training_processes = 2 (each paused in its save until the test resumes it)."""
+    state = tmp_path / "state"
+    demo.write(state / "readings.db", 3000)
+    paused, resume = tmp_path / "paused", tmp_path / "resume"
+    paused.mkdir()
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state,
+        daemon={"check_interval": "0.5s", "training_processes": processes},
+        training={"job": "pausingjob:PausingJob"},
+        job={"paused": str(paused), "resume": str(resume)},
+    )
+    cfg.write_text(cfg.read_text() + "[models.a]\n[models.b]\n")
+    d = running(cfg, tmp_path / "log")
+    deadline = time.monotonic() + 60
+    while len(list(paused.iterdir())) < processes:  # both at once, if both may train
+        assert time.monotonic() < deadline, d.text()
+        time.sleep(0.05)
+    if processes == 1:
+        time.sleep(3)  # a second training process, if one started, has reached its save
+        assert len(list(paused.iterdir())) == 1
+    resume.touch()
+    d.wait_for("a: promoted v1")
+    d.wait_for("b: promoted v1")
+    assert d.stop() == 0

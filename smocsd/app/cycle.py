@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..common.config import Config
@@ -30,11 +30,27 @@ from .recording import record, recovered
 log = logging.getLogger(__name__)
 
 
-def cycle_lock(state_dir: Path) -> contextlib.AbstractContextManager[bool]:
-    """One cycle at a time per state_dir, of any model (the daemon and a manual train-once
-    may race; two training processes at once would share a small gateway's memory):
-    whether this one may run; a cycle already running makes this one a skip, not a wait."""
-    return locked(state_dir / "cycle.lock", wait=False)
+def slot_lock(state_dir: Path, slot: int) -> Path:
+    """The lock of training slot `slot` (0 is the only one by default)."""
+    return state_dir / ("cycle.lock" if slot == 0 else f"cycle-{slot + 1}.lock")
+
+
+@contextlib.contextmanager
+def cycle_lock(cfg: Config) -> Iterator[bool]:
+    """Whether a cycle of this model may run: one at a time per model (the daemon and a
+    manual train-once may race), and at most `daemon.training_processes` of any model
+    per state_dir (each training process takes a small gateway's memory); a cycle already
+    running makes this one a skip, not a wait. The model's lock is its store directory's."""
+    store = ModelStore.of(cfg).root
+    store.mkdir(parents=True, exist_ok=True)
+    with locked(store, wait=False) as mine:
+        if mine:
+            for slot in range(cfg.daemon.training_processes):
+                with locked(slot_lock(cfg.state_dir, slot), wait=False) as held:
+                    if held:
+                        yield True
+                        return
+        yield False
 
 
 def run(
@@ -50,7 +66,7 @@ def run(
 
     Raises Stopped when `should_stop` turned true (or Ctrl-C came) before a result.
     """
-    with cycle_lock(cfg.state_dir) as held:
+    with cycle_lock(cfg) as held:
         if not held:
             return CycleResult(Outcome.SKIPPED, reason="another training cycle is running"), True
         entry = State(cfg.state_dir).read().jobs.get(cfg.model.name)
@@ -75,7 +91,7 @@ def reconcile(cfg: Config, outbox: Outbox) -> int:
     many; under the cycle lock, so a running cycle's own result is never doubled."""
     store = ModelStore.of(cfg)
     enqueued = 0
-    with cycle_lock(cfg.state_dir) as held:
+    with cycle_lock(cfg) as held:
         if not held:
             return 0
         reported = outbox.reported(cfg.model.name)

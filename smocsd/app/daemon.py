@@ -14,6 +14,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,9 +122,9 @@ def prepare_state_dir(cfg: Config) -> None:
         State(cfg.state_dir).remove_leftovers() + Labels(cfg.state_dir).remove_leftovers()
     ):
         log.warning("removed %s left by an interrupted write", leftover)
-    with cycle.cycle_lock(cfg.state_dir) as locked:
-        for model in ModelSet(cfg).resolve(read_table=False) if locked else ():
-            for leftover in ModelStore.of(model).recover():
+    for model in ModelSet(cfg).resolve(read_table=False):
+        with cycle.cycle_lock(model) as locked:
+            for leftover in ModelStore.of(model).recover() if locked else ():
                 log.warning("removed %s left by an interrupted save", leftover)
 
 
@@ -272,24 +273,24 @@ class Daemon:
             labels = Labels(self.parts.cfg.state_dir).read()
         except LabelError:  # the training process fails on it, naming the file
             labels = []
+        due: list[Config] = []
         for model in self.models[start:] + self.models[:start]:
             started = time.monotonic()
             reason = self.gates.waiting(model, state, labels)
-            if reason is not None:
-                self.parts.metrics.tally.cycle_ended(
-                    model.model.name, Outcome.SKIPPED, time.monotonic() - started
-                )
-                waiting[model.model.name] = CycleRecord(
-                    utcnow(), Outcome.SKIPPED.value, None, reason
-                )
-                self.last = reason
+            if reason is None:
+                due.append(model)
                 continue
-            result, queued = self.parts.cycle(
-                model,
-                should_stop=self._should_stop,
-                on_alive=self._alive,
-                on_status=lambda text: systemd.notify(f"STATUS={text}"),
+            self.parts.metrics.tally.cycle_ended(
+                model.model.name, Outcome.SKIPPED, time.monotonic() - started
             )
+            waiting[model.model.name] = CycleRecord(utcnow(), Outcome.SKIPPED.value, None, reason)
+            self.last = reason
+        slots = self.parts.cfg.daemon.training_processes
+        if slots > 1 and len(due) > 1:
+            cycles = self._cycles_at_once(due, slots)
+        else:
+            cycles = (self._cycle(model) for model in due)
+        for model, result, queued in cycles:
             if not queued and result.version is None:
                 self.unsent.append(result.message(model))
             self.last = result.reason or result.describe()
@@ -306,6 +307,49 @@ class Daemon:
             self.last = f"{len(self.models)} models, {len(waiting)} waiting for data"
             if trained:
                 self.last += "; " + "; ".join(trained)
+
+    def _cycle(self, model: Config) -> tuple[Config, CycleResult, bool]:
+        """One cycle of `model`, this thread feeding the watchdog and scoring meanwhile."""
+        result, queued = self.parts.cycle(
+            model,
+            should_stop=self._should_stop,
+            on_alive=self._alive,
+            on_status=lambda text: systemd.notify(f"STATUS={text}"),
+        )
+        return model, result, queued
+
+    def _cycles_at_once(
+        self, models: list[Config], slots: int
+    ) -> list[tuple[Config, CycleResult, bool]]:
+        """Cycles of `models`, `slots` training processes at a time (daemon.training_processes),
+        each supervised by a thread with its own outbox connection (a SQLite connection is
+        one thread's); this thread feeds the watchdog and scores meanwhile, and delivers
+        once they are all done."""
+        cfg = self.parts.cfg
+
+        def run(model: Config) -> tuple[CycleResult, bool, float]:
+            started = time.monotonic()
+            outbox = Outbox(cfg.state_dir / "outbox.db", cfg.publish.outbox_max)
+            try:
+                cycle.reconcile(model, outbox)
+                result, queued = cycle.run(model, outbox, should_stop=lambda: self.stop_requested)
+            finally:
+                outbox.close()
+            return result, queued, time.monotonic() - started
+
+        with ThreadPoolExecutor(slots, thread_name_prefix="smocsd-cycle") as pool:
+            running = {pool.submit(run, model): model for model in models}
+            pending = set(running)
+            while pending:
+                _, pending = wait(pending, timeout=0.5)
+                self._alive()
+        done = []
+        for future, model in running.items():
+            result, queued, took = future.result()  # Stopped, if a stop came first
+            self.parts.metrics.tally.cycle_ended(model.model.name, result.outcome, took)
+            done.append((model, result, queued))
+        self.parts.flush(self._should_stop)
+        return done
 
     def _wait(self) -> float:
         interval = self.parts.cfg.daemon.check_interval

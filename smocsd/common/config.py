@@ -447,6 +447,17 @@ class DaemonConfig:
         _choice("debug", "info", "warning", "error"),
         KeyDoc("the least severe level logged"),
     )
+    # Each training process holds an interpreter, numpy, ONNX Runtime and its rows: on a
+    # 1 GiB Raspberry Pi, two at once can be what wakes the OOM killer.
+    training_processes: int = _opt(
+        1,
+        _int(1, 64),
+        KeyDoc(
+            "training processes at once, each another model's; `train-once` takes one too. "
+            "More only where the gateway's cores and memory allow "
+            "([Many machines](#many-machines))"
+        ),
+    )
 
 
 @dataclass(frozen=True)
