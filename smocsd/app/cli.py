@@ -97,8 +97,8 @@ def cmd_train_once(cfg: Config, args: argparse.Namespace) -> int:
     from ..training.result import Outcome
     from .daemon import Parts, prepare_state_dir
 
-    prepare_state_dir(cfg)
     model = _one_model(cfg, args)
+    prepare_state_dir(cfg)
     parts = Parts(cfg)
     try:
         result, queued = parts.cycle(model, force=args.force)
@@ -757,6 +757,14 @@ ORDER = _integer(INT64_MIN, why=" (signed 64 bits, as order values are)")
 VERSION = _integer(1, why=" (versions start at 1)")
 
 
+def _model_option(help: str) -> argparse.ArgumentParser:
+    """A parent parser of --model NAME, as --config: SUPPRESS keeps a subparser's default
+    from overwriting a value given before it."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", metavar="NAME", default=argparse.SUPPRESS, help=help)
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     # --config is accepted before or after the subcommand; SUPPRESS keeps the
     # subparser's default from overwriting a value given before it.
@@ -768,21 +776,13 @@ def _parser() -> argparse.ArgumentParser:
         help="configuration file (default: $SMOCSD_CONFIG, else /etc/smocsd/smocsd.toml)",
     )
     # --model, for the commands that act on one model: before or after the action, as
-    # --config (`smocsd models --model a list`, `smocsd models list --model a`).
-    one = argparse.ArgumentParser(add_help=False)
-    one.add_argument(
-        "--model",
-        metavar="NAME",
-        default=argparse.SUPPRESS,
-        help="the model to act on (`smocsd status` lists them; needed when there are several)",
+    # --config (`smocsd models --model a list`, `smocsd models list --model a`) ...
+    one = _model_option(
+        "the model to act on (`smocsd status` lists them; needed when there are several)"
     )
     # ... and for a new label: the model it is for, else every model.
-    labelled = argparse.ArgumentParser(add_help=False)
-    labelled.add_argument(
-        "--model",
-        metavar="NAME",
-        default=argparse.SUPPRESS,
-        help="the model the label is for (default: every model, however many there are)",
+    labelled = _model_option(
+        "the model the label is for (default: every model, however many there are)"
     )
     p = argparse.ArgumentParser(
         prog="smocsd",

@@ -91,6 +91,8 @@ def reconcile(cfg: Config, outbox: Outbox) -> int:
     many; under the cycle lock, so a running cycle's own result is never doubled."""
     store = ModelStore.of(cfg)
     enqueued = 0
+    if not store.root.is_dir():  # no version yet
+        return 0
     with cycle_lock(cfg) as held:
         if not held:
             return 0

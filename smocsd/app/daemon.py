@@ -123,6 +123,8 @@ def prepare_state_dir(cfg: Config) -> None:
     ):
         log.warning("removed %s left by an interrupted write", leftover)
     for model in ModelSet(cfg).resolve(read_table=False):
+        if not ModelStore.of(model).root.is_dir():  # nothing saved, nothing to recover
+            continue
         with cycle.cycle_lock(model) as locked:
             for leftover in ModelStore.of(model).recover() if locked else ():
                 log.warning("removed %s left by an interrupted save", leftover)

@@ -385,25 +385,20 @@ class StateFile:
         findings = Findings()
         obj = _Object(data, "", _names(cls), findings)
 
-        def jobs(value: Any, name: str) -> dict[str, JobEntry]:
-            entries = _Object(value, name, None, findings)
-            parsed = {}
-            for model, entry in entries.data.items():
-                try:
-                    parsed[model] = JobEntry.parse(entry, entries.at(model), findings)
-                except Damage as damage:
-                    findings.note(damage, "reset")
-            return parsed
+        def per_model(record: Any) -> Callable[[Any, str], dict[str, Any]]:
+            """A {model name: record} object; a damaged record alone is reset."""
 
-        def models(value: Any, name: str) -> dict[str, ModelRecord]:
-            entries = _Object(value, name, None, findings)
-            parsed = {}
-            for model, entry in entries.data.items():
-                try:
-                    parsed[model] = ModelRecord.parse(entry, entries.at(model), findings)
-                except Damage as damage:
-                    findings.note(damage, "reset")
-            return parsed
+            def parse(value: Any, name: str) -> dict[str, Any]:
+                entries = _Object(value, name, None, findings)
+                parsed = {}
+                for model, entry in entries.data.items():
+                    try:
+                        parsed[model] = record.parse(entry, entries.at(model), findings)
+                    except Damage as damage:
+                        findings.note(damage, "reset")
+                return parsed
+
+            return parse
 
         state = cls(
             last_cycle=findings.keep(
@@ -416,8 +411,8 @@ class StateFile:
                 lambda: obj.optional("scoring", lambda v, n: ScoringPosition.parse(v, n, findings)),
                 None,
             ),
-            jobs=findings.keep(lambda: obj.optional("jobs", jobs) or {}, {}),
-            models=findings.keep(lambda: obj.optional("models", models) or {}, {}),
+            jobs=findings.keep(lambda: obj.optional("jobs", per_model(JobEntry)) or {}, {}),
+            models=findings.keep(lambda: obj.optional("models", per_model(ModelRecord)) or {}, {}),
         )
         return state, findings
 
