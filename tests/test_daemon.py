@@ -270,3 +270,40 @@ def test_training_processes_bounds_the_models_training_at_once(tmp_path, running
     d.wait_for("a: promoted v1")
     d.wait_for("b: promoted v1")
     assert d.stop() == 0
+
+
+def test_an_ingest_that_connects_per_insert_to_a_wal_database_is_seen_by_every_model(
+    tmp_path, running
+):
+    """Closing any descriptor of a file drops all the process's POSIX locks on it, SQLite's
+    WAL readers' included: a source closed beside others (a partition's first read) let
+    the ingest's close delete the -wal and -shm under the open ones, which then never saw
+    a new row. Each insert here is a connection of its own, closed, as many ingests do."""
+    state = tmp_path / "state"
+    state.mkdir()
+    db = state / "readings.db"
+    _pump_rows(db, 0, 2500)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state,
+        daemon={"check_interval": "0.5s"},
+        source={"order_column": "id", "partition_column": "asset"},
+        training={"min_new_samples": 100000},
+        scoring={"enabled": True, "poll_interval": "0.2s"},
+    )
+    d = running(cfg, tmp_path / "log")
+    for pump in PUMPS:
+        d.wait_for(f"autoencoder@{pump}: scoring with v1")
+    time.sleep(1)  # each partition's first rows read: its passing source closed
+    for _ in range(8):
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.executemany(
+                "INSERT INTO readings (ts, asset, temperature, vibration, current) "
+                "VALUES (0, ?, 50, 1, 15)",
+                [(pump,) for pump in PUMPS],
+            )
+        time.sleep(0.3)
+    d.wait_for("autoencoder@P-1: skipped: 8 new rows", timeout=30)
+    assert d.stop() == 0

@@ -327,6 +327,54 @@ class _LockFree:
         return None
 
 
+class _Descriptors:
+    """One read-only descriptor per database file for the whole process, closed with the
+    last source that has it.
+
+    Closing any descriptor of a file drops every POSIX lock the process holds on it,
+    SQLite's included (fcntl(2)). A WAL-mode reader holds a shared lock on the database
+    file while it is open; once it is gone, the writer's last connection to close deletes
+    the -wal and -shm, and the connections still open here read the unlinked ones and
+    never see a new row again. With many models, sources of one file come and go (a
+    partition's first rows read, a source reopened after an error) while others stay.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [fd, users]
+        self._stray: list[int] = []
+
+    def take(self, path: Path) -> int:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) in self._files:
+            entry = self._files[st.st_dev, st.st_ino]
+            entry[1] += 1
+            return entry[0]
+        fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(fd)
+        entry = self._files.get((st.st_dev, st.st_ino))
+        if entry is not None:  # the path changed to a file we have open between the two
+            entry[1] += 1
+            self._stray.append(fd)  # never closed: that would drop the locks (rare, bounded)
+            return entry[0]
+        self._files[st.st_dev, st.st_ino] = [fd, 1]
+        return fd
+
+    def give_back(self, fd: int) -> None:
+        for key, entry in list(self._files.items()):
+            if entry[0] == fd:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._files[key]
+                    os.close(fd)
+                return
+
+
+_descriptors = _Descriptors()
+
+
 class _Fetched(list):
     """Rows already read, standing in for the cursor that execute() returns."""
 
@@ -406,7 +454,7 @@ class SQLiteSource(Source):
             # leaves the connection on the newer one, which moved() then sees; the other
             # way round, moved() would compare the path with the newer file for good.
             try:
-                self._fd = os.open(self.path, os.O_RDONLY)
+                self._fd = _descriptors.take(self.path)
             except OSError as exc:
                 raise SourceError(
                     f"{self.path}: unable to open database file: {exc.strerror}"
@@ -623,7 +671,7 @@ class SQLiteSource(Source):
             self._conn.close()
             self._conn = None
         if self._fd is not None:
-            os.close(self._fd)
+            _descriptors.give_back(self._fd)
             self._fd = None
         self._time = None
 
