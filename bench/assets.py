@@ -51,7 +51,6 @@ from smocsd.delivery.outbox import Outbox
 
 MIN_TRAINING = 600  # rows of each asset's history: training.min_training_samples
 MIN_NEW = 1_000_000_000  # training.min_new_samples: no retraining during the benchmark
-CHECK_INTERVAL = "5s"
 ANOMALY = 8.0  # vibration factor of a burst's rows
 TRAIN_TIMEOUT = 120.0  # seconds allowed per asset for the first trainings, plus one round
 ALARM_TIMEOUT = 60.0  # seconds allowed from a burst's insert to its alarm
@@ -107,7 +106,6 @@ def build(db: Path, assets: list[Asset]) -> None:
 def write_config(path: Path, state: Path, epochs: int) -> config.Config:
     path.write_text(
         f'[daemon]\nstate_dir = "{state}"\ndevice_id = "bench"\n'
-        f'check_interval = "{CHECK_INTERVAL}"\n'
         '[source]\norder_column = "id"\npartition_column = "asset"\n'
         f"[training]\nmin_training_samples = {MIN_TRAINING}\nmin_new_samples = {MIN_NEW}\n"
         f"epochs = {epochs}\n"
@@ -351,7 +349,7 @@ def main() -> int:
         f"\n{os.cpu_count()} CPUs, Python {platform.python_version()}; one row per second "
         f"per asset; training.min_training_samples = {MIN_TRAINING} (each asset's history), "
         f"min_new_samples = {MIN_NEW}, epochs = {args.epochs}, otherwise the default "
-        f"network; daemon.check_interval = {CHECK_INTERVAL}; scoring.poll_interval default; "
+        "network; daemon.check_interval and scoring.poll_interval default; "
         f"bursts of alarm_of rows, vibration x{ANOMALY:g}, in up to {args.alarm_assets} "
         f"assets per count; CPU over {args.window:g} s windows; "
         f"seconds per count: {', '.join(f'{r.assets}: {r.took:.0f}' for r in rows)}"
