@@ -190,6 +190,55 @@ def insert(db: Path, rows: int, vibration_factor: float = 1.0) -> int:
     return first
 
 
+PUMPS = ("P-1", "P-2", "P-3", "P-4", "P-5")
+
+
+def pump_rows(
+    db: Path,
+    start: int,
+    rows: int,
+    faulty: str | None = None,
+    fault: tuple[int, int] = (0, 0),
+    *,
+    dropouts: bool = False,
+    regimes: bool = True,
+) -> None:
+    """Rows `start`..`start + rows - 1` of each pump's own simulated timeline (demo.py's
+    process, seed = its number), interleaved by time into one table as a historian writes
+    them; `faulty`'s vibration carries a bearing fault (+1.5, the demo's clear-cut size)
+    on its rows fault[0]..fault[1] - 1 of these."""
+    from smocsd.data import demo
+
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, ts REAL, asset TEXT, "
+            "temperature REAL, vibration REAL, current REAL)"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS readings_asset ON readings (asset, id)")
+        runs = {
+            pump: demo.simulate(
+                rows,
+                start,
+                seed=n,
+                anomalies=False,
+                startup=False,
+                gaps=False,
+                dropouts=dropouts,
+                regimes=regimes,
+            )
+            for n, pump in enumerate(PUMPS, 1)
+        }
+        for i in range(rows):
+            for pump, run in runs.items():
+                bad = pump == faulty and fault[0] <= i < fault[1]
+                vibration = run["vibration"][i] + (1.5 if bad else 0.0)
+                conn.execute(
+                    "INSERT INTO readings (ts, asset, temperature, vibration, current) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [run["ts"][i], pump, run["temperature"][i], vibration, run["current"][i]],
+                )
+
+
 def run_forked(argv: list[str], capfd) -> tuple[int, str, str]:
     """main(argv) in a forked child, which may become another user: this interpreter may
     live where that user cannot read, so everything is imported before the fork."""

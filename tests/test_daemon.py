@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Running, smocsd, write_config
+from helpers import PUMPS, Running, pump_rows, smocsd, write_config
 
 from smocsd.data import demo
 
@@ -165,40 +165,11 @@ def test_a_silent_kafka_broker_never_starves_the_watchdog(tmp_path, running):
     assert [(m["outcome"], m["version"]) for m in waiting] == [("promoted", 1)]
 
 
-PUMPS = ("P-1", "P-2", "P-3", "P-4", "P-5")
-
-
-def _pump_rows(db: Path, start: int, rows: int, faulty: str | None = None) -> None:
-    """Rows `start`..`start + rows - 1` of each pump's own simulated timeline (seed = its
-    number), interleaved by time into one table as a historian writes them; `faulty`'s
-    vibration carries a bearing fault (+1.5, the demo's clear-cut size) from the 20th row."""
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, ts REAL, asset TEXT, "
-            "temperature REAL, vibration REAL, current REAL)"
-        )
-        conn.execute("CREATE INDEX IF NOT EXISTS readings_asset ON readings (asset, id)")
-        runs = {
-            pump: demo.simulate(
-                rows, start, seed=n, anomalies=False, startup=False, regimes=False, gaps=False
-            )
-            for n, pump in enumerate(PUMPS, 1)
-        }
-        for i in range(rows):
-            for pump, run in runs.items():
-                vibration = run["vibration"][i] + (1.5 if pump == faulty and i >= 20 else 0.0)
-                conn.execute(
-                    "INSERT INTO readings (ts, asset, temperature, vibration, current) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [run["ts"][i], pump, run["temperature"][i], vibration, run["current"][i]],
-                )
-
-
 def test_five_pumps_in_one_table_five_models_and_alarms_for_the_faulty_one_only(tmp_path, running):
     state = tmp_path / "state"
     state.mkdir()
     db = state / "readings.db"
-    _pump_rows(db, 0, 8000)  # about a day each: shorter, a pump's threshold rests on hours
+    pump_rows(db, 0, 8000, regimes=False)  # a day each: shorter, a threshold rests on hours
     cfg = write_config(
         tmp_path / "c.toml",
         state,
@@ -224,7 +195,7 @@ def test_five_pumps_in_one_table_five_models_and_alarms_for_the_faulty_one_only(
     time.sleep(1)  # every model's scoring has started at the newest row
     # 80 rows: no healthy pump changes its operating point in them (P-1 steps to a load at
     # row 8100 whose mix its model scores just above its threshold: issue 17's ground).
-    _pump_rows(db, 8000, 80, faulty="P-3")
+    pump_rows(db, 8000, 80, "P-3", (20, 80), regimes=False)
     deadline = time.monotonic() + 60
     while True:
         alarms = [
@@ -282,7 +253,7 @@ def test_an_ingest_that_connects_per_insert_to_a_wal_database_is_seen_by_every_m
     state = tmp_path / "state"
     state.mkdir()
     db = state / "readings.db"
-    _pump_rows(db, 0, 2500)
+    pump_rows(db, 0, 2500, regimes=False)
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
     cfg = write_config(

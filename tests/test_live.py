@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Running, insert, smocsd, write_config
+from helpers import PUMPS, Running, insert, pump_rows, smocsd, write_config
 
 from smocsd.app import cycle
 from smocsd.app.live import LiveScorer, Position, Scored, ScoredRow, Scoring, decide
@@ -376,49 +376,7 @@ def test_an_event_id_is_new_for_a_recreated_database_and_survives_a_model_with_o
 
 # --- many models: the partitions of one table, polled once for all of them
 
-PUMPS = ("P-1", "P-2", "P-3", "P-4", "P-5")
 PUMP_MODELS = [f"autoencoder@{pump}" for pump in PUMPS]
-
-
-def _pump_rows(
-    db: Path,
-    start: int,
-    rows: int,
-    faulty: str | None = None,
-    fault: tuple[int, int] = (0, 0),
-    dropouts: bool = False,
-) -> None:
-    """Rows `start`..`start + rows - 1` of each pump's own simulated timeline (demo.py's
-    process, seed = its number), interleaved by time into one table as a historian writes
-    them; `faulty`'s vibration carries a bearing fault (+1.5, the demo's clear-cut size)
-    on its rows fault[0]..fault[1] - 1 of these."""
-    with closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, ts REAL, asset TEXT, "
-            "temperature REAL, vibration REAL, current REAL)"
-        )
-        conn.execute("CREATE INDEX IF NOT EXISTS readings_asset ON readings (asset, id)")
-        runs = {
-            pump: demo.simulate(
-                rows,
-                start,
-                seed=n,
-                anomalies=False,
-                startup=False,
-                gaps=False,
-                dropouts=dropouts,
-            )
-            for n, pump in enumerate(PUMPS, 1)
-        }
-        for i in range(rows):
-            for pump, run in runs.items():
-                bad = pump == faulty and fault[0] <= i < fault[1]
-                vibration = run["vibration"][i] + (1.5 if bad else 0.0)
-                conn.execute(
-                    "INSERT INTO readings (ts, asset, temperature, vibration, current) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [run["ts"][i], pump, run["temperature"][i], vibration, run["current"][i]],
-                )
 
 
 def _pump_config(root: Path, state: Path) -> config.Config:
@@ -438,7 +396,7 @@ def pump_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pumps")
     state = root / "state"
     state.mkdir()
-    _pump_rows(state / "readings.db", 0, 2500, dropouts=True)
+    pump_rows(state / "readings.db", 0, 2500, dropouts=True)
     cfg = _pump_config(root, state)
     outbox = Outbox(state / "outbox.db")
     try:
@@ -487,9 +445,9 @@ def test_five_pumps_in_one_table_alarm_only_for_the_faulty_pumps_model(pumps):
         s.scoring and not s.rows for s in started.values()
     )
     newest = _newest_of(db)
-    _pump_rows(db, 2500, 60, faulty="P-3", fault=(20, 45))
+    pump_rows(db, 2500, 60, faulty="P-3", fault=(20, 45))
     during = _by_name(scoring.step(outbox, force=True))
-    _pump_rows(db, 2560, 40)
+    pump_rows(db, 2560, 40)
     after = _by_name(scoring.step(outbox, force=True))
     scoring.close()
     for name in PUMP_MODELS:  # every new row of its own pump, none of the others'
@@ -541,7 +499,7 @@ def test_a_poll_is_one_max_query_and_one_read_however_many_partitions(pumps, mon
     scoring = Scoring(cfg)
     scoring.set_models(ModelSet(cfg).resolve()[:models])
     scoring.step(outbox, force=True)  # each starts at the newest row
-    _pump_rows(db, 2500, 12)
+    pump_rows(db, 2500, 12)
     scoring.step(outbox, force=True)  # each partition's tail is read once after a start
     statements: list[str] = []
     execute = sources._PollingConnection.execute
@@ -556,7 +514,7 @@ def test_a_poll_is_one_max_query_and_one_read_however_many_partitions(pumps, mon
         assert len(statements) == 1 and statements[0].startswith("SELECT max("), statements
         assert " WHERE " not in statements.pop()  # the whole table's, not a partition's
     for start, rows in ((2512, 7), (2519, 1), (2520, 30)):
-        _pump_rows(db, start, rows)
+        pump_rows(db, start, rows)
         scored = scoring.step(outbox, force=True)
         assert len(scored) == models and all(len(s.rows) == rows for s in scored)
         assert len(statements) == 2 and statements[0].startswith("SELECT max("), statements
@@ -621,7 +579,7 @@ def test_each_partitions_windows_go_on_across_a_restart(pumps, monkeypatch):
     outbox = Outbox(state / "outbox.db")
     scoring = _scoring(cfg)
     scoring.step(outbox, force=True)
-    _pump_rows(db, 2500, 30)
+    pump_rows(db, 2500, 30)
     scoring.step(outbox, force=True)
     scoring.close()
     before = _newest_of(db)
@@ -634,10 +592,10 @@ def test_each_partitions_windows_go_on_across_a_restart(pumps, monkeypatch):
 
     monkeypatch.setattr(sources.SQLiteSource, "read_newest", counted)
     scoring = _scoring(cfg)  # the daemon restarted
-    _pump_rows(db, 2530, 25)
+    pump_rows(db, 2530, 25)
     after = _by_name(scoring.step(outbox, force=True))
     assert sorted(newest_reads) == [(pump, 9, max(before.values())) for pump in PUMPS]
-    _pump_rows(db, 2555, 10)
+    pump_rows(db, 2555, 10)
     assert all(len(s.rows) == 10 for s in scoring.step(outbox, force=True))
     assert len(newest_reads) == 5  # the tails are kept in memory from then on
     scoring.close()
@@ -682,7 +640,7 @@ def test_one_failing_model_or_table_stops_no_other_and_is_said_once(
 
     monkeypatch.setattr(LiveScorer, "score", broken)
     for start in (2500, 2510):
-        _pump_rows(db, start, 10)
+        pump_rows(db, start, 10)
         insert(trained[0] / "readings.db", 10)
         scored = _by_name(scoring.step(outbox, force=True))
         assert "autoencoder@P-2" not in scored
@@ -701,7 +659,7 @@ def test_one_failing_model_or_table_stops_no_other_and_is_said_once(
 
     monkeypatch.setattr(sources.SQLiteSource, "read_tagged", unreadable)
     for start in (2520, 2530):
-        _pump_rows(db, start, 10)
+        pump_rows(db, start, 10)
         insert(trained[0] / "readings.db", 10)
         scored = _by_name(scoring.step(outbox, force=True))
         assert list(scored) == ["autoencoder"] and len(scored["autoencoder"].rows) == 10
