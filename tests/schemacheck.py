@@ -75,3 +75,24 @@ def check_received(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(services.Kafka, "messages", kafka_messages)
     monkeypatch.setattr(services.MqttSubscriber, "messages", mqtt_messages)
+
+
+def label() -> dict:
+    """A label message as the contract shows it (smocsd.label/1): valid, for tests to vary."""
+    return {
+        "schema": "smocsd.label/1",
+        "message_id": "5c1f0d9e-2b7a-4e63-9f08-7d3a1c6b4e21",
+        "device_id": "gw-01",
+        "model": "autoencoder",
+        "action": "added",
+        "label": {
+            "id": 3,
+            "kind": "accept",
+            "first": 18231,
+            "last": 18262,
+            "reason": "bearing replaced",
+            "by": "operator",
+            "created_at": "2026-11-28T05:00:00Z",
+        },
+        "timestamp": "2026-11-28T05:00:01Z",
+    }

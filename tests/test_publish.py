@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import schemacheck
 from services import CertificateAuthority, Kafka, Mosquitto
 
 from smocsd.common.config import KafkaConfig, MqttConfig, PublishConfig, parse, partition_value
@@ -661,23 +662,7 @@ def alarm() -> dict:
 
 def label() -> dict:
     """A label message as smocsd/common/labels.py sends it (smocsd.label/1)."""
-    return {
-        "schema": LABEL_SCHEMA,
-        "message_id": str(uuid.uuid4()),
-        "device_id": DEVICE,
-        "model": "autoencoder",
-        "action": "added",
-        "label": {
-            "id": 3,
-            "kind": "accept",
-            "first": 18231,
-            "last": 18262,
-            "reason": "bearing replaced",
-            "by": "operator",
-            "created_at": "2026-11-28T05:00:00Z",
-        },
-        "timestamp": "2026-11-28T05:00:01Z",
-    }
+    return {**schemacheck.label(), "message_id": str(uuid.uuid4()), "device_id": DEVICE}
 
 
 def test_mqtt_topic_fills_device_id_and_model_from_the_message() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 from helpers import insert, smocsd, write_config
-from schemacheck import problems, validate
+from schemacheck import label, problems, validate
 
 from smocsd import schemas
 from smocsd.app.cycle import reconcile
@@ -267,26 +267,6 @@ def result() -> dict:
         "metrics": {"val_loss": 0.5, "a_user_metric": [1, None]},
         "eval": {},
         "model_meta": {"anything": {"a user job": "writes"}},
-    }
-
-
-def label() -> dict:
-    return {
-        "schema": "smocsd.label/1",
-        "message_id": "5c1f0d9e-2b7a-4e63-9f08-7d3a1c6b4e21",
-        "device_id": "gw-01",
-        "model": "autoencoder",
-        "action": "added",
-        "label": {
-            "id": 3,
-            "kind": "accept",
-            "first": 18231,
-            "last": 18262,
-            "reason": "bearing replaced",
-            "by": "operator",
-            "created_at": "2026-11-28T05:00:00Z",
-        },
-        "timestamp": "2026-11-28T05:00:01Z",
     }
 
 
