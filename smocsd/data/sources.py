@@ -160,10 +160,24 @@ class Source(ABC):
         oldest first."""
 
     @abstractmethod
+    def _columns(self) -> str:
+        """The select list of order, time and channels, as every read converts them."""
+
     def read_tagged(self, after: int | None, max_rows: int) -> tuple[Readings, list[Any]]:
         """The newest `max_rows` rows of all partitions with order > `after` (all when None),
         oldest first, and each row's raw partition_column value: live scoring reads every
-        partition's new rows in one query."""
+        partition's new rows in one query, a plain fetch of the few since its last poll."""
+
+        def read(db: Any) -> list[tuple]:
+            newer = () if after is None else ((f"{self.order} > {_P}", (after,)),)
+            where, params = self._where(*newer, partition=False)
+            sql = (
+                f"SELECT {self._columns()}, {self._partition_column()} "
+                f"FROM {self.table}{where} ORDER BY {self.order} DESC LIMIT {_P}"
+            )
+            return db.execute(*self._bind(sql, (*params, max_rows))).fetchall()
+
+        return _tagged(self._run(read)[::-1], len(self.cfg.channels))
 
     def _where(self, *more: tuple[str, tuple], partition: bool = True) -> tuple[str, tuple]:
         """The WHERE clause and its values: this model's partition (unless `partition` is
@@ -575,7 +589,6 @@ class SQLiteSource(Source):
         self._warn_unindexed(f"{index} ON {quote(self.name)}", columns)
 
     def _columns(self) -> str:
-        """The select list of order, time and channels, as every read converts them."""
         # typeof() turns text or blobs in a numeric column into NULL (-> NaN) so one bad
         # row is dropped instead of failing the cycle; SQLite itself cannot hold NaN.
         cols = ", ".join(
@@ -652,19 +665,6 @@ class SQLiteSource(Source):
         if not parts:
             return _readings(np.empty((0, width)))
         return _readings(np.concatenate([part[::-1] for part in reversed(parts)]))
-
-    def read_tagged(self, after: int | None, max_rows: int) -> tuple[Readings, list[Any]]:
-        # One statement: live scoring reads the few rows since its last poll.
-        def read(conn: sqlite3.Connection) -> list[tuple]:
-            newer = () if after is None else ((f"{self.order} > {_P}", (after,)),)
-            where, params = self._where(*newer, partition=False)
-            sql = (
-                f"SELECT {self._columns()}, {self._partition_column()} "
-                f"FROM {self.table}{where} ORDER BY {self.order} DESC LIMIT {_P}"
-            )
-            return conn.execute(*self._bind(sql, (*params, max_rows))).fetchall()
-
-        return _tagged(self._run(read)[::-1], len(self.cfg.channels))
 
     def close(self) -> None:
         if self._conn is not None:
@@ -847,7 +847,6 @@ class PostgresSource(Source):
         return f"{row[0]}.{row[1]}" if self.schema else row[1]
 
     def _columns(self) -> str:
-        """The select list of order, time and channels, as every read converts them."""
         # Non-finite floats come back as NaN/Infinity; NULL as None or COPY's 'nan'.
         cols = ", ".join(f"{quote(c)}::float8" for c in self.cfg.channels)
         return f"{self.order}::int8, {self._time}, {cols}"  # after the check: _time is set
@@ -877,19 +876,6 @@ class PostgresSource(Source):
             return _readings(np.empty((0, n + 2)))
         data = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.float64, ndmin=2)
         return _readings(data[np.argsort(data[:, 0], kind="stable")])
-
-    def read_tagged(self, after: int | None, max_rows: int) -> tuple[Readings, list[Any]]:
-        # A plain fetch: live scoring reads the few rows since its last poll.
-        def read(cur) -> list[tuple]:
-            newer = () if after is None else ((f"{self.order} > {_P}", (after,)),)
-            where, params = self._where(*newer, partition=False)
-            sql = (
-                f"SELECT {self._columns()}, {self._partition_column()} "
-                f"FROM {self.table}{where} ORDER BY {self.order} DESC LIMIT {_P}"
-            )
-            return cur.execute(*self._bind(sql, (*params, max_rows))).fetchall()
-
-        return _tagged(self._run(read)[::-1], len(self.cfg.channels))
 
     def close(self) -> None:
         if self._conn is not None:
