@@ -182,11 +182,7 @@ class Tally:
             last = _last_cycle(record.last_cycle)
             if last is not None:
                 tally.last[name] = last
-        # Every cycle of this release writes its model's own record: without any, the
-        # top-level one is an older release's, of its one model. (Scoring positions alone
-        # under models.<name> do not say so: the first start of this release saves them.)
-        if not any(r.last_cycle for r in state.models.values()):
-            tally.legacy = _last_cycle(state.last_cycle)
+        tally.legacy = _last_cycle(state.legacy_last_cycle)
         return tally
 
     def last_of(self, model: str, legacy_owner: str) -> LastCycle | None:

@@ -429,8 +429,16 @@ class StateFile:
         record = self.models.get(model)
         if record is not None and record.last_cycle is not None:
             return record.last_cycle
-        mine = model == legacy_owner and not any(r.last_cycle for r in self.models.values())
-        return self.last_cycle if mine else None
+        return self.legacy_last_cycle if model == legacy_owner else None
+
+    @property
+    def legacy_last_cycle(self) -> CycleRecord | None:
+        """The top-level last cycle as a release before [models] tables left it: the one
+        model's. Every cycle of this release also writes its model's own record, so with
+        any such record the top-level one is no longer an older release's. (Scoring
+        positions alone under models.<name> do not say so: this release's first start
+        saves them.)"""
+        return None if any(r.last_cycle for r in self.models.values()) else self.last_cycle
 
     def spans(self, model: str) -> list[RecordedSpan]:
         """The row ranges screening left out of `model`'s training."""
