@@ -1181,14 +1181,16 @@ def _model_tables(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
 
 def _model(
     top: Config,
-    doc: dict[str, Any],
+    top_source: SourceConfig,
     name: str,
     table: dict[str, Any],
     problems: list[str],
     warnings: list[str],
 ) -> Config:
     """The model of one [models.<name>] table: the top level with the keys it names
-    replaced; `model.name` is the table's name."""
+    replaced; `model.name` is the table's name. `top_source`: the top level's [source] as
+    parsed, before _finish_source (a relative SQLite path resolves once, a model changing
+    kind to "postgres" has none)."""
     prefix = f"models.{name}"
     sections: dict[str, Any] = {}
     for section, value in table.items():
@@ -1205,13 +1207,10 @@ def _model(
         sections[section] = _section_values(
             _SECTIONS[section], value, f"{prefix}.{section}", problems, warnings
         )
-    # Built again from the top level's raw keys, not from top.source, whose SQLite path is
-    # already filled in: a model that changes kind to "postgres" must have none. Nor does
-    # it inherit the top level's keys of the other kind (a SQLite path, a DSN), which no
-    # model table could unset.
+    # A model that changes kind does not inherit the top level's keys of the other kind
+    # (a SQLite path, a DSN), which no model table could unset.
     own = sections.get("source", {})
-    raw = doc.get("source", {})
-    source = _load_section(SourceConfig, raw if isinstance(raw, dict) else {}, "", [], [])
+    source = top_source
     if own.get("kind", source.kind) != source.kind:
         source = replace(source, **dict.fromkeys(_KIND_ONLY[source.kind]))
     source = _finish_source(
@@ -1314,7 +1313,8 @@ def parse(text: str, *, path: Path | None = None, env: dict[str, str] | None = N
         cfg = replace(
             cfg,
             models=tuple(
-                _model(cfg, doc, name, table, problems, warnings) for name, table in models.items()
+                _model(cfg, sections["source"], name, table, problems, warnings)
+                for name, table in models.items()
             ),
         )
     # After the model tables, whose deprecated keys and DSN passwords warn too.
