@@ -73,11 +73,14 @@ def _all_models(cfg: Config) -> list[Config]:
     from ..data.sources import SourceError
     from .modelset import ModelSet
 
+    found = ModelSet(cfg)
     try:
-        return ModelSet(cfg).resolve()
+        return found.resolve()
     except (SourceError, ConfigError, OSError) as exc:
         log.warning("models not read from the table: %s", exc)
-        return ModelSet(cfg).resolve(read_table=False)
+        return found.resolve(read_table=False)
+    finally:
+        found.close()
 
 
 def _print_json(obj: Any) -> None:
