@@ -287,6 +287,9 @@ class Daemon:
             )
             waiting[model.model.name] = CycleRecord(utcnow(), Outcome.SKIPPED.value, None, reason)
             self.last = reason
+        # Not held until the next check: one PostgreSQL connection per model would be more
+        # than a server's max_connections (100 by default) at a hundred assets.
+        self.gates.close()
         slots = self.parts.cfg.daemon.training_processes
         if slots > 1 and len(due) > 1:
             cycles = self._cycles_at_once(due, slots)

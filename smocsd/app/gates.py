@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class Gates:
-    """One source per model, kept open between checks (a PostgreSQL connection each)."""
+    """One source per model for a look at the gates of every model, closed after it
+    (close): a check's counts reuse each model's connection, no check holds them."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
