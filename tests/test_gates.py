@@ -91,3 +91,20 @@ def test_a_partition_counts_its_own_rows(tmp_path):
     reason = gates.waiting(cfg.for_partition("P-2"), StateFile(), [])
     assert reason == "1000 rows of 2000 needed for the first training"
     gates.close()
+
+
+def test_a_check_holds_no_source_open_after_it(tmp_path):
+    """One connection per model held between checks would pass a PostgreSQL server's
+    max_connections at a hundred assets: the daemon closes them after each look."""
+    from smocsd.app.daemon import Daemon
+
+    demo.write(tmp_path / "state" / "readings.db", 1000)  # too few: every model waits
+    path = write_config(tmp_path / "c.toml", tmp_path / "state")
+    path.write_text(path.read_text() + "[models.a]\n[models.b]\n")
+    daemon = Daemon(path, config.load(path))
+    try:
+        daemon._tick()
+        assert daemon.last.startswith("2 models, 2 waiting for data")
+        assert daemon.gates.sources == {}
+    finally:
+        daemon.parts.close()
