@@ -22,33 +22,42 @@ write /etc/apt/sources.list.d/smocsd.sources:
 then `apt update && apt install smocsd`; `apt update && apt upgrade` takes new versions
 (unattended-upgrades too, with the origin pattern "origin=smocsd,codename=bookworm").
 
-Needs only Python's standard library, dpkg-deb and gpg (with gpg-agent, Debian's gnupg):
-apt-ftparchive and reprepro are not installed on the build hosts.
+Debian's own tool makes the Packages indexes and the Release files: apt-ftparchive
+(apt-utils). This script checks the .debs, lays out the pool and signs with gpg, which
+apt-ftparchive does not do. apt-ftparchive rather than reprepro: it is stateless, so the
+whole repository is made again from exactly the .debs given at every release, in a
+staging folder swapped in at the end, with nothing kept between builds. reprepro keeps a
+database beside the repository, which would have to travel with it from one build host
+to the next, and it refuses a file of a version it already holds with other contents,
+so a rebuilt package would need a new version or a wiped database.
+
+Needs dpkg-deb, apt-ftparchive and gpg (with gpg-agent, Debian's gnupg).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
+import filecmp
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from email.utils import formatdate
 from pathlib import Path
 
 ORIGIN = "smocsd"  # Origin and Label of every Release: what apt pinning and u-u match
 COMPONENT = "main"
 KEYRING = "smocsd-archive-keyring.gpg"
-# The fields apt-get checks a downloaded .deb against; a deb's own control never has them.
-INDEX_FIELDS = ("Filename", "Size", "MD5sum", "SHA256")
 # Codenames, package and architecture names become paths (and a codename the Suite that
 # sources.list repeats); a .deb's file name goes into the Filename field as it is.
 NAME = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 DEB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]*\.deb")
+# The checksums of Debian's own archive: apt-ftparchive adds SHA1, which apt no longer
+# trusts, and SHA512, which apt does not need, unless told not to.
+CHECKSUMS = ("-o", "APT::FTPArchive::SHA1=false", "-o", "APT::FTPArchive::SHA512=false")
+FIELDS = ("Package", "Version", "Architecture")  # of a .deb's control, read by dpkg-deb
+WORK = "ftparchive"  # apt-ftparchive's config, file lists and cache, in the staging folder
 
 
 class AptRepoError(Exception):
@@ -57,16 +66,12 @@ class AptRepoError(Exception):
 
 @dataclass(frozen=True)
 class Deb:
-    """One .deb as the indexes describe it."""
+    """One .deb, as far as the pool and the choice of index need it."""
 
     source: Path
-    control: str  # the control stanza as dpkg-deb prints it: fields in the package's order
     package: str
     version: str
     arch: str
-    size: int
-    md5: str
-    sha256: str
 
     @property
     def filename(self) -> str:
@@ -74,64 +79,34 @@ class Deb:
         prefix = self.package[:4] if self.package.startswith("lib") else self.package[0]
         return f"pool/{COMPONENT}/{prefix}/{self.package}/{self.source.name}"
 
-    def stanza(self) -> str:
-        return (
-            f"{self.control.rstrip()}\nFilename: {self.filename}\nSize: {self.size}\n"
-            f"MD5sum: {self.md5}\nSHA256: {self.sha256}\n"
-        )
-
-
-def control_fields(text: str) -> dict[str, str]:
-    """The first line of each field of a deb822 stanza (enough for the one-line ones)."""
-    fields = {}
-    for line in text.splitlines():
-        name, colon, value = line.partition(":")
-        if colon and line[:1] not in (" ", "\t"):
-            fields[name] = value.strip()
-    return fields
-
 
 def read_deb(path: Path) -> Deb:
     if not DEB_NAME.fullmatch(path.name):
         raise AptRepoError(f"{path}: not a .deb file name for an index (letters, digits, .+~_-)")
+    fmt = "".join(f"${{{name}}}\n" for name in FIELDS)
     try:
-        proc = subprocess.run(["dpkg-deb", "--field", str(path)], capture_output=True)
+        proc = subprocess.run(
+            ["dpkg-deb", "--show", "--showformat", fmt, str(path)], capture_output=True
+        )
     except FileNotFoundError:
         raise AptRepoError("dpkg-deb not found (Debian's dpkg)") from None
     if proc.returncode != 0:
         why = proc.stderr.decode(errors="replace").strip().splitlines() or ["failed"]
         raise AptRepoError(f"{path}: dpkg-deb: {why[-1]}")
-    try:
-        control = proc.stdout.decode()
-    except UnicodeDecodeError:
-        raise AptRepoError(f"{path}: control file is not UTF-8") from None
-    fields = control_fields(control)
-    for name in ("Package", "Version", "Architecture"):
-        if not fields.get(name):
+    values = proc.stdout.decode(errors="replace").split("\n")[: len(FIELDS)]
+    fields = dict(zip(FIELDS, values, strict=True))
+    for name in FIELDS:
+        if not fields[name]:
             raise AptRepoError(f"{path}: control file has no {name}")
     for name in ("Package", "Architecture"):
         if not NAME.fullmatch(fields[name]):
             raise AptRepoError(f"{path}: bad {name} {fields[name]!r}")
-    for name in INDEX_FIELDS:
-        if name in fields:
-            raise AptRepoError(f"{path}: control file has an index field {name}")
-    md5, sha256 = hashlib.md5(), hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            md5.update(chunk)
-            sha256.update(chunk)
-            size += len(chunk)
-    return Deb(
-        path,
-        control,
-        fields["Package"],
-        fields["Version"],
-        fields["Architecture"],
-        size,
-        md5.hexdigest(),
-        sha256.hexdigest(),
-    )
+    deb = Deb(path, fields["Package"], fields["Version"], fields["Architecture"])
+    # apt-ftparchive takes a binary-<arch> index's files by name, *_<arch>.deb, and leaves
+    # any other out without a word.
+    if not path.name.endswith(f"_{deb.arch}.deb"):
+        raise AptRepoError(f"{path}: Architecture {deb.arch}, but not named *_{deb.arch}.deb")
+    return deb
 
 
 def collect(debs: dict[str, list[Path]]) -> tuple[dict[str, Deb], dict[str, dict[str, list[Deb]]]]:
@@ -152,13 +127,13 @@ def collect(debs: dict[str, list[Path]]) -> tuple[dict[str, Deb], dict[str, dict
                 # every binary-<arch> index, which nothing here needs.
                 raise AptRepoError(f"{path}: Architecture: all is not supported")
             known = pool.setdefault(deb.filename, deb)
-            if known.sha256 != deb.sha256:
+            if known is not deb and not filecmp.cmp(known.source, deb.source, shallow=False):
                 raise AptRepoError(
                     f"two different files named {deb.source.name}: {known.source} and {path}"
                 )
             listed = indexes.setdefault(codename, {}).setdefault(deb.arch, [])
             same = [d for d in listed if (d.package, d.version) == (deb.package, deb.version)]
-            if any(d.sha256 != deb.sha256 for d in same):
+            if any(not filecmp.cmp(d.source, deb.source, shallow=False) for d in same):
                 raise AptRepoError(
                     f"{codename}: {deb.package} {deb.version} {deb.arch} given twice, "
                     f"as {same[0].source} and {path}"
@@ -168,35 +143,75 @@ def collect(debs: dict[str, list[Path]]) -> tuple[dict[str, Deb], dict[str, dict
     return pool, indexes
 
 
-def packages_index(debs: list[Deb]) -> bytes:
-    # apt chooses the candidate by version, not by order; sorting only makes the index
-    # reproducible.
-    ordered = sorted(debs, key=lambda d: (d.package, d.version, d.filename))
-    return "\n".join(d.stanza() for d in ordered).encode()
+def ftparchive(root: Path, *args: str) -> bytes:
+    """apt-ftparchive's output, run in root; its first complaint as the error.
+
+    It exits 0 after an error (a .deb it cannot read is left out of the index), so any
+    message is taken as a failure: at -q=2 it prints nothing else."""
+    try:
+        proc = subprocess.run(
+            ["apt-ftparchive", "-q=2", *CHECKSUMS, *args], cwd=root, capture_output=True
+        )
+    except FileNotFoundError:
+        raise AptRepoError("apt-ftparchive not found (Debian's apt-utils)") from None
+    complaints = proc.stderr.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or complaints:
+        why = (complaints or [f"exited {proc.returncode}"])[0].removeprefix("E: ")
+        raise AptRepoError(f"apt-ftparchive: {why}")
+    return proc.stdout
 
 
-def release(codename: str, arches: list[str], files: dict[str, bytes]) -> str:
-    """The Release file: what apt trusts, through its signature, for every index's hash.
+def write_indexes(root: Path, indexes: dict[str, dict[str, list[Deb]]]) -> None:
+    """dists/<codename>/main/binary-<arch>/Packages(.gz) for the pool already in root.
+
+    One `generate` run with a file list per index: each codename lists only its own debs,
+    though they share the pool. Paths are relative to root, so no path needs quoting in
+    the config; its cache database stays in root's WORK folder, which is never published."""
+    work = root / WORK
+    work.mkdir()
+    trees = []
+    for codename, by_arch in indexes.items():
+        for arch, debs in by_arch.items():
+            # apt-ftparchive writes into the folders, it does not make them
+            (root / "dists" / codename / COMPONENT / f"binary-{arch}").mkdir(parents=True)
+            names = sorted(deb.filename for deb in debs)  # a reproducible index
+            (work / f"{codename}_{arch}.list").write_text("".join(f"{n}\n" for n in names))
+        trees.append(
+            f'Tree "dists/{codename}" {{\n'
+            f'  Sections "{COMPONENT}";\n'
+            f'  Architectures "{" ".join(sorted(by_arch))}";\n'
+            f'  FileList "{codename}_$(ARCH).list";\n'
+            "};\n"
+        )
+    config = work / "generate.conf"
+    config.write_text(
+        f'Dir {{ ArchiveDir "."; CacheDir "{WORK}"; FileListDir "{WORK}"; }};\n'
+        'Default { Packages::Compress ". gzip"; };\n' + "".join(trees)
+    )
+    ftparchive(root, "--no-contents", "generate", str(config.relative_to(root)))
+
+
+def write_release(root: Path, codename: str, arches: list[str]) -> Path:
+    """dists/<codename>/Release: what apt trusts, through its signature, for every index's
+    hash.
 
     No Valid-Until: a fleet's repository is re-signed when a version is published, not on
     a schedule, and gateways must keep working between releases."""
-    lines = [
-        f"Origin: {ORIGIN}",
-        f"Label: {ORIGIN}",
-        f"Suite: {codename}",
-        f"Codename: {codename}",
-        f"Date: {formatdate(usegmt=True)}",
-        f"Architectures: {' '.join(sorted(arches))}",
-        f"Components: {COMPONENT}",
-        f"Description: smocsd packages for {codename}",
-    ]
-    for field, algo in (("MD5Sum", "md5"), ("SHA256", "sha256")):
-        lines.append(f"{field}:")
-        lines += [
-            f" {hashlib.new(algo, data).hexdigest()} {len(data):>16} {name}"
-            for name, data in sorted(files.items())
-        ]
-    return "\n".join(lines) + "\n"
+    fields = {
+        "Origin": ORIGIN,
+        "Label": ORIGIN,
+        "Suite": codename,
+        "Codename": codename,
+        "Architectures": " ".join(sorted(arches)),
+        "Components": COMPONENT,
+        "Description": f"smocsd packages for {codename}",
+    }
+    options = [f"APT::FTPArchive::Release::{name}={value}" for name, value in fields.items()]
+    dist = Path("dists") / codename
+    # written once apt-ftparchive is done: a Release already in dist would be hashed too
+    release = ftparchive(root, *(f"--option={o}" for o in options), "release", str(dist))
+    (root / dist / "Release").write_bytes(release)
+    return root / dist / "Release"
 
 
 @dataclass(frozen=True)
@@ -235,23 +250,6 @@ class Signer:
         return public
 
 
-def write_dist(
-    dist: Path, codename: str, by_arch: dict[str, list[Deb]], signer: Signer | None
-) -> None:
-    files: dict[str, bytes] = {}
-    for arch, debs in sorted(by_arch.items()):
-        index = packages_index(debs)
-        rel = f"{COMPONENT}/binary-{arch}/Packages"
-        files[rel] = index
-        files[f"{rel}.gz"] = gzip.compress(index, 9, mtime=0)
-    for rel, data in files.items():
-        (dist / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dist / rel).write_bytes(data)
-    (dist / "Release").write_text(release(codename, list(by_arch), files))
-    if signer is not None:
-        signer.sign(dist / "Release")
-
-
 def build(
     debs: dict[str, list[Path]],
     out: Path,
@@ -275,9 +273,12 @@ def build(
         for rel, deb in pool.items():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(deb.source, staging / rel)
+        write_indexes(staging, indexes)
         signer = None if key is None else Signer(gnupghome, key)
         for codename, by_arch in indexes.items():
-            write_dist(staging / "dists" / codename, codename, by_arch, signer)
+            release = write_release(staging, codename, list(by_arch))
+            if signer is not None:
+                signer.sign(release)
         if signer is not None:
             (staging / KEYRING).write_bytes(signer.public_key())
         # A web server running as another user serves it, whatever this umask is.

@@ -5,8 +5,8 @@ apt-cache then run on a private state (their own sources, status, lists, cache a
 none of the host's configuration) to fetch it, choose the newer version, refuse it
 unsigned, wrongly signed or tampered with. No network, no root-owned state.
 
-Needs dpkg-deb, gpg with gpg-agent (Debian's gnupg), gpgv and apt; under CI (CI=true) a
-missing one fails instead of skipping.
+Needs dpkg-deb, apt-ftparchive (apt-utils), gpg with gpg-agent (Debian's gnupg), gpgv and
+apt; under CI (CI=true) a missing one fails instead of skipping.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packaging"))
 import apt_repo
 
 REPO = Path(__file__).resolve().parent.parent
-TOOLS = ("dpkg-deb", "gpg", "gpg-agent", "gpgconf", "gpgv", "apt-get", "apt-cache")
+TOOLS = (
+    *("dpkg-deb", "apt-ftparchive", "gpg", "gpg-agent", "gpgconf", "gpgv"),
+    *("apt-get", "apt-cache"),
+)
 # (codename, version, arch): two versions to upgrade between, another arch, another codename
 DEBS = (
     ("bookworm", "1.0-1~deb12", "amd64"),
@@ -244,12 +248,12 @@ def test_packages_list_every_version_with_the_pool_files_hashes(repo: Path) -> N
         listed = stanzas(packages.read_text())
         assert {s["Version"] for s in listed} == versions
         for stanza in listed:
-            # the deb's control fields in its order, then the index's own
-            assert list(stanza) == [
+            # the deb's control fields and the index's own, with Debian's archive's hashes
+            assert set(stanza) == {
                 *("Package", "Version", "Architecture", "Maintainer", "Installed-Size"),
                 *("Section", "Priority", "Description"),
                 *("Filename", "Size", "MD5sum", "SHA256"),
-            ]
+            }
             assert stanza["Description"].endswith(
                 "\n .\n The blank line above is part of the description."
             )
@@ -273,6 +277,7 @@ def test_release_lists_every_index_with_its_hashes(repo: Path, codename: str) ->
     assert release["Components"] == "main"
     assert release["Architectures"] == " ".join(arches)
     assert release["Description"]
+    assert "SHA1" not in release  # apt distrusts it; Debian's archive has none
     date = parsedate_to_datetime(release["Date"])
     assert date.utcoffset() is not None and date.utcoffset().total_seconds() == 0
     indexes = {f"main/binary-{a}/{n}" for a in arches for n in ("Packages", "Packages.gz")}
@@ -478,6 +483,27 @@ def test_one_file_name_shared_by_two_codenames(dist: Path, tmp_path: Path) -> No
         apt_repo.build({"bookworm": [deb], "trixie": [other]}, tmp_path / "refused")
     assert str(error.value) == f"two different files named {deb.name}: {deb} and {other}"
     assert not (tmp_path / "refused" / "pool").exists()
+
+
+def test_a_deb_apt_ftparchive_would_leave_out_fails_the_build(dist: Path, tmp_path: Path) -> None:
+    """apt-ftparchive exits 0 with a .deb left out of its index; the build must fail."""
+    deb = dist / "bookworm" / "smocsd_1.0-1~deb12_amd64.deb"
+    # it picks a binary-amd64 index's files by name, *_amd64.deb
+    renamed = tmp_path / "renamed" / "smocsd_1.0-1~deb12_arm64.deb"
+    # dpkg-deb reads the control member only; apt-ftparchive wants a data member it knows
+    broken = tmp_path / "broken" / deb.name
+    for path in (renamed, broken):
+        path.parent.mkdir()
+    shutil.copyfile(deb, renamed)
+    broken.write_bytes(deb.read_bytes().replace(b"data.tar.gz", b"data.tar.zz", 1))
+    for bad, message in (
+        (renamed, f"{renamed}: Architecture amd64, but not named *_amd64.deb"),
+        (broken, "apt-ftparchive: This is not a valid DEB archive, missing 'data.tar' member"),
+    ):
+        out = tmp_path / f"repo-{bad.parent.name}"
+        with pytest.raises(apt_repo.AptRepoError, match=f"^{re.escape(message)}$"):
+            apt_repo.build({"bookworm": [bad]}, out)
+        assert not out.exists() or not list(out.iterdir())
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess:
