@@ -467,8 +467,8 @@ def test_the_contract_lists_every_metric_and_no_other(tmp_path):
     )
     box = outbox.Outbox(tmp_path / "outbox.db")
     try:
-        families = metrics.Metrics(cfg, tally).families(lambda: box, scoring, [cfg])
-        rendered = {f.name for f in families}
+        snapshot = metrics.Metrics(cfg, tally).snapshot(lambda: box, scoring, [cfg])
+        rendered = {s.name for f in snapshot.collect() for s in f.samples}
     finally:
         box.close()
     documented = set(

@@ -21,8 +21,9 @@ import pytest
 from helpers import Running, insert, model_meta, write_config
 from services import NodeExporter, ServiceError, free_port
 
+from smocsd import __version__
 from smocsd.app import metrics
-from smocsd.app.metrics import Family, Metrics, Tally, render, write_textfile
+from smocsd.app.metrics import Metrics, Snapshot, Tally, write_textfile
 from smocsd.common import config
 from smocsd.common.config import ConfigError
 from smocsd.data import demo
@@ -65,32 +66,6 @@ def until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> 
 # --- the file format
 
 
-def test_render_writes_the_text_format_with_help_type_and_escaped_labels():
-    text = render(
-        [
-            Family("smocsd_a", "gauge", "A help\\text\nover two lines.")
-            .add(1, device='gw "7" \\ west')
-            .add(0.25, device="x\ny"),
-            Family("smocsd_empty", "gauge", "Nothing to say."),
-            Family("smocsd_b_total", "counter", "Counted.").add(3),
-            Family("smocsd_c", "gauge", "Odd values.").add(float("nan")).add(float("inf")),
-        ]
-    )
-    assert text == (
-        "# HELP smocsd_a A help\\\\text\\nover two lines.\n"
-        "# TYPE smocsd_a gauge\n"
-        'smocsd_a{device="gw \\"7\\" \\\\ west"} 1\n'
-        'smocsd_a{device="x\\ny"} 0.25\n'
-        "# HELP smocsd_b_total Counted.\n"
-        "# TYPE smocsd_b_total counter\n"
-        "smocsd_b_total 3\n"
-        "# HELP smocsd_c Odd values.\n"
-        "# TYPE smocsd_c gauge\n"
-        "smocsd_c NaN\n"
-        "smocsd_c +Inf\n"
-    )
-
-
 def _config(tmp_path: Path, **sections) -> config.Config:
     path = write_config(
         tmp_path / "c.toml",
@@ -98,6 +73,50 @@ def _config(tmp_path: Path, **sections) -> config.Config:
         **{"metrics": {"textfile": str(tmp_path / "prom" / "smocsd.prom")}, **sections},
     )
     return config.load(path)
+
+
+def _samples(snapshot: Snapshot) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The snapshot's samples by the name the file gives them (a counter's ends in
+    _total), each as (labels, value)."""
+    by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in snapshot.collect():
+        for sample in family.samples:
+            by_name.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return by_name
+
+
+def test_the_file_holds_each_family_with_its_own_samples_and_escaped_labels(tmp_path):
+    """What generate_latest makes of a snapshot: # HELP and # TYPE under the name of the
+    family's samples (a counter's with _total, and no _created samples), nothing but
+    smocsd's families (none of a registry's process_ or python_ ones), none without
+    samples (no publish sink: no delivery counters), label values escaped."""
+    cfg = _config(tmp_path, daemon={"device_id": 'gw "7" \\ west'}, publish={"order": []})
+    assert cfg.metrics.textfile is not None
+    cfg.metrics.textfile.parent.mkdir()
+    tally = Tally(started=1795830000.1)
+    tally.cycle_ended("autoencoder", Outcome.PROMOTED, 2.5)
+    Metrics(cfg, tally).write(lambda: _raise(OSError()), None, [cfg])
+    text = cfg.metrics.textfile.read_text()
+
+    family = r"# HELP (\w+) [^\n]+\.\n# TYPE \1 (?:gauge|counter)\n(?:\1\{[^\n]*\} \S+\n)+"
+    assert re.fullmatch(f"(?:{family})+", text), text
+    assert re.findall(r"^# TYPE (\w+) (\w+)$", text, re.M) == [
+        ("smocsd_build_info", "gauge"),
+        ("smocsd_start_time_seconds", "gauge"),
+        ("smocsd_last_cycle_outcome", "gauge"),
+        ("smocsd_cycles_total", "counter"),
+        ("smocsd_last_cycle_timestamp_seconds", "gauge"),
+        ("smocsd_last_cycle_duration_seconds", "gauge"),
+        ("smocsd_current_version", "gauge"),
+    ]
+    values = {k: float(v) for k, v in re.findall(r"^([^#\n].*) (\S+)$", text, re.M)}
+    dev = 'device="gw \\"7\\" \\\\ west"'
+    mod = f'{dev},model="autoencoder"'
+    assert values[f'smocsd_build_info{{{dev},version="{__version__}"}}'] == 1
+    assert values[f"smocsd_start_time_seconds{{{dev}}}"] == 1795830000.1
+    assert values[f'smocsd_cycles_total{{{mod},outcome="promoted"}}'] == 1
+    assert values[f"smocsd_last_cycle_duration_seconds{{{mod}}}"] == 2.5
+    assert len(values) == 2 + 2 * len(Outcome) + 3
 
 
 def test_every_family_follows_the_naming_conventions(tmp_path):
@@ -110,28 +129,27 @@ def test_every_family_follows_the_naming_conventions(tmp_path):
         scorers={"autoencoder": SimpleNamespace(position=SimpleNamespace(event=None))},
         lag_rows=lambda name: None,
     )
-    families = Metrics(cfg, tally).families(lambda: _raise(OSError("no outbox")), scoring, [cfg])
-    names = [f.name for f in families]
-    assert len(names) == len(set(names))
-    for f in families:
-        assert f.name.startswith("smocsd_") and re.fullmatch(r"[a-z_]+", f.name), f.name
-        assert f.name.endswith("_total") == (f.kind == "counter"), f.name
-        if re.search(r"time|duration|age|lag_s", f.name):  # base units: seconds
-            assert f.name.endswith("_seconds"), f.name
-        assert f.help.endswith("."), f.name
-        assert all(labels["device"] == "gw-test" for labels, _ in f.samples), f.name
-    assert "smocsd_outbox_depth" not in names  # unreadable now: left out, not the file
-    by_name = {f.name: f for f in families}
+    snapshot = Metrics(cfg, tally).snapshot(lambda: _raise(OSError("no outbox")), scoring, [cfg])
+    for f in snapshot.collect():
+        (name,) = {s.name for s in f.samples}  # the file's name for it: a counter's _total
+        assert name.startswith("smocsd_") and re.fullmatch(r"[a-z_]+", name), name
+        assert name.endswith("_total") == (f.type == "counter"), name
+        if re.search(r"time|duration|age|lag_s", name):  # base units: seconds
+            assert name.endswith("_seconds"), name
+        assert f.documentation.endswith("."), name
+        assert all(s.labels["device"] == "gw-test" for s in f.samples), name
+    by_name = _samples(snapshot)
+    assert "smocsd_outbox_depth" not in by_name  # unreadable now: left out, not the file
     mod = {"device": "gw-test", "model": "autoencoder"}
-    assert by_name["smocsd_last_cycle_outcome"].samples == [
+    assert by_name["smocsd_last_cycle_outcome"] == [
         ({**mod, "outcome": o.value}, int(o is Outcome.FAILED)) for o in Outcome
     ]
-    assert by_name["smocsd_current_version"].samples[0][1] == 0  # no model yet
-    assert by_name["smocsd_delivery_failures_total"].samples == [
+    assert by_name["smocsd_current_version"][0][1] == 0  # no model yet
+    assert by_name["smocsd_delivery_failures_total"] == [
         ({"device": "gw-test", "sink": "kafka"}, 0),
         ({"device": "gw-test", "sink": "mqtt"}, 0),
     ]
-    assert "smocsd_alarms_open" in names and "smocsd_scoring_lag_rows" not in names
+    assert "smocsd_alarms_open" in by_name and "smocsd_scoring_lag_rows" not in by_name
 
 
 def _raise(exc: Exception):
@@ -148,7 +166,7 @@ def test_the_file_is_replaced_whole_and_readable_by_others_under_the_units_umask
     inode = path.stat().st_ino
     old_umask = os.umask(0o027)  # systemd/smocsd.service's UMask=
     try:
-        write_textfile(path, "smocsd_new 2\n")
+        write_textfile(path, b"smocsd_new 2\n")
     finally:
         os.umask(old_umask)
     assert reader.read() == "smocsd_old 1\n"  # the old file, whole: never half of either
@@ -168,20 +186,20 @@ def test_a_failed_write_keeps_the_old_file_and_names_the_path(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(OSError, match="No space left on device") as exc:
-        write_textfile(path, "smocsd_new 2\n")
+        write_textfile(path, b"smocsd_new 2\n")
     assert exc.value.filename == str(path) and "(metrics.textfile)" in str(exc.value)
     assert path.read_text() == "smocsd_old 1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smocsd.prom"]
     missing = tmp_path / "nowhere" / "smocsd.prom"
     with pytest.raises(FileNotFoundError) as exc:
-        write_textfile(missing, "x 1\n")
+        write_textfile(missing, b"x 1\n")
     assert exc.value.filename == str(missing)
 
 
 def test_scoring_ticks_rewrite_the_file_at_most_once_a_second(tmp_path, monkeypatch):
     cfg = _config(tmp_path)
     written: list[float] = []
-    monkeypatch.setattr(metrics, "write_textfile", lambda path, text: written.append(1))
+    monkeypatch.setattr(metrics, "write_textfile", lambda path, data: written.append(1))
     part = Metrics(cfg, Tally())
     assert part.due()
     part.write(lambda: _raise(OSError()), None, [cfg])  # after a cycle: always
@@ -203,8 +221,8 @@ def test_a_temp_file_a_killed_write_left_goes_at_the_first_write(tmp_path, monke
     cfg.metrics.textfile.parent.mkdir()
     leftover = cfg.metrics.textfile.with_name(f".tmp-{cfg.metrics.textfile.name}.1")
     leftover.write_text("smocsd_half")
-    written: list[str] = []
-    monkeypatch.setattr(metrics, "write_textfile", lambda path, text: written.append(text))
+    written: list[bytes] = []
+    monkeypatch.setattr(metrics, "write_textfile", lambda path, data: written.append(data))
     Metrics(cfg, Tally()).write(lambda: _raise(OSError()), None, [cfg])
     assert written and not leftover.exists()
 
@@ -334,13 +352,11 @@ def test_every_models_metrics_carry_its_name_one_sample_each(tmp_path):
     tally.scored("autoencoder@P-2", 1, False, True, scoring=True)
     scoring = Scoring(cfg)
     scoring.set_models(models)
-    families = {
-        f.name: f for f in Metrics(cfg, tally).families(lambda: _raise(OSError()), scoring, models)
-    }
+    families = _samples(Metrics(cfg, tally).snapshot(lambda: _raise(OSError()), scoring, models))
     scoring.close()
 
     def samples(name: str, **labels: str) -> dict[str, float]:
-        found = [(s, v) for s, v in families[name].samples if labels.items() <= s.items()]
+        found = [(s, v) for s, v in families[name] if labels.items() <= s.items()]
         by_model = {s["model"]: v for s, v in found}
         assert len(by_model) == len(found), found  # one sample per model
         return by_model
@@ -357,7 +373,7 @@ def test_every_models_metrics_carry_its_name_one_sample_each(tmp_path):
     assert list(samples("smocsd_scoring_lag_seconds")) == [p2]  # p1 has not scored yet
     assert "smocsd_scoring_lag_rows" not in families  # no poll of the table yet
     for name in ("smocsd_build_info", "smocsd_start_time_seconds"):
-        assert all("model" not in s for s, _ in families[name].samples), name
+        assert all("model" not in s for s, _ in families[name]), name
 
 
 # --- the daemon
@@ -378,7 +394,8 @@ def test_a_file_that_cannot_be_written_is_logged_once_and_training_goes_on(tmp_p
     try:
         d.wait_for("promoted v1", timeout=WAIT)
         d.wait_for("scoring with v1", timeout=WAIT)
-        d.wait_for("skipped", count=3, timeout=WAIT)  # ticks and scoring steps go on
+        insert(state / "readings.db", 600)  # enough new rows for another cycle
+        d.wait_for(" v2", timeout=WAIT)  # ticks, cycles and scoring steps go on
         failed = [line for line in d.text().splitlines() if "metrics:" in line]
         assert len(failed) == 1, failed
         assert f"No such file or directory (metrics.textfile): '{textfile}'" in failed[0]
