@@ -8,8 +8,9 @@ KeyDoc.
 
 The generated parts sit between marker comments, so the prose around them stays
 hand-written: the README's key table, the contract's key table, the man page's key list
-under CONFIGURATION and the keys of the conffile conf/smocsd.toml. tests/test_docs.py
-fails while any of them differs from what this writes.
+under CONFIGURATION and the keys of the conffile conf/smocsd.toml. The man page's .TH line
+too, from smocsd.__version__ and CHANGELOG.md. tests/test_docs.py fails while any of them
+differs from what this writes.
 
 A development tool beside build_deb.py, not part of the package: a gateway never renders
 these, and the loader it runs stays free of Markdown and roff.
@@ -28,7 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from smocsd.common import config  # noqa: E402 - the repository's, not an installed one
+import smocsd  # noqa: E402 - the repository's, not an installed one
+from smocsd.common import config  # noqa: E402
+
+sys.path.insert(0, str(REPO / "packaging"))
+import changelog  # noqa: E402
 
 COMMAND = "python3 packaging/config_docs.py"
 _SOURCE = f"generated from smocsd/common/config.py by {COMMAND}: edit there, not here"
@@ -147,6 +152,20 @@ def man() -> str:
     return "\n".join(lines) + "\n"
 
 
+def man_title() -> str:
+    """The man page's .TH line: smocsd's version, and the date of its release in
+    CHANGELOG.md. A version not released yet (the tree between two releases) gets the newest
+    release's date, not today's: the page must come out the same on any day and from a
+    source tarball, or tests/test_docs.py would fail each morning after a regeneration and
+    two builds of one commit would differ."""
+    version = smocsd.__version__
+    releases = changelog.read().releases
+    dated = [s.date for s in releases if s.name == version] or [s.date for s in releases[:1]]
+    if not dated:
+        raise SystemExit(f"{changelog.CHANGELOG}: no release, so no date for the man page")
+    return f'.TH SMOCSD 1 "{dated[0]}" "smocsd {version}" "User Commands"\n'
+
+
 def conffile() -> str:
     lines = []
     for table, entries in _tables().items():
@@ -167,9 +186,8 @@ class Target:
     def __init__(self, path: str, begin: str, end: str, render: Callable[[], str]):
         self.path, self.begin, self.end, self.render = REPO / path, begin, end, render
 
-    def spliced(self) -> str:
-        """The file with its generated part as it should be."""
-        text = self.path.read_text(encoding="utf-8")
+    def spliced(self, text: str) -> str:
+        """`text` (the file's) with the generated part as it should be."""
         head, begin, rest = text.partition(self.begin + "\n")
         _, end, tail = rest.partition(self.end + "\n")
         if not begin or not end:
@@ -177,10 +195,27 @@ class Target:
         return head + begin + self.render() + end + tail
 
 
+class Line:
+    """A file whose one line starting with `begin` is `render()`: where no marker comment
+    can go around it (the man page's .TH)."""
+
+    def __init__(self, path: str, begin: str, render: Callable[[], str]):
+        self.path, self.begin, self.render = REPO / path, begin, render
+
+    def spliced(self, text: str) -> str:
+        lines = text.splitlines(keepends=True)
+        found = [i for i, line in enumerate(lines) if line.startswith(self.begin)]
+        if len(found) != 1:
+            raise SystemExit(f"{self.path}: {len(found)} lines start with {self.begin!r}, not 1")
+        lines[found[0]] = self.render()
+        return "".join(lines)
+
+
 _MARKDOWN = (f"<!-- {_SOURCE} -->", "<!-- end of the generated part -->")
 TARGETS = (
     Target("README.md", *_MARKDOWN, readme),
     Target("docs/contract.md", *_MARKDOWN, contract),
+    Line("packaging/smocsd.1", ".TH SMOCSD 1 ", man_title),
     Target("packaging/smocsd.1", f'.\\" {_SOURCE}', '.\\" end of the generated part', man),
     Target(
         "conf/smocsd.toml",
@@ -189,11 +224,21 @@ TARGETS = (
         conffile,
     ),
 )
+PATHS = list(dict.fromkeys(t.path for t in TARGETS))
+
+
+def generated(path: Path) -> str:
+    """The file at `path` with each of its generated parts as it should be."""
+    text = path.read_text(encoding="utf-8")
+    for target in TARGETS:
+        if target.path == path:
+            text = target.spliced(text)
+    return text
 
 
 def stale() -> list[Path]:
-    """The files whose generated part is not what smocsd/common/config.py says."""
-    return [t.path for t in TARGETS if t.spliced() != t.path.read_text(encoding="utf-8")]
+    """The files whose generated parts are not what the code and CHANGELOG.md say."""
+    return [path for path in PATHS if generated(path) != path.read_text(encoding="utf-8")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,14 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report stale files")
     args = parser.parse_args(argv)
     paths = stale()
-    for target in TARGETS:
-        if target.path not in paths:
-            continue
+    for path in paths:
         if args.check:
-            print(f"{target.path.relative_to(REPO)}: stale, run {COMMAND}", file=sys.stderr)
+            print(f"{path.relative_to(REPO)}: stale, run {COMMAND}", file=sys.stderr)
         else:
-            target.path.write_text(target.spliced(), encoding="utf-8")
-            print(f"wrote {target.path.relative_to(REPO)}")
+            path.write_text(generated(path), encoding="utf-8")
+            print(f"wrote {path.relative_to(REPO)}")
     return 1 if args.check and paths else 0
 
 
