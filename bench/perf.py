@@ -508,7 +508,9 @@ def idle_table(tmp: Path, seconds: float, interval: float) -> None:
     path = state / "smocsd.toml"
     path.write_text(
         cycle_config(state, db, "auto", 30_000).replace(
-            "[daemon]\n", f'[daemon]\ncheck_interval = "{interval:g}s"\n'
+            "[daemon]\n",
+            # each tick's "skipped:" line, which counts the ticks, is a debug line
+            f'[daemon]\ncheck_interval = "{interval:g}s"\nlog_level = "debug"\n',
         )
     )
     subprocess.run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -521,6 +522,53 @@ def test_status_says_which_backend_this_install_trains_with(tmp_path, trained):
     (fake / "training" / "api" / "__init__.py").touch()
     assert backend("auto")[:2] == ("ort", None)
     assert backend("ort")[:2] == ("ort", None)
+
+
+# A time's one format, and anything that looks like a time in another.
+ONE_FORMAT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+TIMEISH = re.compile(r"\d{4}-\d\d-\d\d(?:[T ][\d:.,]+)?(?:Z|[+-]\d\d:?\d\d)?")
+
+
+def strings(value) -> list[str]:
+    """Every string in a JSON value."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_status_and_the_listings_show_every_time_in_one_format(tmp_path, trained):
+    """UTC, ISO 8601, whole seconds, Z: a next_check a release before 0.2.0 wrote in local
+    time without an offset is shown so too (here in +05:30)."""
+    state = tmp_path / "state"
+    shutil.copytree(trained, state, symlinks=True)
+    cfg = write_config(tmp_path / "c.toml", state)
+    saved = json.loads((state / "state.json").read_text())
+    saved["next_check"] = "2026-11-28T05:17:54.123456"
+    record = {"last_order": 3000, "version": 1, "recent": [], "event": None}
+    saved["models"]["autoencoder"]["scoring"] = {**record, "at": "2026-11-28T05:16:00Z"}
+    (state / "state.json").write_text(json.dumps(saved))
+    smocsd("exclude", "--from", "10", "--to", "20", config=cfg, check=True)
+    env = {"TZ": "Asia/Kolkata"}
+
+    status = json.loads(smocsd("status", "--json", config=cfg, env=env, check=True).stdout)
+    assert status["next_check"] == "2026-11-27T23:47:54Z"
+    times = [
+        status["last_cycle"]["at"],
+        status["scoring"]["at"],
+        status["labels"][0]["created_at"],
+        status["models"][0]["last_cycle"]["at"],
+    ]
+    assert all(ONE_FORMAT.fullmatch(t) for t in times), times
+    text = smocsd("status", config=cfg, env=env, check=True).stdout
+    assert "next check:  2026-11-27T23:47:54Z" in text.splitlines()
+    assert f"last cycle:  {status['last_cycle']['at']} promoted v1 " in text.splitlines()
+    for command in READERS:
+        out = smocsd(*command, config=cfg, env=env, check=True).stdout
+        shown = strings(json.loads(out)) if "--json" in command else [out]
+        found = [t for s in shown for t in TIMEISH.findall(s)]
+        assert found and all(ONE_FORMAT.fullmatch(t) for t in found), (command, found)
 
 
 # --- writing commands run by root become the state directory's owner

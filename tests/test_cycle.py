@@ -254,15 +254,27 @@ def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant, s
     assert scored.over.tolist() == over.tolist() and scored.alarm.tolist() == alarm.tolist()
 
 
-def test_if_better_rejects_a_worse_model_and_keeps_current(tmp_path, plant):
+def test_if_better_rejects_a_worse_model_and_keeps_current(tmp_path, plant, caplog):
     state, path = plant
     good = load(path, training={"backend": "numpy", "epochs": 10})
     assert cycle(good)["outcome"] == "promoted"
     # a model from another backend (cold start) with a single, tiny step is worse
     worse = load(path, training={"backend": "ort", "epochs": 1, "learning_rate": 1e-6})
-    result = cycle(worse, force=True)
+    caplog.clear()
+    with caplog.at_level("DEBUG"):
+        result = cycle(worse, force=True)
     assert result["outcome"] == "rejected", result
-    assert result["eval"]["previous_val_loss"] < result["eval"]["val_loss"]
+    loss, previous = result["eval"]["val_loss"], result["eval"]["previous_val_loss"]
+    assert previous < loss
+    # the cycle's one line (the training child logs the rest): what it did, and why
+    (record,) = [r for r in caplog.records if r.name == "smocsd.app.cycle"]
+    line = record.getMessage()
+    assert record.levelname == "INFO"
+    assert line.startswith(
+        f"autoencoder: rejected v2: val_loss {loss:.4g} is worse than v1's {previous:.4g}; "
+        "3000 rows ("
+    ), line
+    assert ", 1/1 epochs, " in line and re.search(r", took [\d.]+s$", line), line
     store = ModelStore(state / "models/autoencoder", 5)
     assert store.current() == 1 and store.versions() == [1, 2]
     always = load(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -32,11 +33,14 @@ def running():
 
 def test_a_failing_cycle_never_kills_the_daemon(tmp_path, running):
     state = tmp_path / "state"
-    cfg = write_config(tmp_path / "c.toml", state, daemon={"check_interval": "0.3s"})
+    # debug: the same wait at a later tick is a DEBUG line
+    daemon = {"check_interval": "0.3s", "log_level": "debug"}
+    cfg = write_config(tmp_path / "c.toml", state, daemon=daemon)
     d = running(cfg, tmp_path / "log")
     d.wait_for("no such database file", count=2)  # not there yet: the daemon waits, idle
     sqlite3.connect(state / "readings.db").execute("CREATE TABLE other (x)").close()
-    d.wait_for("no such table readings", count=2)  # there, but not what it needs: failed
+    d.wait_for("failed: SourceError: ", count=2)  # there, but not what it needs: failed
+    assert "no such table readings" in d.text()
     demo.write(state / "readings.db", 3000)  # ... and then it is
     d.wait_for("promoted v1")
     assert d.stop() == 0
@@ -52,11 +56,15 @@ def test_a_failing_cycle_never_kills_the_daemon(tmp_path, running):
 
 @pytest.fixture
 def endless_training(tmp_path, running):
-    """A daemon that trains (far longer than any test waits): (state dir, config, daemon)."""
+    """A daemon that trains (far longer than any test waits): (state dir, config, daemon).
+    Its epochs are DEBUG lines: an INFO line each would be most of a gateway's journal."""
     state = tmp_path / "state"
     demo.write(state / "readings.db", 3000)
     cfg = write_config(
-        tmp_path / "c.toml", state, training={"epochs": 10000, "patience": 10000, "batch_size": 8}
+        tmp_path / "c.toml",
+        state,
+        daemon={"log_level": "debug"},
+        training={"epochs": 10000, "patience": 10000, "batch_size": 8},
     )
     return state, cfg, running(cfg, tmp_path / "log")
 
@@ -76,7 +84,9 @@ def test_sigterm_mid_training_exits_cleanly_and_promotes_nothing(endless_trainin
 def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_path, running):
     state = tmp_path / "state"
     demo.write(state / "readings.db", 3000)
-    cfg = write_config(tmp_path / "c.toml", state, daemon={"check_interval": "0.5s"})
+    # debug: a wait like the last one logged is a DEBUG line, and the test counts ticks
+    daemon = {"check_interval": "0.5s", "log_level": "debug"}
+    cfg = write_config(tmp_path / "c.toml", state, daemon=daemon)
     good = cfg.read_text()
     d = running(cfg, tmp_path / "log")
     d.wait_for("promoted v1")
@@ -118,7 +128,8 @@ def test_the_idle_status_says_how_many_results_wait(tmp_path, running):
         while not (status := sock.recv(4096).decode()).startswith("STATUS=idle"):
             pass
     assert d.stop() == 0
-    assert status.startswith("STATUS=idle: next check ") and "promoted v1" in status
+    assert re.match(r"STATUS=idle: next check \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, ", status)
+    assert "promoted v1" in status
     assert status.endswith(", 1 result(s) in outbox"), status
 
 
@@ -259,7 +270,7 @@ def test_an_ingest_that_connects_per_insert_to_a_wal_database_is_seen_by_every_m
     cfg = write_config(
         tmp_path / "c.toml",
         state,
-        daemon={"check_interval": "0.5s"},
+        daemon={"check_interval": "0.5s", "log_level": "debug"},  # each wait, at every tick
         source={"order_column": "id", "partition_column": "asset"},
         training={"min_new_samples": 100000},
         scoring={"enabled": True, "poll_interval": "0.2s"},

@@ -547,7 +547,8 @@ def test_a_read_only_state_dir_never_kills_the_daemon_and_it_recovers(tmp_path, 
 @pytest.mark.parametrize("shift", [timedelta(days=-10), timedelta(days=10)], ids=["back", "ahead"])
 def test_a_wall_clock_jump_neither_stalls_nor_storms_the_timer(tmp_path, outside_db, shift):
     state = tmp_path / "state"
-    config = _daemon_config(tmp_path, state, outside_db, check_interval="0.5s")
+    # Every tick's wait is a debug line: the test counts the ticks by them.
+    config = _daemon_config(tmp_path, state, outside_db, check_interval="0.5s", log_level="debug")
     config.write_text(config.read_text().replace("min_interval = 0", "min_interval = '1h'"))
     train_once(config)  # on the real clock
     demo.write(outside_db, 300)

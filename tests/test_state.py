@@ -26,7 +26,7 @@ VALID = {
         "reason": "a reason",
         "error": "an error",
     },
-    "next_check": "2026-11-28T05:17:54.123456",
+    "next_check": "2026-11-28T05:17:54Z",
     "scoring": {
         "last_order": 3040,
         "version": 3,
@@ -91,7 +91,7 @@ FIELDS: list[tuple[tuple, list, bool]] = [
     (("last_cycle", "version"), VERSION, True),
     (("last_cycle", "reason"), TEXT, True),
     (("last_cycle", "error"), TEXT, True),
-    (("next_check",), [*TEXT, "tomorrow"], True),
+    (("next_check",), [*TEXT, "tomorrow", "0001-01-01T00:00:00+05:00"], True),
     (("scoring",), OBJECT, True),
     (("scoring", "last_order"), INT, True),
     (("scoring", "version"), VERSION, True),
@@ -168,6 +168,26 @@ def test_a_valid_file_is_read_without_a_finding_and_written_back_as_it_was():
     assert state.to_json() == VALID
 
 
+def test_a_next_check_in_local_time_is_read_and_written_in_utc(tmp_path, monkeypatch, caplog):
+    """Releases up to 0.1.0 wrote `next_check` in local time, with microseconds and no
+    offset: it is read as local time, without a finding, and written in the one format."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # +05:30
+    time.tzset()
+    try:
+        path = tmp_path / "state.json"
+        path.write_text(json.dumps({**VALID, "next_check": "2026-11-28T05:17:54.123456"}))
+        state = State(tmp_path)
+        assert state.read().next_check == "2026-11-27T23:47:54Z"
+        state.update()
+        assert json.loads(path.read_text())["next_check"] == "2026-11-27T23:47:54Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert caplog.records == []
+    offset = StateFile.parse({"next_check": "2026-11-28T05:17:54+01:00"})[0]
+    assert offset.next_check == "2026-11-28T04:17:54Z"
+
+
 def test_any_damage_is_named_by_its_field_and_parsing_never_raises():
     """Seeded fuzzing over the schema: a wrong type, a missing field, a huge or non-finite
     number; optional keys left out and unknown keys added around it."""
@@ -218,7 +238,7 @@ def test_a_damaged_field_is_said_once_reset_and_saved_repaired(tmp_path, caplog)
         "1e+300; reset",
         f"{path}: unknown keys ignored: scoring.event.opened_at",
     ]
-    state.update(next_check="2026-11-28T06:00:00")
+    state.update(next_check="2026-11-28T06:00:00Z")
     written = json.loads(path.read_text())
     job = written["jobs"]["autoencoder"]
     assert written["scoring"]["event"] is None and "trained_at" not in job

@@ -343,8 +343,10 @@ def _age(at: str) -> str:
     """'5m ago' for a utcnow() time; the time itself when it is not one."""
     from datetime import datetime, timezone
 
+    from ..common.state import TIME_FORMAT
+
     try:
-        then = datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        then = datetime.strptime(at, TIME_FORMAT).replace(tzinfo=timezone.utc)
     except (TypeError, ValueError):
         return str(at)
     seconds = (datetime.now(timezone.utc) - then).total_seconds()

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..common.config import Config
 from ..common.files import locked
@@ -65,7 +67,10 @@ def run(
     """One cycle: (its result, whether the result is durable in the outbox).
 
     Raises Stopped when `should_stop` turned true (or Ctrl-C came) before a result.
+    Logs the cycle's one line, except a skip's: the caller says that (the daemon once per
+    kind of wait, train-once in its output).
     """
+    started = time.monotonic()
     with cycle_lock(cfg) as held:
         if not held:
             return CycleResult(Outcome.SKIPPED, reason="another training cycle is running"), True
@@ -80,9 +85,56 @@ def run(
                 # under the cycle lock that no other cycle holds.
                 for leftover in ModelStore.of(cfg).recover():
                     log.info("removed %s left by the failed cycle", leftover)
-        level = logging.ERROR if result.outcome is Outcome.FAILED else logging.INFO
-        log.log(level, "%s: %s", cfg.model.name, result.describe())
+        if result.outcome is Outcome.FAILED:
+            log.error("%s: %s", cfg.model.name, result.describe())
+        elif result.outcome is not Outcome.SKIPPED:
+            log.info("%s", summary(cfg, result, time.monotonic() - started))
         return result, record(cfg, outbox, result)
+
+
+def _number(record: Any, key: str) -> float | None:
+    """`record[key]` if it is a number: a job's dicts are its own, of any shape."""
+    value = record.get(key) if isinstance(record, dict) else None
+    return None if isinstance(value, bool) or not isinstance(value, (int, float)) else value
+
+
+def summary(cfg: Config, result: CycleResult, seconds: float) -> str:
+    """A trained cycle's one log line, of what its result holds: the rows and windows
+    (the built-in job's metadata.json), the epochs, the losses, the threshold, the time it
+    took. Every epoch and step is a DEBUG line: at INFO the journal of a gateway's SD card
+    holds one line a cycle."""
+    head = f"{cfg.model.name}: {result.outcome.value}"
+    if result.version is not None:
+        head += f" v{result.version}"
+    why = result.eval.get("rejection")
+    why = f"{why}; " if result.outcome is Outcome.REJECTED and isinstance(why, str) else ""
+    items = []
+    data = result.model_meta.get("data")
+    data = data if isinstance(data, dict) else {}
+    rows, dropped = _number(data, "rows"), _number(data, "dropped_rows")
+    if rows is not None:
+        left = _number(data.get("left_out"), "rows")
+        aside = [f"{n:.0f} {what}" for n, what in ((dropped, "dropped"), (left, "left out")) if n]
+        items.append(f"{rows:.0f} rows" + (f" ({', '.join(aside)})" if aside else ""))
+    train, val = _number(data, "train_windows"), _number(data, "val_windows")
+    if train is not None and val is not None:
+        items.append(f"{train:.0f} training and {val:.0f} validation windows")
+    epochs = _number(result.metrics, "epochs_run")
+    if epochs is not None:
+        # training.epochs is the built-in job's bound; a user job's may be its own.
+        of = f"/{cfg.training.epochs}" if cfg.training.job == "autoencoder" else ""
+        warm = " (warm start)" if result.metrics.get("warm_started") is True else ""
+        items.append(f"{epochs:.0f}{of} epochs{warm}")
+    items += [  # duration_s: the training's part of the time the whole cycle took, below
+        f"{k} {v:.4g}"
+        for k, v in result.metrics.items()
+        if isinstance(v, float) and k != "duration_s"
+    ]
+    threshold = _number(result.eval, "threshold")
+    if threshold is not None:
+        items.append(f"threshold {threshold:.4g}")
+    items.append(f"took {seconds:.1f}s")
+    return f"{head}: {why}{', '.join(items)}"
 
 
 def reconcile(cfg: Config, outbox: Outbox) -> int:

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..common import config as config_mod
 from ..common.config import Config, ConfigError
 from ..common.labels import LabelError, Labels
-from ..common.state import CycleRecord, State, utcnow
+from ..common.state import CycleRecord, State, utc, utcnow
 from ..delivery.outbox import Outbox
 from ..delivery.publish import Publisher
 from ..store import ModelStore
@@ -57,6 +57,11 @@ class Parts:
         self.metrics = metrics.Metrics(cfg, tally if tally is not None else metrics.Tally())
         metrics.count_deliveries(self.publisher, self.metrics.tally)
         self._outbox: Outbox | None = None
+        # Results the last flush left in the outbox (None: no flush yet, so all of them):
+        # what a failed delivery held back. Their delivery is news; that of a result at its
+        # first try (every cycle's, every alarm's) is a DEBUG line, or the journal would
+        # have two lines a cycle.
+        self._held: int | None = None
 
     @property
     def outbox(self) -> Outbox:
@@ -71,13 +76,18 @@ class Parts:
 
     def flush(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         outbox = self.outbox
-        if len(outbox):
+        waiting = len(outbox)
+        held = waiting if self._held is None else min(self._held, waiting)
+        if waiting:
             # should_stop also inside each sink's attempt: the daemon's feeds the watchdog,
             # and one attempt may outlast WatchdogSec (publish.*.timeout up to 15 min).
             attempt = self.publisher.attempt(should_stop)
             delivered = outbox.flush(attempt, should_stop=should_stop)
+            waiting = len(outbox)
             if delivered:
-                log.info("delivered %d result(s); %d waiting", delivered, len(outbox))
+                level = logging.INFO if held else logging.DEBUG
+                log.log(level, "delivered %d result(s); %d waiting", delivered, waiting)
+        self._held = waiting
 
     def cycle(
         self,
@@ -148,6 +158,7 @@ class Daemon:
         self.gates = Gates(cfg)
         self.trained_last: str | None = None  # the model whose cycle ran last
         self.reconciled = False  # every model's store reconciled with the outbox
+        self.waits_said: dict[str, set[str]] = {}  # per model, the kinds of wait logged
         self.scorer = self._scorer(cfg)
         if self.scorer is not None:
             self.scorer.set_models(self.models)
@@ -295,23 +306,43 @@ class Daemon:
             cycles = self._cycles_at_once(due, slots)
         else:
             cycles = (self._cycle(model) for model in due)
+        waits = {name: c.reason or "" for name, c in waiting.items()}
         for model, result, queued in cycles:
             if not queued and result.version is None:
                 self.unsent.append(result.message(model))
             self.last = result.reason or result.describe()
-            if result.outcome is not Outcome.SKIPPED:
+            if result.outcome is Outcome.SKIPPED:  # a user job's own gates, or a busy lock
+                waits[model.model.name] = result.reason or ""
+            else:
                 self.trained_last = model.model.name
                 trained.append(f"{model.model.name}: {result.describe()}")
         if waiting:  # in one write: one per model and minute would wear an SD card
             State(self.parts.cfg.state_dir).update(skipped=waiting)
-            # One line a check, however many models wait, as with one model.
-            shown = [f"{name}: skipped: {c.reason}" for name, c in list(waiting.items())[:3]]
-            more = f" and {len(waiting) - 3} more waiting" if len(waiting) > 3 else ""
-            log.info("%s%s", "; ".join(shown), more)
+        self._say_waits(waits)
         if len(self.models) > 1:
             self.last = f"{len(self.models)} models, {len(waiting)} waiting for data"
             if trained:
                 self.last += "; " + "; ".join(trained)
+
+    def _say_waits(self, waits: dict[str, str]) -> None:
+        """The models that wait, and why, in one line a check however many they are: at
+        INFO those whose kind of wait (its reason, numbers aside) is new since the daemon
+        started, the others at DEBUG. A line a minute saying "840 new rows of 1000
+        needed", then "841 …", would be most of a gateway's journal and say nothing new;
+        `smocsd status` shows the wait as it is now."""
+        new: dict[str, str] = {}
+        for name, reason in waits.items():
+            kind = re.sub(r"\d+(\.\d+)?", "N", reason)
+            said = self.waits_said.setdefault(name, set())
+            if kind not in said:
+                said.add(kind)
+                new[name] = reason
+        seen = {name: reason for name, reason in waits.items() if name not in new}
+        for level, group in ((logging.INFO, new), (logging.DEBUG, seen)):
+            if group:
+                shown = [f"{name}: skipped: {reason}" for name, reason in list(group.items())[:3]]
+                more = f" and {len(group) - 3} more waiting" if len(group) > 3 else ""
+                log.log(level, "%s%s", "; ".join(shown), more)
 
     def _cycle(self, model: Config) -> tuple[Config, CycleResult, bool]:
         """One cycle of `model`, this thread feeding the watchdog and scoring meanwhile."""
@@ -367,10 +398,10 @@ class Daemon:
         # stalls the timer nor makes it fire in a storm.
         wait = self._wait()
         deadline = time.monotonic() + wait
-        when = datetime.now() + timedelta(seconds=wait)
+        when = utc(time.time() + wait)
         state = State(self.parts.cfg.state_dir)
-        self._guarded("next check", lambda: state.update(next_check=when.isoformat()))
-        status = f"idle: next check {when:%H:%M:%S}, {self.last}{self._waiting()}"
+        self._guarded("next check", lambda: state.update(next_check=when))
+        status = f"idle: next check {when}, {self.last}{self._waiting()}"
         systemd.notify(f"STATUS={status}")
         step = min(1.0, self.scorer.poll_interval) if self.scorer else 1.0
         while not (self.stop_requested or self.reload_requested) and time.monotonic() < deadline:

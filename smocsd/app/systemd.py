@@ -86,7 +86,12 @@ def configure_logging(level: str) -> None:
     if _under_journal():
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # smocsd's one time format (UTC, whole seconds, Z), as in status and state.json.
+        stamped = logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ"
+        )
+        stamped.converter = time.gmtime
+        handler.setFormatter(stamped)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -43,8 +44,20 @@ LATEST_EPOCH = 253402300799.0
 WHYS = ("alarm", "spike")  # screen.Why's values a screening record holds
 
 
+# The one format of every time smocsd writes for people or files (state.json, status,
+# messages, metadata.json, labels): UTC, ISO 8601, whole seconds, "Z". A local time
+# beside UTC ones, or a second format, makes an operator misread which came first across
+# gateways in different zones.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def utc(epoch: float) -> str:
+    """An epoch time in TIME_FORMAT."""
+    return time.strftime(TIME_FORMAT, time.gmtime(epoch))
+
+
 def utcnow() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc(time.time())
 
 
 # --- checking the file's values
@@ -61,12 +74,15 @@ def _epoch(value: Any, name: str) -> float:
     return number
 
 
-def _local_time(value: Any, name: str) -> str:
+def _time(value: Any, name: str) -> str:
+    """An ISO 8601 time, in TIME_FORMAT. One without an offset is a local time: what
+    releases up to 0.1.0 wrote as `next_check`, read as such so that status shows it in
+    the one format until the daemon next writes it."""
+    text = _text(value, name)
     try:
-        datetime.fromisoformat(_text(value, name))
-    except ValueError:
+        return datetime.fromisoformat(text).astimezone(timezone.utc).strftime(TIME_FORMAT)
+    except (ValueError, OverflowError):  # not a time, or one in UTC before year 1 or after 9999
         raise Damage(name, f"expected an ISO 8601 time, got {_shown(value)}") from None
-    return value
 
 
 def _booleans(value: Any, name: str) -> list[bool]:
@@ -372,7 +388,7 @@ class StateFile:
     entry in it alone: that model's job starts as new (JobEntry)."""
 
     last_cycle: CycleRecord | None = None  # the last cycle of any model
-    next_check: str | None = None  # local time, ISO 8601
+    next_check: str | None = None  # TIME_FORMAT
     # Where the one model of a release before [models] tables stood: the scoring position
     # of the model named like the top-level model.name, until it saves its own.
     scoring: ScoringPosition | None = None
@@ -406,7 +422,7 @@ class StateFile:
                 None,
                 "last_cycle reset",
             ),
-            next_check=findings.keep(lambda: obj.optional("next_check", _local_time), None),
+            next_check=findings.keep(lambda: obj.optional("next_check", _time), None),
             scoring=findings.keep(
                 lambda: obj.optional("scoring", lambda v, n: ScoringPosition.parse(v, n, findings)),
                 None,

@@ -18,7 +18,7 @@ from .. import __version__, modelfile, report
 from ..common.labels import Kind, Label, LabelError, Labels, for_model
 from ..common.modelmeta import METADATA, ModelMeta
 from ..common.records import Damage
-from ..common.state import utcnow
+from ..common.state import utc, utcnow
 from ..data.sources import Readings
 from ..data.windows import (
     MAX_READING,
@@ -120,7 +120,7 @@ def _check_state(job: AutoencoderJob) -> None:
     if trained_at > now + gate.CLOCK_SLACK:
         job.logger.warning(
             "state: last training at %s is in the future (clock set back?): counting from now",
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(trained_at)),
+            utc(trained_at),
         )
         job.state["trained_at"] = now
     last_order = job.state.get("last_order")
@@ -168,7 +168,7 @@ def _gate(job: AutoencoderJob) -> str | None:
         return None
     accepted = max((x.id for x in job.labels if x.kind is Kind.ACCEPT), default=0)
     if accepted > job.state.get("accept_tried", 0):
-        job.logger.info("an accept label is new: training now, without waiting for the gates")
+        job.logger.debug("an accept label is new: training now, without waiting for the gates")
         job.state["accept_tried"] = accepted
         return None
     return gate.retraining(
@@ -253,8 +253,8 @@ class AutoencoderJob(TrainingJob):
                 f"({bad.sum()} rows dropped)"
             )
             return None
-        if left.any():
-            self.logger.info(
+        if left.any():  # the cycle's line says how many
+            self.logger.debug(
                 "%d rows left out: the current model alarmed on them, or they are excluded",
                 int(left.sum()),
             )
@@ -296,7 +296,7 @@ class AutoencoderJob(TrainingJob):
             left_out=leave_out.summary(readings.order),
             alarm_rows=self._alarm_rows(readings, leave_out.alarms(readings.order)),
         )
-        self.logger.info(
+        self.logger.debug(  # the cycle's line says it too, from metadata.json's `data`
             "read %d rows (%d dropped): %d training and %d validation windows",
             data.rows,
             data.dropped,
@@ -342,8 +342,8 @@ class AutoencoderJob(TrainingJob):
             self.logger.warning(
                 "%d rows have no usable %r value: no window spans them", check.no_time, column
             )
-        if check.gaps:
-            self.logger.info(
+        if check.gaps:  # a plant's pauses, at every cycle: metadata.json's time.gaps counts them
+            self.logger.debug(
                 "%d gaps longer than %.3gs (sampling every %.3gs): no window spans them",
                 check.gaps,
                 check.max_gap,

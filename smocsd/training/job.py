@@ -61,8 +61,10 @@ class CycleProgress:
             raise Stopped()
 
     def on_epoch(self, epoch: int, epochs: int, train_loss: float, val_loss: float) -> None:
+        """An epoch in the STATUS= line and at DEBUG: fifty INFO lines a cycle would be most
+        of a gateway's journal; the cycle's one line says how many ran."""
         text = f"{self.label}: epoch {epoch}/{epochs}, val_loss {val_loss:.4g}"
-        log.info("%s, train_loss %.4g", text, train_loss)
+        log.debug("%s, train_loss %.4g", text, train_loss)
         self.status(text)
 
 
