@@ -8,6 +8,7 @@ daemon wrote, under the unit's umask, as the user prometheus.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -18,10 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import Running, insert, model_meta, write_config
+from helpers import Running, insert, model_meta, smocsd, write_config
 from services import NodeExporter, ServiceError, free_port
 
-from smocsd import __version__
+from smocsd import __version__, modelfile
 from smocsd.app import metrics
 from smocsd.app.metrics import Metrics, Snapshot, Tally, write_textfile
 from smocsd.common import config
@@ -108,6 +109,7 @@ def test_the_file_holds_each_family_with_its_own_samples_and_escaped_labels(tmp_
         ("smocsd_last_cycle_timestamp_seconds", "gauge"),
         ("smocsd_last_cycle_duration_seconds", "gauge"),
         ("smocsd_current_version", "gauge"),
+        ("smocsd_current_damaged", "gauge"),
     ]
     values = {k: float(v) for k, v in re.findall(r"^([^#\n].*) (\S+)$", text, re.M)}
     dev = 'device="gw \\"7\\" \\\\ west"'
@@ -116,7 +118,8 @@ def test_the_file_holds_each_family_with_its_own_samples_and_escaped_labels(tmp_
     assert values[f"smocsd_start_time_seconds{{{dev}}}"] == 1795830000.1
     assert values[f'smocsd_cycles_total{{{mod},outcome="promoted"}}'] == 1
     assert values[f"smocsd_last_cycle_duration_seconds{{{mod}}}"] == 2.5
-    assert len(values) == 2 + 2 * len(Outcome) + 3
+    assert values[f"smocsd_current_damaged{{{mod}}}"] == 0  # no current: nothing damaged
+    assert len(values) == 2 + 2 * len(Outcome) + 4
 
 
 def test_every_family_follows_the_naming_conventions(tmp_path):
@@ -134,7 +137,8 @@ def test_every_family_follows_the_naming_conventions(tmp_path):
         (name,) = {s.name for s in f.samples}  # the file's name for it: a counter's _total
         assert name.startswith("smocsd_") and re.fullmatch(r"[a-z_]+", name), name
         assert name.endswith("_total") == (f.type == "counter"), name
-        if re.search(r"time|duration|age|lag_s", name):  # base units: seconds
+        # base units: seconds (words of the name: "damaged" holds no age)
+        if re.search(r"_(?:time|timestamp|duration|age)(?:_|$)|_lag_s", name):
             assert name.endswith("_seconds"), name
         assert f.documentation.endswith("."), name
         assert all(s.labels["device"] == "gw-test" for s in f.samples), name
@@ -374,6 +378,74 @@ def test_every_models_metrics_carry_its_name_one_sample_each(tmp_path):
     assert "smocsd_scoring_lag_rows" not in families  # no poll of the table yet
     for name in ("smocsd_build_info", "smocsd_start_time_seconds"):
         assert all("model" not in s for s, _ in families[name]), name
+
+
+def _damaged(part: Metrics, cfg: config.Config) -> float:
+    """The file's smocsd_current_damaged of the one model."""
+    samples = _samples(part.snapshot(lambda: _raise(OSError()), None, [cfg]))
+    ((_, value),) = samples["smocsd_current_damaged"]
+    return value
+
+
+def test_a_damaged_current_model_is_found_by_its_check_and_said_once(tmp_path, monkeypatch, caplog):
+    """The check hashes every file: it runs again only when a file's stat changed, or
+    after RECHECK_INTERVAL, which is how bit rot (same inode, size and mtime) shows."""
+    demo.write(tmp_path / "state/readings.db", 3000)
+    cfg = _config(tmp_path)
+    smocsd("train-once", config=tmp_path / "c.toml", check=True)
+    onnx = tmp_path / "state/models/autoencoder/v000001/model.onnx"
+    whole = onnx.read_bytes()
+    checks: list[Path] = []
+    check = modelfile.check
+    monkeypatch.setattr(modelfile, "check", lambda d: checks.append(d) or check(d))
+    caplog.set_level(logging.WARNING, logger=metrics.__name__)
+    part = Metrics(cfg, Tally())
+
+    assert _damaged(part, cfg) == 0 and len(checks) == 1
+    assert _damaged(part, cfg) == 0 and len(checks) == 1  # the same files: not re-hashed
+
+    # Bit rot: one byte flips, the file's stat stays as it was.
+    before = onnx.stat()
+    with onnx.open("r+b") as f:
+        f.seek(len(whole) // 2)
+        f.write(bytes([whole[len(whole) // 2] ^ 0x01]))
+    os.utime(onnx, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (onnx.stat().st_ino, onnx.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert _damaged(part, cfg) == 0 and len(checks) == 1
+    monkeypatch.setattr(metrics, "RECHECK_INTERVAL", 0.0)  # an hour later
+    assert _damaged(part, cfg) == 1 and len(checks) == 2
+    monkeypatch.setattr(metrics, "RECHECK_INTERVAL", 3600.0)
+    assert _damaged(part, cfg) == 1 and len(checks) == 2
+
+    # Repaired, then truncated by hand: each shows at the next write.
+    onnx.write_bytes(whole)
+    os.utime(onnx, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert _damaged(part, cfg) == 0 and len(checks) == 3
+    onnx.write_bytes(whole[:-1])
+    assert _damaged(part, cfg) == 1 and len(checks) == 4
+    assert _damaged(part, cfg) == 1 and len(checks) == 4
+
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings  # once each time it turned damaged
+    assert "autoencoder: the current model is damaged: v000001/model.onnx: sha256" in warnings[0]
+    assert f"v000001/model.onnx: {len(whole) - 1} bytes, metadata.json says" in warnings[1]
+
+
+def test_a_dangling_current_link_is_a_damaged_current_model(tmp_path, caplog):
+    cfg = _config(tmp_path)
+    store = tmp_path / "state/models/autoencoder"
+    store.mkdir(parents=True)
+    (store / "current").symlink_to("v000007")  # its version directory removed by hand
+    caplog.set_level(logging.WARNING, logger=metrics.__name__)
+    part = Metrics(cfg, Tally())
+    assert _damaged(part, cfg) == 1
+    (store / "current").unlink()
+    assert _damaged(part, cfg) == 0  # no current model at all: nothing damaged
+    (record,) = caplog.records
+    assert "-> v000007: no such version directory (dangling link)" in record.getMessage()
+
+
+# --- the daemon
 
 
 # --- the daemon

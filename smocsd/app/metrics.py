@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -65,6 +66,11 @@ MIN_INTERVAL = 1.0
 # Readable by node_exporter's user (prometheus) whatever the unit's UMask=0027 leaves:
 # the file names the device and model and holds numbers, nothing secret.
 FILE_MODE = 0o644
+# A current version's check (modelfile.check: the sha256 of every file, every weight) is
+# kept while its files' stat stays the same, so that ~100 models are not hashed once a
+# second; it is redone when it is this old all the same: bit rot (flash wear) changes a
+# file's bytes and leaves its inode, size and mtime as they were.
+RECHECK_INTERVAL = 3600.0
 
 
 # --- the text format (Prometheus exposition format 0.0.4, by prometheus_client)
@@ -249,6 +255,42 @@ def count_deliveries(publisher: Publisher, tally: Tally) -> None:
     publisher.sinks = [CountedSink(sink, tally) for sink in publisher.sinks]
 
 
+# --- the current version's check
+
+
+Signature = tuple[tuple[str, int, int, int], ...] | None
+
+
+def _signature(directory: Path) -> Signature:
+    """The name, inode, size and mtime of each file in a version directory: a file
+    replaced, rewritten, truncated, added or removed changes it. None if it cannot be
+    listed (the check then says why)."""
+    try:
+        with os.scandir(directory) as entries:
+            found = [(e.name, e.stat()) for e in entries]
+    except OSError:
+        return None
+    return tuple(sorted((name, s.st_ino, s.st_size, s.st_mtime_ns) for name, s in found))
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A version's check: its problem (None: whole), the signature of its files before
+    it read them, and when (time.monotonic())."""
+
+    version: int
+    signature: Signature
+    problem: str | None
+    at: float
+
+    def holds(self, version: int, signature: Signature, now: float) -> bool:
+        """Whether it still says what a check of `version` would: no file's stat changed,
+        and it is younger than RECHECK_INTERVAL."""
+        return (version, signature) == (self.version, self.signature) and (
+            now - self.at < RECHECK_INTERVAL
+        )
+
+
 # --- the part
 
 
@@ -261,6 +303,10 @@ class Metrics:
         self.path = cfg.metrics.textfile
         self._stores: dict[str, ModelStore] = {}
         self._meta: dict[tuple[str, int], ModelMeta | None] = {}  # versions never change
+        # The check of each model's current version, and the models logged as damaged: one
+        # warning when a model turns damaged, not one a write.
+        self._checks: dict[str, Checked] = {}
+        self._damaged: set[str] = set()
         self._written = -math.inf  # time.monotonic() of the last write
 
     def due(self) -> bool:
@@ -313,6 +359,8 @@ class Metrics:
             self._cycle_families(out, {**dev, "model": model.model.name})
         names = {m.model.name for m in models}
         self._stores = {n: s for n, s in self._stores.items() if n in names}
+        self._checks = {n: c for n, c in self._checks.items() if n in names}
+        self._damaged &= names
         for model in models:
             self._model_families(out, {**dev, "model": model.model.name}, model)
         self._outbox_families(out, dev, outbox)
@@ -386,6 +434,33 @@ class Metrics:
                 self._meta[name, version] = None
         return self._meta[name, version]
 
+    def _current_problem(self, store: ModelStore, name: str, current: int | None) -> str | None:
+        """What `smocsd status` says is wrong with the current version or the link to it;
+        None if it is whole or there is none. Logged once when the model turns damaged."""
+        if current is None:
+            self._checks.pop(name, None)
+            problem = store.dangling()
+        else:
+            signature = _signature(store.path(current))
+            now = time.monotonic()
+            checked = self._checks.get(name)
+            if checked is None or not checked.holds(current, signature, now):
+                checked = Checked(current, signature, store.check(current), now)
+                self._checks[name] = checked
+            problem = checked.problem
+        if problem is None:
+            self._damaged.discard(name)
+        elif name not in self._damaged:
+            self._damaged.add(name)
+            log.warning(
+                "%s: the current model is damaged: %s; point `current` at a whole version "
+                "with smocsd models rollback --model %s",
+                name,
+                problem,
+                name,
+            )
+        return problem
+
     def _model_families(self, out: Snapshot, mod: dict[str, str], model: Config) -> None:
         """The current model and the newest version (the last training), from the model's
         store: right across restarts, rollbacks and manual train-once runs."""
@@ -400,6 +475,13 @@ class Metrics:
             "smocsd_current_version",
             "The model version `current` points to; 0: none.",
             current or 0,
+            **mod,
+        )
+        out.gauge(
+            "smocsd_current_damaged",
+            "1 when `current` names no kept version (dangling) or one that fails its check "
+            "(a file's size or sha256, a non-finite weight), else 0.",
+            int(self._current_problem(store, name, current) is not None),
             **mod,
         )
         meta = self._metadata(store, name, current) if current is not None else None
