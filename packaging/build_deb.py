@@ -34,6 +34,20 @@ every directive in it (per SYSTEMD_DIRECTIVES and SYSTEMD_FORMS); lines it does 
 are left out, with a comment saying what to do instead (unit_for()).
 """
 
+# What comes from Debian's tools, and why the rest is this file's own code:
+# - dpkg-gencontrol writes DEBIAN/control (gencontrol()): the Version from the changelog's
+#   top entry, the Architecture, the Installed-Size counted over the package tree, the
+#   relation fields parsed. dpkg-deb builds the archive.
+# - lintian checks each package (tests/test_deb.py): ELF files of another architecture, the
+#   md5sums, permissions, the changelog, the man page; nothing here checks those again.
+# - dpkg-shlibdeps is not used: it reads the shlibs and symbols files of the build host's
+#   dpkg database, so it knows only the host's release and architecture (why at
+#   SONAME_PACKAGES). The Depends are computed here (library_depends(), depends()).
+# - No tool knows what else a bundle of wheels must fit: the release's Python and glibc
+#   (check_payload()) and its systemd (unit_for()). The Debian changelog is rendered from
+#   CHANGELOG.md (packaging/changelog.py), as no source package (debian/changelog) exists;
+#   the md5sums are written here, as dh_md5sums would bring debhelper and a source tree.
+
 from __future__ import annotations
 
 import argparse
@@ -48,27 +62,31 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+
+import changelog
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LIB = "usr/lib/smocsd"
 UNIT = REPO / "systemd" / "smocsd.service"
 SCHEMAS = "usr/share/smocsd/schemas"
+PROMETHEUS_RULES = "prometheus/smocsd.rules.yml"  # under contrib/ and the doc's examples/
 
 
 @dataclass(frozen=True)
 class Arch:
     deb: str  # Debian architecture name
     machine: str  # manylinux platform suffix, as uname -m says
-    elf_machine: int  # e_machine of its ELF files
 
 
 ARCHES = {
-    "amd64": Arch("amd64", "x86_64", 62),
-    "arm64": Arch("arm64", "aarch64", 183),
+    "amd64": Arch("amd64", "x86_64"),
+    "arm64": Arch("arm64", "aarch64"),
 }
 
 
@@ -215,6 +233,7 @@ BUNDLE: dict[str, tuple[str, ...]] = {
         "threadpoolctl==3.8.0",  # the numpy trainer caps BLAS threads with it
         "confluent-kafka==2.16.1",  # bundles librdkafka
         "paho-mqtt==2.2.0",
+        "prometheus-client==0.26.0",  # writes the metrics file (py3-none-any)
         # psycopg without psycopg-binary: it loads the release's libpq5 (Depends:), which
         # gets its security updates and costs ~0 bytes here instead of ~10 MB per package.
         "psycopg==3.3.9",
@@ -245,6 +264,13 @@ PRUNE = ("onnx/backend/test", "numpy/**/tests", "numpy/distutils", "bin", "**/__
 
 # Shared libraries the wheels link against but do not bundle -> the Debian package that has
 # them. A NEEDED entry found neither here nor among the bundled files fails the build.
+# Not dpkg-shlibdeps: it finds each library's package and minimum version in the shlibs and
+# symbols files of the build host's dpkg database, which has them for the host's release and
+# architecture only. Tried on a bookworm amd64 host: for arm64 it fails ("cannot find
+# library libc.so.6 needed by .../cimpl.cpython-311-aarch64-linux-gnu.so"), and for trixie,
+# jammy and noble it answers from bookworm's files; it would fit one package of eight.
+# Without symbols files the libc6 version comes from the wheels' manylinux tags instead
+# (glibc_floor()), checked against every ELF file's symbol versions (check_payload()).
 SONAME_PACKAGES = {
     "libc.so.6": "libc6",
     "libm.so.6": "libc6",
@@ -430,16 +456,12 @@ def platform_tags(target: Target, arch: Arch) -> list[str]:
     return [*tags, f"manylinux2014_{arch.machine}"]
 
 
-def platform_args(target: Target, arch: Arch) -> list[str]:
-    args = [a for tag in platform_tags(target, arch) for a in ("--platform", tag)]
-    return [
-        *args,
-        "--python-version",
-        target.python,
-        "--implementation",
-        "cp",
-        "--only-binary=:all:",
-    ]
+def pip(command: str, target: Target, arch: Arch, *args: str | Path) -> None:
+    """pip for the release's Python and glibc on arch, without any dependency not pinned."""
+    cmd = [sys.executable, "-m", "pip", command, "--quiet", "--disable-pip-version-check"]
+    cmd += [a for tag in platform_tags(target, arch) for a in ("--platform", tag)]
+    cmd += ["--python-version", target.python, "--implementation", "cp", "--only-binary=:all:"]
+    run(*cmd, "--no-deps", *args)
 
 
 def wheel_tags(filename: str) -> set[tuple[str, str, str]]:
@@ -489,19 +511,7 @@ def download_wheels(target: Target, arch: Arch, reqs: Iterable[str]) -> list[Pat
     reqs = list(reqs)
     missing = [r for r in reqs if _cached(r, dest, target, arch) is None]
     if missing:
-        run(
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--dest",
-            dest,
-            *platform_args(target, arch),
-            *missing,
-        )
+        pip("download", target, arch, "--dest", dest, *missing)
     wheels = []
     for req in reqs:
         wheel = _cached(req, dest, target, arch)
@@ -513,21 +523,7 @@ def download_wheels(target: Target, arch: Arch, reqs: Iterable[str]) -> list[Pat
 
 def install_payload(target: Target, arch: Arch, wheels: list[Path], lib: Path) -> None:
     """Unpack the wheels and smocsd's sources into lib, then prune what never runs."""
-    run(
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-deps",
-        "--no-index",
-        "--no-compile",
-        "--target",
-        lib,
-        *platform_args(target, arch),
-        *wheels,
-    )
+    pip("install", target, arch, "--no-index", "--no-compile", "--target", lib, *wheels)
     shutil.copytree(
         REPO / "smocsd", lib / "smocsd", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
@@ -560,12 +556,6 @@ def elf_files(root: Path) -> Iterator[Path]:
                     yield path
 
 
-def elf_machine(path: Path) -> int:
-    """e_machine of a little-endian ELF file (both targets are little-endian)."""
-    with path.open("rb") as f:
-        return int.from_bytes(f.read(20)[18:20], "little")
-
-
 def needed(path: Path) -> list[str]:
     out = run("readelf", "-d", path, capture_output=True, text=True).stdout
     return re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
@@ -590,14 +580,12 @@ def extension_abis(lib: Path) -> set[str]:
     return abis
 
 
-def library_depends(arch: Arch, lib: Path) -> set[str]:
+def library_depends(lib: Path) -> set[str]:
     """Debian packages for the NEEDED libraries the payload does not carry itself."""
     files = list(elf_files(lib))
     bundled = {p.name for p in files}
     packages: set[str] = set()
     for path in files:
-        if elf_machine(path) != arch.elf_machine:
-            raise BuildError(f"{path}: not a {arch.machine} ELF file")
         for soname in needed(path):
             if soname in bundled:
                 continue
@@ -707,29 +695,30 @@ def unit_for(codename: str) -> str:
     return "".join(out)
 
 
-def changelog(version: str, codename: str | None = None) -> bytes:
-    """packaging/changelog, with an entry for version on top if it is not the newest; for a
-    release's package, the top entry carries its package version and codename."""
-    text = (HERE / "changelog").read_text()
-    top = re.match(r"smocsd \(([^)]+)\)", text)
-    if top is None:
-        raise BuildError("packaging/changelog: first line is not 'smocsd (VERSION) ...'")
-    if top.group(1) != version:
-        date = subprocess.run(
-            ["date", "-R"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        text = (
-            f"smocsd ({version}) unstable; urgency=medium\n\n"
-            f"  * Rebuild of {top.group(1)} as {version}.\n\n"
-            f" -- {MAINTAINER}  {date}\n\n" + text
-        )
-    if codename is not None:
-        text = re.sub(
-            r"\Asmocsd \(([^)]+)\) [^;]+;",
-            f"smocsd ({package_version(codename, version)}) {codename};",
-            text,
-        )
-    return text.encode()
+def debian_changelog(codename: str, version: str) -> str:
+    """CHANGELOG.md as the Debian changelog of codename's package at version (before the
+    suffix). Each older release's entry is at the package version codename got then,
+    "<release>-1" and the suffix: apt-listchanges shows an upgrade's entries down to the
+    installed version, and an older entry without the suffix ("0.1.0-1" > "0.1.0-1~deb12")
+    would be shown as new again."""
+    upstream = upstream_version()
+    return changelog.debian(
+        changelog.read(),
+        upstream,
+        lambda v: package_version(codename, version if v == upstream else f"{v}-1"),
+        codename,
+        MAINTAINER,
+        source_date(),
+    )
+
+
+def source_date() -> datetime:
+    """When a development build's changes were made: SOURCE_DATE_EPOCH if set, as a
+    reproducible build sets it (dpkg-deb clamps the files' mtimes to it too), else now."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", str(int(time.time())))
+    if not epoch.isdigit():
+        raise BuildError(f"SOURCE_DATE_EPOCH={epoch!r}: not a number of seconds")
+    return datetime.fromtimestamp(int(epoch), timezone.utc)
 
 
 def gzip_n(data: bytes) -> bytes:
@@ -747,17 +736,6 @@ def put(root: Path, rel: str, data: bytes | Path, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def installed_size_kib(root: Path) -> int:
-    """As dpkg-gencontrol counts it: each file rounded up to KiB, plus one per directory."""
-    total = 0
-    for path in root.rglob("*"):
-        if path.is_symlink() or path.is_dir():
-            total += 1
-        else:
-            total += -(-path.stat().st_size // 1024)
-    return total
-
-
 def depends(target: Target, libraries: Iterable[str]) -> list[str]:
     """The Depends: relations of the release's package."""
     return [
@@ -771,16 +749,22 @@ def depends(target: Target, libraries: Iterable[str]) -> list[str]:
     ]
 
 
-def control(target: Target, arch: Arch, version: str, deps: Iterable[str], size_kib: int) -> str:
-    return f"""\
-Package: smocsd
-Version: {version}
-Architecture: {arch.deb}
-Maintainer: {MAINTAINER}
-Installed-Size: {size_kib}
-Depends: {", ".join(deps)}
+def gencontrol(
+    target: Target, arch: Arch, deps: Iterable[str], log: str, root: Path, work: Path
+) -> None:
+    """DEBIAN/control of the package tree root, by dpkg-gencontrol in work/, from a
+    debian/control of this one package and log as debian/changelog."""
+    (work / "debian").mkdir()
+    (work / "debian" / "changelog").write_text(log)
+    (work / "debian" / "control").write_text(f"""\
+Source: smocsd
 Section: misc
 Priority: optional
+Maintainer: {MAINTAINER}
+
+Package: smocsd
+Architecture: any
+Depends: {", ".join(deps)}
 Description: on-device training of sensor anomaly-detection models
  smocsd is a small daemon for edge gateways. On a timer it reads the sensor
  readings other software writes into a local SQLite (or PostgreSQL) database,
@@ -791,7 +775,9 @@ Description: on-device training of sensor anomaly-detection models
  It runs as the systemd service smocsd.service, configured by
  /etc/smocsd/smocsd.toml. Its Python dependencies are bundled under
  /usr/lib/smocsd, built for the Python {target.python} of {target.name}.
-"""
+""")
+    # "Architecture: any" becomes the host's: the one built for (dpkg-architecture(1)).
+    run("dpkg-gencontrol", f"-P{root}", cwd=work, env={**os.environ, "DEB_HOST_ARCH": arch.deb})
 
 
 def build(
@@ -813,13 +799,10 @@ def build(
         install_payload(target, arch, wheels, lib)
         floor = glibc_floor(wheels)
         check_payload(target, arch, lib, floor)
-        libraries = library_depends(arch, lib)
+        libraries = library_depends(lib)
         libraries.discard("libc6")
         libraries.add(f"libc6 (>= {floor})")
         deps = depends(target, libraries)
-        unknown = {re.split(r"[ (]", d)[0] for d in deps} - set(target.known)
-        if unknown:
-            raise BuildError(f"TARGETS[{codename!r}].known lacks {sorted(unknown)}")
 
         put(root, "usr/bin/smocsd", HERE / "launcher", 0o755)
         put(root, "usr/lib/systemd/system/smocsd.service", unit.encode())
@@ -827,9 +810,11 @@ def build(
         doc = "usr/share/doc/smocsd"
         put(root, f"{doc}/copyright", HERE / "copyright")
         put(root, f"{doc}/README.Debian", HERE / "README.Debian")
-        put(root, f"{doc}/changelog.Debian.gz", gzip_n(changelog(base, codename)))
+        log = debian_changelog(codename, base)
+        put(root, f"{doc}/changelog.Debian.gz", gzip_n(log.encode()))
         for example in sorted((REPO / "systemd" / "examples").glob("*.conf")):
             put(root, f"{doc}/examples/{example.name}", example)
+        put(root, f"{doc}/examples/{PROMETHEUS_RULES}", REPO / "contrib" / PROMETHEUS_RULES)
         put(root, "usr/share/man/man1/smocsd.1.gz", gzip_n((HERE / "smocsd.1").read_bytes()))
         # The JSON Schemas of the messages and metadata.json, where a consumer on the
         # gateway finds them without knowing the private library path.
@@ -837,7 +822,6 @@ def build(
             put(root, f"{SCHEMAS}/{schema.name}", schema)
         put(root, "usr/share/lintian/overrides/smocsd", HERE / "lintian-overrides")
 
-        size = installed_size_kib(root)
         debian = root / "DEBIAN"
         for script in ("postinst", "prerm", "postrm"):
             put(root, f"DEBIAN/{script}", HERE / script, 0o755)
@@ -848,32 +832,28 @@ def build(
                 digest = hashlib.md5(path.read_bytes()).hexdigest()
                 md5.append(f"{digest}  {path.relative_to(root)}\n")
         put(root, "DEBIAN/md5sums", "".join(md5).encode())
-        put(root, "DEBIAN/control", control(target, arch, version, deps, size).encode())
         executables = {root / "usr/bin/smocsd", *debian.glob("p*")}
         for path in [root, *root.rglob("*")]:
             if not path.is_symlink():
                 path.chmod(0o755 if path.is_dir() or path in executables else 0o644)
+        gencontrol(target, arch, deps, log, root, Path(tmp))
 
         out.mkdir(parents=True, exist_ok=True)
         deb = out / f"smocsd_{version}_{arch.deb}.deb"
         compress = ["-Zgzip", "-z1"] if fast else ["-Zxz", "-z9"]
-        run(
-            "dpkg-deb",
-            "--root-owner-group",
-            *compress,
-            "--build",
-            root,
-            deb,
-            stdout=subprocess.DEVNULL,
-        )
-        print_sizes(deb, wheel_sizes(wheels, lib), size)
+        run("dpkg-deb", "--root-owner-group", *compress, "-b", root, deb, stdout=subprocess.DEVNULL)
+        print_sizes(deb, wheel_sizes(wheels, lib))
     return deb
 
 
 MIB = 1024 * 1024
 
 
-def print_sizes(deb: Path, rows: list[tuple[str, int, int]], size_kib: int) -> None:
+def installed_size_kib(deb: Path) -> int:
+    return int(run("dpkg-deb", "-f", deb, "Installed-Size", capture_output=True, text=True).stdout)
+
+
+def print_sizes(deb: Path, rows: list[tuple[str, int, int]]) -> None:
     print(f"\n{deb.name}")
     print(f"  {'bundled distribution':<34} {'download MiB':>12} {'installed MiB':>14}")
     for name, down, inst in rows:
@@ -882,7 +862,8 @@ def print_sizes(deb: Path, rows: list[tuple[str, int, int]], size_kib: int) -> N
         f"  {'total':<34} {sum(r[1] for r in rows) / MIB:>12.1f} "
         f"{sum(r[2] for r in rows) / MIB:>14.1f}"
     )
-    print(f"  .deb {deb.stat().st_size / MIB:.1f} MiB, Installed-Size {size_kib / 1024:.1f} MiB")
+    size = installed_size_kib(deb) / 1024
+    print(f"  .deb {deb.stat().st_size / MIB:.1f} MiB, Installed-Size {size:.1f} MiB")
 
 
 def size_table(built: list[tuple[str, str, Path]]) -> str:
@@ -891,12 +872,9 @@ def size_table(built: list[tuple[str, str, Path]]) -> str:
         f"{'codename':<10} {'arch':<6} {'.deb MiB':>9} {'Installed-Size MiB':>19}  backend",
     ]
     for codename, arch_name, deb in built:
-        size_kib = int(
-            run("dpkg-deb", "-f", deb, "Installed-Size", capture_output=True, text=True).stdout
-        )
         lines.append(
             f"{codename:<10} {arch_name:<6} {deb.stat().st_size / MIB:>9.1f} "
-            f"{size_kib / 1024:>19.1f}  {backend(codename, arch_name)}"
+            f"{installed_size_kib(deb) / 1024:>19.1f}  {backend(codename, arch_name)}"
         )
     return "\n".join(lines)
 
@@ -929,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
             for arch in ARCHES if args.arch == "all" else [args.arch]:
                 deb = build(codename, arch, args.out / codename, args.version, args.fast)
                 built.append((codename, arch, deb))
-    except (BuildError, subprocess.CalledProcessError) as exc:
+    except (BuildError, changelog.ChangelogError, subprocess.CalledProcessError) as exc:
         print(f"build_deb: {exc}", file=sys.stderr)
         return 1
     print(f"\n{size_table(built)}")

@@ -10,8 +10,11 @@ Anything else under a release is its prose, kept as it is.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from datetime import date
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time, timezone
+from email.utils import format_datetime
 from pathlib import Path
 
 CHANGELOG = Path(__file__).resolve().parent.parent / "CHANGELOG.md"
@@ -97,3 +100,59 @@ def parse(text: str, path: str = "CHANGELOG.md") -> Changelog:
 
 def read(path: Path = CHANGELOG) -> Changelog:
     return parse(path.read_text(), str(path))
+
+
+def debian(
+    log: Changelog,
+    version: str,
+    package_version: Callable[[str], str],
+    distribution: str,
+    maintainer: str,
+    now: datetime,
+) -> str:
+    """The Debian changelog (deb-changelog(5)) of the package built from a tree at version
+    (smocsd.__version__): one entry per release, newest first, each at
+    package_version(its version) and for distribution. A version with no release yet is a
+    development build: its entry on top is the Unreleased section, for UNRELEASED, at now."""
+    if not VERSION.fullmatch(version):
+        raise ChangelogError(f"smocsd version {version!r} is not X.Y.Z")
+    newest = log.releases[0].name if log.releases else None
+    if newest and _key(newest) > _key(version):
+        raise ChangelogError(f"{CHANGELOG.name}: release {newest} is newer than {version}")
+    entries = [(s, distribution, _noon(s)) for s in log.releases]
+    if newest != version:
+        entries.insert(0, (replace(log.unreleased, name=version), "UNRELEASED", now))
+    return "\n".join(
+        _entry(section, package_version(section.name), dist, maintainer, when)
+        for section, dist, when in entries
+    )
+
+
+def _key(version: str) -> tuple[int, ...]:
+    return tuple(map(int, version.split(".")))
+
+
+def _noon(section: Section) -> datetime:
+    """A release is dated by its day only: noon UTC is that day from UTC-12 to UTC+11."""
+    assert section.date is not None  # parse() gives every release its date
+    return datetime.combine(section.date, time(12), timezone.utc)
+
+
+def _entry(section: Section, version: str, dist: str, maintainer: str, when: datetime) -> str:
+    """One entry: the prose as the first item, then every item prefixed with its kind, as
+    `  * Kind: text` wrapped at 80 columns (lintian's debian-changelog-line-too-long). The
+    kinds are not `[ Kind ]` groups: that form names the author of the changes below it
+    (dch, gbp dch)."""
+    items = [" ".join(section.prose)] if section.prose else []
+    items += [f"{kind}: {item}" for kind, listed in section.items.items() for item in listed]
+    lines = [f"smocsd ({version}) {dist}; urgency=medium", ""]
+    for item in items or ["No change listed in CHANGELOG.md yet."]:
+        lines += textwrap.wrap(
+            item,
+            80,
+            initial_indent="  * ",
+            subsequent_indent="    ",
+            break_long_words=False,  # a long `option` or address overflows rather than splits
+            break_on_hyphens=False,
+        )
+    return "\n".join([*lines, "", f" -- {maintainer}  {format_datetime(when)}", ""])
