@@ -28,7 +28,7 @@ from smocsd.app.metrics import Metrics, Snapshot, Tally, write_textfile
 from smocsd.common import config
 from smocsd.common.config import ConfigError
 from smocsd.data import demo
-from smocsd.delivery.publish import Publisher
+from smocsd.delivery.publish import Publisher, Said
 from smocsd.training.result import Outcome
 
 WAIT = 90.0  # generous: the suite runs on a loaded 2-core machine
@@ -268,6 +268,7 @@ def test_deliveries_are_counted_per_sink_as_the_publisher_offers_them():
     class Sink:
         def __init__(self, name: str, takes: bool | None) -> None:
             self.name, self.takes = name, takes
+            self.said = Said()
 
         def send(self, messages: list[dict], _should_stop: Callable[[], bool]) -> list[bool]:
             if self.takes is None:

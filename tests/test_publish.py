@@ -21,8 +21,9 @@ import schemacheck
 from services import CertificateAuthority, Kafka, Mosquitto
 
 from smocsd.common.config import KafkaConfig, MqttConfig, PublishConfig, parse, partition_value
+from smocsd.delivery import publish
 from smocsd.delivery.outbox import FLUSH_BATCH, Outbox
-from smocsd.delivery.publish import Publisher, mqtt_topic
+from smocsd.delivery.publish import Publisher, Said, mqtt_topic
 from smocsd.schemas import ALARM_SCHEMA, LABEL_SCHEMA
 
 DEVICE = "gw-test"
@@ -580,6 +581,7 @@ class FakeSink:
         self.ack = ack
         self.broken = False
         self.calls: list[int] = []
+        self.said = Said()
 
     def send(self, messages: list[dict], _should_stop: Callable[[], bool]) -> list[bool]:
         self.calls.append(len(messages))
@@ -606,6 +608,35 @@ def test_attempt_skips_for_the_rest_of_a_flush_a_sink_that_failed() -> None:
     kafka.broken = False
     assert deliver(batch) == ["mqtt"] * 3
     assert kafka.calls == [3, 3, 3]
+
+
+def test_an_outage_is_said_once_an_hour_and_again_after_a_delivery(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker down for a day is not two journal lines a check: each kind of failure is a
+    warning when it starts, when REMIND has passed and once the sink delivered between."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    down = MqttConfig(host="127.0.0.1", port=closed, topic=MQTT_TOPIC, timeout=TIMEOUT)
+    publisher = Publisher(PublishConfig(order=("mqtt",), mqtt=down), DEVICE)
+    (sink,) = publisher.sinks
+
+    def attempts(n: int) -> list[int]:
+        """The levels of what n flushes said."""
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="smocsd.publish"):
+            for _ in range(n):
+                publisher.attempt()([result()])
+        return [r.levelno for r in caplog.records if "not delivered" in r.getMessage()]
+
+    assert attempts(3) == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    sink.cfg = MqttConfig(host="127.0.0.1", port=mosquitto.port, topic=MQTT_TOPIC, timeout=TIMEOUT)
+    assert publisher.attempt()([result()]) == ["mqtt"]
+    sink.cfg = down
+    assert attempts(2) == [logging.WARNING, logging.DEBUG]  # said again after a delivery
+    monkeypatch.setattr(publish, "REMIND", 0.0)
+    assert attempts(2) == [logging.WARNING, logging.WARNING]  # and once REMIND has passed
 
 
 def test_mqtt_topic_paho_refuses_fails_that_result_only(

@@ -238,7 +238,7 @@ class CountedSink:
     messages it was not offered are not counted against it."""
 
     def __init__(self, sink: Sink, tally: Tally) -> None:
-        self.sink, self.tally, self.name = sink, tally, sink.name
+        self.sink, self.tally, self.name, self.said = sink, tally, sink.name, sink.said
 
     def send(self, messages: list[dict], should_stop: Callable[[], bool]) -> list[bool]:
         try:

@@ -70,8 +70,35 @@ def _payload(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
+# A failure a sink said at its level is said again at that level after this long while it
+# lasts; meanwhile each check's repeat is a debug line. An outage at the default check
+# interval would otherwise write two lines a minute, 2880 a day, to an SD card's journal.
+REMIND = 3600.0
+
+
+class Said:
+    """A sink's failures as the journal gets them: each kind (level and format) at its
+    level when it first happens, again every REMIND while it lasts, and once more after the
+    sink has delivered again (see Publisher.attempt); the repeats in between at debug."""
+
+    def __init__(self) -> None:
+        self._at: dict[tuple[int, str], float] = {}  # a kind of failure -> when last said
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        now, kind = time.monotonic(), (level, fmt)
+        if kind in self._at and now - self._at[kind] < REMIND:
+            level = logging.DEBUG
+        else:
+            self._at[kind] = now
+        log.log(level, fmt, *args)
+
+    def delivered(self) -> None:
+        self._at.clear()
+
+
 class Sink(Protocol):
     name: str
+    said: Said
 
     def send(self, messages: list[dict], should_stop: Callable[[], bool]) -> list[bool]:
         """Per message, whether the broker acknowledged it. Logs one line on failure.
@@ -129,13 +156,15 @@ class Publisher:
                 try:
                     acked = sink.send([messages[i] for i in todo], should_stop)
                 except ConfigError as exc:  # an unreadable or unsafe secret file
-                    log.error("%s: not sending: %s", sink.name, exc)
+                    sink.said.log(logging.ERROR, "%s: not sending: %s", sink.name, exc)
                     acked = [False] * len(todo)
                 except Exception:
                     log.exception("%s: unexpected error while sending", sink.name)
                     acked = [False] * len(todo)
                 if not all(acked):
                     failed.add(sink.name)
+                elif acked:
+                    sink.said.delivered()
                 for i, ok in zip(todo, acked, strict=True):
                     if ok:
                         taken[i] = sink.name
@@ -166,6 +195,7 @@ class KafkaSink:
     def __init__(self, cfg: KafkaConfig, device_id: str) -> None:
         self.cfg = cfg
         self.client_id = f"smocsd-{device_id}"
+        self.said = Said()
 
     def _config(self, on_error: Any) -> dict[str, Any]:
         timeout_ms = max(1, int(self.cfg.timeout * 1000))
@@ -214,7 +244,8 @@ class KafkaSink:
         try:
             producer = Producer(self._config(client_errors.append))
         except KafkaException as exc:  # e.g. an unreadable ssl_ca_location
-            log.error(
+            self.said.log(
+                logging.ERROR,
                 "kafka %s: cannot create a producer: %s",
                 self.cfg.bootstrap_servers,
                 exc.args[0].str(),
@@ -253,7 +284,7 @@ class KafkaSink:
             reason = "stopping before a delivery report"
         else:
             reason = (refused or errors)[0].str() if errors else "no delivery report in time"
-        log.log(
+        self.said.log(
             logging.ERROR if refused else logging.WARNING,
             "kafka %s %s: %d of %d result(s) not delivered: %s",
             self.cfg.bootstrap_servers,
@@ -362,6 +393,7 @@ class MqttSink:
     def __init__(self, cfg: MqttConfig, device_id: str) -> None:
         self.cfg = cfg
         self.client_id = f"smocsd-{device_id}"  # stable, so broker logs and ACLs can name it
+        self.said = Said()
 
     def _client(self, session: _Session) -> mqtt.Client:
         client = mqtt.Client(
@@ -391,7 +423,13 @@ class MqttSink:
         try:
             client = self._client(session)
         except (OSError, ValueError) as exc:  # ca_file missing or not a certificate
-            log.error("mqtt %s: cannot set up TLS with ca_file %s: %s", where, cfg.ca_file, exc)
+            self.said.log(
+                logging.ERROR,
+                "mqtt %s: cannot set up TLS with ca_file %s: %s",
+                where,
+                cfg.ca_file,
+                exc,
+            )
             return [False] * len(messages)
         # connect() in this thread, not connect_async(): a refused TCP connection or a TLS
         # handshake failure is an exception here, which says what went wrong, where the
@@ -399,7 +437,8 @@ class MqttSink:
         try:
             client.connect(cfg.host, cfg.port, keepalive=max(10, int(cfg.timeout) * 2))
         except ssl.SSLError as exc:  # an untrusted or mismatched certificate: fix the config
-            log.error(
+            self.said.log(
+                logging.ERROR,
                 "mqtt %s TLS handshake failed: %d result(s) not delivered: %s",
                 where,
                 len(messages),
@@ -407,8 +446,12 @@ class MqttSink:
             )
             return [False] * len(messages)
         except OSError as exc:
-            log.warning(
-                "mqtt %s unreachable: %d result(s) not delivered: %s", where, len(messages), exc
+            self.said.log(
+                logging.WARNING,
+                "mqtt %s unreachable: %d result(s) not delivered: %s",
+                where,
+                len(messages),
+                exc,
             )
             return [False] * len(messages)
         client.loop_start()
@@ -439,8 +482,9 @@ class MqttSink:
                 level, what = logging.WARNING, "did not answer"
                 late = time.monotonic() >= deadline
                 why = "no CONNACK before the timeout" if late else "stopping before a CONNACK"
-            log.log(
-                level, "mqtt %s %s: %d result(s) not delivered: %s", where, what, len(messages), why
+            # `what` in the format: a refusal after a silence is another kind of failure
+            self.said.log(
+                level, f"mqtt %s {what}: %d result(s) not delivered: %s", where, len(messages), why
             )
             return [False] * len(messages)
         infos = [self._publish(client, m, where) for m in messages]
@@ -457,7 +501,8 @@ class MqttSink:
         unacked = sum(info is not None and not ok for info, ok in zip(infos, acked, strict=True))
         if unacked:
             lost = session.state is _State.LOST
-            log.warning(
+            self.said.log(
+                logging.WARNING,
                 "mqtt %s: %d of %d result(s) not acknowledged: %s",
                 where,
                 unacked,
