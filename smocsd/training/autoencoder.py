@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import platform
 import time
@@ -100,6 +101,8 @@ class TrainingData:
 # Windows scored per channel_errors call when only their scores are kept: its per-channel
 # errors (12 bytes a window at 3 channels) then never exist for all windows at once.
 SCORE_CHUNK = 1 << 16
+# The share of unusable rows above which a cycle warns of them (see get_training_data).
+BAD_SHARE = 0.01
 
 
 def _chunks(session: Any, windows: WindowSet, n_channels: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -215,7 +218,10 @@ class AutoencoderJob(TrainingJob):
         readings = self.db_manager.read_newest(t.max_rows)
         bad = readings.bad_rows
         if bad.any():
-            self.logger.warning(
+            # A dropout now and then is a plant's normal, and the cycle's line counts them
+            # ("N dropped"); more than BAD_SHARE is a failing sensor or ingest, a warning.
+            self.logger.log(
+                logging.WARNING if bad.mean() > BAD_SHARE else logging.DEBUG,
                 "%d of %d rows have NULL, NaN, inf or non-numeric values and are left out",
                 bad.sum(),
                 len(bad),
