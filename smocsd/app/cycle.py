@@ -22,6 +22,7 @@ from typing import Any
 
 from ..common.config import Config
 from ..common.files import locked
+from ..common.records import number_or_none
 from ..common.state import State
 from ..delivery.outbox import Outbox
 from ..store import ModelStore
@@ -94,8 +95,7 @@ def run(
 
 def _number(record: Any, key: str) -> float | None:
     """`record[key]` if it is a number: a job's dicts are its own, of any shape."""
-    value = record.get(key) if isinstance(record, dict) else None
-    return None if isinstance(value, bool) or not isinstance(value, (int, float)) else value
+    return number_or_none(record.get(key)) if isinstance(record, dict) else None
 
 
 def summary(cfg: Config, result: CycleResult, seconds: float) -> str:

@@ -49,7 +49,8 @@ from .. import __version__
 from ..common.config import Config
 from ..common.files import remove_temp_files, write_atomic
 from ..common.modelmeta import ModelMeta
-from ..common.state import CycleRecord, State
+from ..common.records import number_or_none
+from ..common.state import TIME_FORMAT, CycleRecord, State
 from ..delivery.outbox import Outbox
 from ..store import ModelStore, StoreError
 from ..training.result import Outcome
@@ -137,17 +138,10 @@ def write_textfile(path: Path, data: bytes) -> None:
 def _epoch(utc: Any) -> float | None:
     """'2026-11-28T04:17:54Z' (state.py's utcnow) as Unix time; None if it is not one."""
     try:
-        when = datetime.strptime(utc, "%Y-%m-%dT%H:%M:%SZ")
+        when = datetime.strptime(utc, TIME_FORMAT)
     except (TypeError, ValueError):
         return None
     return when.replace(tzinfo=timezone.utc).timestamp()
-
-
-def _number(value: Any) -> float | None:
-    """A number from metadata.json or a result; None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value
 
 
 @dataclass
@@ -494,7 +488,7 @@ class Metrics:
                     "The current model's validation loss (its best epoch's).",
                 ),
             ):
-                if (number := _number(value)) is not None:
+                if (number := number_or_none(value)) is not None:
                     out.gauge(f"smocsd_current_{what}", text, number, **mod)
         newest = self._metadata(store, name, versions[-1]) if versions else None
         if newest is None:

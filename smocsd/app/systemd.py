@@ -13,6 +13,8 @@ import socket
 import sys
 import time
 
+from ..common.state import TIME_FORMAT
+
 
 def notify(*fields: str) -> bool:
     """Sends e.g. notify("READY=1", "STATUS=idle"); a no-op outside systemd."""
@@ -87,9 +89,7 @@ def configure_logging(level: str) -> None:
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
         # smocsd's one time format (UTC, whole seconds, Z), as in status and state.json.
-        stamped = logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ"
-        )
+        stamped = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", TIME_FORMAT)
         stamped.converter = time.gmtime
         handler.setFormatter(stamped)
     root = logging.getLogger()

@@ -60,6 +60,14 @@ def number(value: Any, name: str, low: float = -math.inf) -> float:
     return result
 
 
+def number_or_none(value: Any) -> float | None:
+    """A number as a record or a job's dict holds it; None for anything else (a bool is
+    not one): for what reports a value if there is one and never fails for its lack."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
 def text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise Damage(name, f"expected a string, got {shown(value)}")

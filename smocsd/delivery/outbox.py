@@ -32,6 +32,7 @@ from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar, Union
 from urllib.parse import quote
 
 from ..common.files import fsync_path, locked
+from ..common.state import utcnow
 from ..schemas import ALARM_SCHEMA, LABEL_SCHEMA, RESULT_SCHEMA
 
 __all__ = [
@@ -636,7 +637,7 @@ class Outbox:
                 named,
             )
             return
-        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        at = utcnow()
         with self._write() as db:
             for seq, reason in bad:
                 db.execute(
