@@ -29,6 +29,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import apt_repo
 import changelog
@@ -174,6 +175,26 @@ def cut(version: str, repo: Path = REPO) -> str:
 # --- build
 
 
+def extract(revision: str, dest: Path, repo: Path = REPO) -> None:
+    """The tree of `revision` (a tag or a commit) in dest, by `git archive`: whatever the
+    worktree holds, and the repository's worktrees stay as they are."""
+    archive = dest / ".source.tar"
+    git(repo, "archive", f"--output={archive}", revision)
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(dest)], check=True)
+    archive.unlink()
+
+
+def build_packages(
+    tree: Path, out: Path, target: str = "all", arch: str = "all", *extra: str, **run: Any
+) -> subprocess.CompletedProcess:
+    """The packages of the tree at `tree` into out/<codename>/, by that tree's own
+    packaging/build_deb.py: what that commit builds, not what this checkout's packaging
+    would make of its sources. `run` goes to subprocess.run (e.g. capture_output)."""
+    build_deb = tree / "packaging" / "build_deb.py"
+    command = [sys.executable, str(build_deb), arch, "--target", target, "--out", str(out)]
+    return subprocess.run([*command, *extra], cwd=tree, check=False, **run)
+
+
 def check_tree(root: Path, version: str, tag: str) -> None:
     """The tree of `tag` at root is release `version`: its CHANGELOG.md's newest release and
     its __version__ say so (a tag on the wrong commit is refused before a long build)."""
@@ -211,16 +232,9 @@ def build(
     dist = out / "dist"
     with tempfile.TemporaryDirectory(prefix=f"smocsd-{version}-") as tmp:
         source = Path(tmp)
-        archive = source / "source.tar"
-        git(repo, "archive", f"--output={archive}", tag)
-        subprocess.run(["tar", "-xf", str(archive), "-C", str(source)], check=True)
-        archive.unlink()
+        extract(tag, source, repo)
         check_tree(source, version, tag)
-        # The tag's own build_deb.py: the packages are what that commit builds, not what
-        # this checkout's packaging would make of its sources.
-        build_deb = source / "packaging" / "build_deb.py"
-        command = [sys.executable, build_deb, "all", "--target", target, "--out", dist.resolve()]
-        built = subprocess.run(command)
+        built = build_packages(source, dist.resolve(), target)
         if built.returncode != 0:
             raise ReleaseError(f"{tag}: packaging/build_deb.py failed (exit {built.returncode})")
     debs = {d.name: sorted(d.glob("*.deb")) for d in sorted(dist.iterdir()) if d.is_dir()}

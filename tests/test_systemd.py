@@ -553,25 +553,9 @@ def previous_release(codename: str, arch: str = "amd64") -> tuple[str, Path]:
         with tempfile.TemporaryDirectory(prefix="smocsd-previous-") as tmp:
             tree, out = Path(tmp) / "tree", Path(tmp) / "out"
             tree.mkdir()
-            archive = subprocess.run(
-                ["git", "-C", str(SOURCE_TREE), "archive", commit], capture_output=True, check=True
-            )
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-            build = subprocess.run(
-                [
-                    sys.executable,
-                    str(tree / "packaging" / "build_deb.py"),
-                    "--target",
-                    codename,
-                    arch,
-                    "--out",
-                    str(out),
-                    "--fast",
-                ],
-                capture_output=True,
-                text=True,
-                cwd=tree,
-                check=False,
+            release.extract(commit, tree, SOURCE_TREE)
+            build = release.build_packages(
+                tree, out, codename, arch, "--fast", capture_output=True, text=True
             )
             assert build.returncode == 0, f"{version}'s build_deb.py failed:\n{build}"
             (built,) = (out / codename).glob(f"smocsd_*_{arch}.deb")
