@@ -161,6 +161,22 @@ def rows_alarmed(end: np.ndarray, alarm: np.ndarray, run: Run) -> np.ndarray:
 # --- smocsd, through call_hooks -----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FitWindows:
+    """A model's training or validation windows: starts, channel errors (in the score's
+    units) and scores."""
+
+    starts: np.ndarray
+    errors: np.ndarray
+    score: np.ndarray
+
+
+@dataclass(frozen=True)
+class Fitted:
+    train: FitWindows
+    val: FitWindows
+
+
 @dataclass
 class Trained:
     """A promoted model, its scores over the whole run and over its own train/val windows."""
@@ -169,8 +185,16 @@ class Trained:
     end: np.ndarray  # row index of each scored window's last row
     score: np.ndarray
     alarm: np.ndarray  # the model's own threshold and alarm rule
-    train_scores: np.ndarray
-    val_scores: np.ndarray
+    errors: np.ndarray  # (windows, channels), in the score's units
+    fitted: Fitted
+
+    @property
+    def train_scores(self) -> np.ndarray:
+        return self.fitted.train.score
+
+    @property
+    def val_scores(self) -> np.ndarray:
+        return self.fitted.val.score
 
     @property
     def rule(self) -> AlarmRule:
@@ -198,10 +222,10 @@ def write_readings(path: Path, channels: tuple[str, ...], run: Run) -> None:
 
 def train_smocsd(
     ds: Dataset, run: Run, overrides: dict[str, Any], state: Path
-) -> tuple[Path, dict[str, Any], np.ndarray, np.ndarray]:
+) -> tuple[Path, dict[str, Any], Fitted]:
     """One forced cycle on the run's training rows in state directory `state`; every key not
     overridden ("key" of [training], or "section.key") is default. Returns the promoted
-    version's directory, its metadata and its scores on its training and validation windows."""
+    version's directory, its metadata and its training and validation windows."""
     state.mkdir()
     write_readings(state / "readings.db", ds.channels, run)
     sections: dict[str, str] = {"training": "", "model": ""}
@@ -223,13 +247,12 @@ def train_smocsd(
         raise RuntimeError(f"{ds.name}: cycle {result.outcome.value}: {why}")
     current = (state / "models" / "autoencoder" / "current").resolve()
     meta = json.loads((current / "metadata.json").read_text())
-    train_scores, val_scores = _split_scores(cfg, run, current, meta)
-    return current, meta, train_scores, val_scores
+    return current, meta, _fitted(cfg, run, current, meta)
 
 
-def _split_scores(cfg, run: Run, directory: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The model's scores on the training and validation windows, split as the job split them
-    (checked against the metadata, so the threshold methods see what the job saw)."""
+def _fitted(cfg, run: Run, directory: Path, meta: dict) -> Fitted:
+    """The model's training and validation windows, split as the job split them (checked
+    against the metadata, so the threshold methods see what the job saw)."""
     t = cfg.training
     values, time_ = run.values[: run.n_train], run.time[: run.n_train]
     breaks, _ = check_time(time_, t.max_gap)
@@ -241,11 +264,13 @@ def _split_scores(cfg, run: Run, directory: Path, meta: dict) -> tuple[np.ndarra
         raise RuntimeError("the recomputed train/validation split is not the job's")
     session, score = open_session(directory / "model.onnx"), WindowScore.of(ModelMeta.parse(meta))
     n = values.shape[1]
-    train = score.apply(channel_errors(session, sp.train, n))[1]
-    val = score.apply(channel_errors(session, sp.val, n))[1]
-    if not np.isclose(np.percentile(val, 99), meta["score_quantiles"]["validation"]["p99"]):
+    train, val = (
+        FitWindows(w.starts, *score.apply(channel_errors(session, w, n)))
+        for w in (sp.train, sp.val)
+    )
+    if not np.isclose(np.percentile(val.score, 99), meta["score_quantiles"]["validation"]["p99"]):
         raise RuntimeError("the recomputed validation scores are not the job's")
-    return train, val
+    return Fitted(train, val)
 
 
 DEFAULTS = {"training": TrainingConfig(), "model": ModelConfig()}
@@ -263,7 +288,7 @@ class Models:
 
     def __init__(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="smocsd-bench-")
-        self._trained: dict[tuple, tuple[Path, dict, np.ndarray, np.ndarray]] = {}
+        self._trained: dict[tuple, tuple[Path, dict, Fitted]] = {}
         self._cache: dict[tuple, Trained] = {}
 
     @property
@@ -282,10 +307,10 @@ class Models:
             if trained not in self._trained:
                 state = Path(self._tmp.name) / str(len(self._trained))
                 self._trained[trained] = train_smocsd(ds, run, overrides, state)
-            directory, meta, train_scores, val_scores = self._trained[trained]
+            directory, meta, fitted = self._trained[trained]
             scored = Model.of(directory, ModelMeta.parse(meta)).score(run.values, run.time)
             self._cache[key] = Trained(
-                meta, scored.end, scored.score, scored.alarm, train_scores, val_scores
+                meta, scored.end, scored.score, scored.alarm, scored.errors, fitted
             )
         return self._cache[key]
 
@@ -601,6 +626,45 @@ def seeds_table(datasets: list[Dataset], models: Models) -> str:
     return markdown(["smocsd", "seed", *map(summary_header, datasets)], rows)
 
 
+# Windows over which each channel's error is averaged before the largest is taken: the
+# study of a score that integrates over time (1 is the default score).
+SMOOTHING = (1, 5, 10, 20)
+
+
+def smoothed(errors: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
+    """Each window's score from its channels' errors averaged over it and the `n` - 1
+    windows before it in the same contiguous run (fewer at a run's start)."""
+    out = np.empty(errors.shape, np.float64)
+    for run in np.split(np.arange(len(starts)), np.flatnonzero(np.diff(starts) != 1) + 1):
+        total = np.cumsum(errors[run], axis=0, dtype=np.float64)
+        total[n:] -= total[:-n].copy()
+        out[run] = total / np.minimum(np.arange(1, len(run) + 1), n)[:, None]
+    return out.max(axis=1)
+
+
+def smoothing_decisions(ds: Dataset, models: Models, n: int) -> list[np.ndarray]:
+    """The defaults' models with the score smoothed over `n` windows; the threshold is
+    threshold.fit on the smoothed training and validation scores, a smoothed window
+    spanning w + n - 1 rows."""
+    out = []
+    for m, run in zip(models.all(ds), ds.runs, strict=True):
+        w, rate = m.meta["window_size"], m.meta["threshold_fit"]["false_alarm_rate"]
+        fit = np.concatenate(
+            [smoothed(f.errors, f.starts, n) for f in (m.fitted.train, m.fitted.val)]
+        )
+        thr = threshold.fit(fit, w + n - 1, 1, rate).threshold
+        out.append(rows_alarmed(m.end, m.rule.apply(smoothed(m.errors, m.end, n) > thr), run))
+    return out
+
+
+def smoothing_table(datasets: list[Dataset], models: Models) -> str:
+    rows = [
+        [str(n), *(summary(ds, smoothing_decisions(ds, models, n)) for ds in datasets)]
+        for n in SMOOTHING
+    ]
+    return markdown(["windows averaged", *map(summary_header, datasets)], rows)
+
+
 def summary(ds: Dataset, decisions: list[np.ndarray]) -> str:
     """One cell: the Tennessee Eastman FAR / mean detection rate, else BA (FAR / MAR)."""
     if ds.name == "tep":
@@ -641,6 +705,8 @@ def main() -> None:
         print(settings_table(datasets, models))
         print("\n## Seeds: one training seed is one sample; the choice held on three\n")
         print(seeds_table(real, models))
+        print("\n## Channel errors averaged over time before their maximum (study)\n")
+        print(smoothing_table(datasets, models))
 
     header = ["dataset", "detector", "FAR %", "MAR %", "F1", "BA", "events", "delay", "FA/10k"]
     if simulated:

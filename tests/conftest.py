@@ -6,8 +6,9 @@ begins, so a test may stop or restart it freely. A server that cannot be started
 skips the tests that need it, except under CI (CI=true), where they fail.
 
 Tiers: every test is marked `fast` or `slow`. Slow ones start a server, boot or unpack
-into a container, build packages or install from PyPI; `packaging/dev test -m fast` runs
-the rest, for a maintainer's edit-test loop. CI runs both.
+into a container, build packages, install from PyPI or run the daemon for minutes;
+`packaging/dev test -m fast` runs the rest, for a maintainer's edit-test loop. CI runs
+both.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from services import (
 
 from smocsd.data import demo
 
-# Fixtures that start a real server, and modules that build packages, boot containers or
-# install from PyPI: a test that uses one is `slow`.
+# Fixtures that start a real server, and modules that build packages, boot containers,
+# install from PyPI or run the daemon for minutes: a test that uses one is `slow`.
 SLOW_FIXTURES = frozenset(
     {
         "kafka",
@@ -43,7 +44,9 @@ SLOW_FIXTURES = frozenset(
         "node_exporter",
     }
 )
-SLOW_MODULES = frozenset({"test_systemd", "test_deb", "test_arm64", "test_source_install"})
+SLOW_MODULES = frozenset(
+    {"test_systemd", "test_deb", "test_arm64", "test_source_install", "test_dev_run"}
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,9 +8,12 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -321,8 +324,9 @@ VERSIONS = "an integer from 1 to 9223372036854775807 (versions start at 1)"
             "an integer from 1 to 9223372036854775807 (label ids start at 1)",
             "0",
         ),
-        (("demo", "--rows", "0"), "--rows", "an integer from 1 to 10000000", "0"),
-        (("demo", "--rows", HUGE), "--rows", "an integer from 1 to 10000000", HUGE),
+        (("demo", "--rows", "-1"), "--rows", "an integer from 0 to 10000000", "-1"),
+        (("demo", "--rows", HUGE), "--rows", "an integer from 0 to 10000000", HUGE),
+        (("demo", "--follow", "--rate", "0"), "--rate", "an integer from 1 to 100000", "0"),
         (
             ("score", "--from", "9" * 5000),
             "--from",
@@ -619,6 +623,82 @@ def test_an_owner_without_a_user_entry_is_refused_with_the_command_to_run(tmp_pa
         f"run instead: sudo -u '#{UNNAMED}' smocsd demo --rows 100 --db {db} --config {cfg}\n"
     )
     assert list(state.iterdir()) == []
+
+
+def test_demo_follow_adds_rows_continuing_the_timeline_until_stopped(tmp_path):
+    """`demo --follow` is the plant `packaging/dev run` scores live: whole seconds of rows
+    at --rate, the same rows one write would make, and SIGTERM or Ctrl-C end it with 0."""
+    db = tmp_path / "readings.db"
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("SMOCSD_CONFIG", None)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        before = _rows(db)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smocsd", "demo", "--rows", "50", "--follow", "--rate", "200"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while _rows(db) < before + 50 + 3 * 200:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "demo --follow added too few rows"
+                time.sleep(0.1)
+            proc.send_signal(stop)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert (proc.returncode, err) == (0, "")
+        assert out.startswith(f"{db}: wrote 50 rows, ")
+    total = _rows(db)
+    assert (total - 100) % 200 == 0  # whole seconds: a stop mid-write left none half-written
+    once = tmp_path / "once.db"
+    demo.write(once, total)
+    assert _table(db) == _table(once)
+
+
+def test_demo_follow_stops_when_the_process_that_started_it_ends(tmp_path):
+    """packaging/dev run starts the plant and execs the daemon in its place: when the
+    daemon ends, however it ends, the plant stops with it."""
+    db = tmp_path / "readings.db"
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("SMOCSD_CONFIG", None)
+    feed = f"{sys.executable} -m smocsd demo --rows 10 --follow --rate 10 --db {db}"
+    shell = subprocess.run(
+        ["bash", "-c", f"{feed} >/dev/null & echo $!; exec sleep 3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    pid = int(shell.stdout)
+    deadline = time.monotonic() + 30
+    while _alive(pid):
+        assert time.monotonic() < deadline, "demo --follow outlived its parent"
+        time.sleep(0.1)
+    assert _rows(db) >= 10
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _rows(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def _table(db: Path) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT * FROM readings ORDER BY id").fetchall()
 
 
 # --- errors name their file

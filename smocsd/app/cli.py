@@ -723,10 +723,36 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
         from ..data import demo  # numpy: imported by this command only, never by the daemon
 
         total = demo.write(path, args.rows, seed=args.seed, table=cfg.source.table)
+        print(f"{path}: wrote {args.rows} rows, {total} in all", flush=True)
+        if args.follow:
+            _follow_demo(demo, path, args, cfg.source.table)
     except sqlite3.Error as exc:  # SQLite's messages do not name the file
         raise Failure(f"{path}: {exc}") from None
-    print(f"{path}: wrote {args.rows} rows, {total} in all")
     return EX_OK
+
+
+def _follow_demo(demo: Any, path: Path, args: argparse.Namespace, table: str) -> None:
+    """Adds `args.rate` rows a second until stopped, continuing the timeline: new rows
+    landing, as from a plant, for live scoring to score. Each second's rows are one SQLite
+    transaction, so a stop at any moment leaves whole seconds and the table readable.
+
+    It also stops when the process that started it ends: `packaging/dev run` starts it and
+    then execs the daemon in its place, so the plant stops with the daemon, however that
+    ends (Ctrl-C, a SIGTERM to the daemon alone, a crash)."""
+    import signal
+    import time
+
+    # Stopped by SIGTERM as by Ctrl-C: a clean exit 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    parent = os.getppid()
+    due = time.monotonic()
+    try:
+        while os.getppid() == parent:
+            due += 1.0
+            time.sleep(max(due - time.monotonic(), 0.0))
+            demo.write(path, args.rate, seed=args.seed, table=table)
+    except KeyboardInterrupt:
+        pass
 
 
 # Order values, versions and label ids meet SQLite, PostgreSQL's int8 and numpy's int64:
@@ -734,6 +760,9 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The demo builds its rows in memory, some 200 MB a million of them.
 DEMO_MAX_ROWS = 10_000_000
+# --follow writes each second's rows in one transaction: a second's worth must fit well
+# within the second on a Raspberry Pi.
+DEMO_FOLLOW_MAX_RATE = 100_000
 
 
 def _integer(minimum: int, maximum: int = INT64_MAX, why: str = "") -> Callable[[str], int]:
@@ -908,11 +937,23 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("demo", cmd_demo, "write a SQLite database of simulated sensor readings")
     sp.add_argument(
         "--rows",
-        type=_integer(1, DEMO_MAX_ROWS),
+        type=_integer(0, DEMO_MAX_ROWS),
         default=30000,
         help=f"rows to add (default 30000, at most {DEMO_MAX_ROWS})",
     )
     sp.add_argument("--db", metavar="PATH", help="database file (default: source.path)")
+    sp.add_argument(
+        "--follow",
+        action="store_true",
+        help="then keep adding rows, --rate a second, until stopped (for live scoring)",
+    )
+    sp.add_argument(
+        "--rate",
+        type=_integer(1, DEMO_FOLLOW_MAX_RATE),
+        default=100,
+        help=f"rows a second with --follow (default 100, at most {DEMO_FOLLOW_MAX_RATE}); "
+        "a demo row stands for 10 s of the plant",
+    )
     sp.add_argument("--seed", type=_integer(0), default=0, help=argparse.SUPPRESS)
     return p
 

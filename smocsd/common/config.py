@@ -715,8 +715,10 @@ class ModelConfig:
 class ScoringConfig:
     """Live scoring of every new row by the current model, in the daemon (smocsd/app/live.py)."""
 
+    # On by default: alarms are what the daemon is for. Turned on, it starts at the newest
+    # row, so an upgrade that turns it on raises no alarm on rows already stored.
     enabled: bool = _opt(
-        False,
+        True,
         _bool,
         KeyDoc(
             "live scoring of every new row by the current model, in the daemon "
