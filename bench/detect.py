@@ -22,7 +22,9 @@ Prints markdown tables (for the README's "Detection quality"):
    mean over the 18 detectable ones, for smocsd's defaults, smocsd with the old "mse"
    score, and PCA / dynamic PCA (T² and SPE at their 99th percentile on training rows).
 2. SKAB valve1 by SKAB's protocol, the same detectors, and SKAB's published leaderboard.
-3. The window score ("channel-max" or "mse") x the threshold budget, on every data set.
+3. The window score ("channel-max" or "mse") x the threshold budget, on every data set;
+   the defaults with each of three training seeds; and a study of each channel's error
+   averaged over the last windows before the largest is taken.
 4. The simulations and other sets: smocsd's defaults, its old defaults (window 50,
    threshold at the 99th percentile of validation scores, no alarm rule), and PCA /
    Isolation Forest baselines.

@@ -509,8 +509,10 @@ def idle_table(tmp: Path, seconds: float, interval: float) -> None:
     path.write_text(
         cycle_config(state, db, "auto", 30_000).replace(
             "[daemon]\n",
-            # each tick's "skipped:" line, which counts the ticks, is a debug line
-            f'[daemon]\ncheck_interval = "{interval:g}s"\nlog_level = "debug"\n',
+            # each tick's "skipped:" line, which counts the ticks, is a debug line; live
+            # scoring (on by default, bench/live.py measures it) is off: the daemon's own part
+            f'[scoring]\nenabled = false\n[daemon]\ncheck_interval = "{interval:g}s"\n'
+            'log_level = "debug"\n',
         )
     )
     subprocess.run(
