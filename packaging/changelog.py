@@ -13,7 +13,7 @@ import re
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, time, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -119,7 +119,8 @@ def debian(
     newest = log.releases[0].name if log.releases else None
     if newest and _key(newest) > _key(version):
         raise ChangelogError(f"{CHANGELOG.name}: release {newest} is newer than {version}")
-    entries = [(s, distribution, _noon(s)) for s in log.releases]
+    dated = zip(log.releases, _dates(log.releases), strict=True)
+    entries = [(s, distribution, when) for s, when in dated]
     if newest != version:
         entries.insert(0, (replace(log.unreleased, name=version), "UNRELEASED", now))
     return "\n".join(
@@ -132,10 +133,18 @@ def _key(version: str) -> tuple[int, ...]:
     return tuple(map(int, version.split(".")))
 
 
-def _noon(section: Section) -> datetime:
-    """A release is dated by its day only: noon UTC is that day from UTC-12 to UTC+11."""
-    assert section.date is not None  # parse() gives every release its date
-    return datetime.combine(section.date, time(12), timezone.utc)
+def _dates(releases: list[Section]) -> list[datetime]:
+    """Each release's time, newest first. A release is dated by its day only: noon UTC is
+    that day from UTC-12 to UTC+11. Releases cut on one day follow each other a minute
+    apart, since the newest entry must be dated later than the one before it (lintian's
+    latest-changelog-entry-without-new-date)."""
+    times = []
+    for i, section in enumerate(releases):
+        assert section.date is not None  # parse() gives every release its date
+        earlier = sum(other.date == section.date for other in releases[i + 1 :])
+        noon = datetime.combine(section.date, time(12), timezone.utc)
+        times.append(noon + timedelta(minutes=earlier))
+    return times
 
 
 def _entry(section: Section, version: str, dist: str, maintainer: str, when: datetime) -> str:

@@ -349,6 +349,24 @@ def test_debian_changelog_of_a_development_build_and_of_a_release(
     assert "  * The first release.\n  * Added: The daemon.\n" in text
 
 
+def test_releases_cut_on_one_day_are_dated_a_minute_apart(tmp_path: Path) -> None:
+    """The newest entry must be dated after the one before it (lintian's
+    latest-changelog-entry-without-new-date), and CHANGELOG.md dates releases by day."""
+    md = CHANGELOG_MD.replace("## [0.1.0] - 2026-12-03", "## [0.1.0] - 2026-12-10")
+    text = changelog.debian(
+        changelog.parse(md),
+        "0.2.0",
+        lambda v: build_deb.package_version("bookworm", f"{v}-1"),
+        "bookworm",
+        build_deb.MAINTAINER,
+        datetime.now(timezone.utc),
+    )
+    assert [e["Date"] for e in debian_changelog(text, tmp_path)] == [
+        "Thu, 10 Dec 2026 12:01:00 +0000",
+        "Thu, 10 Dec 2026 12:00:00 +0000",
+    ]
+
+
 @pytest.mark.parametrize("version", ["0.1.5", "0.1.0"])
 def test_debian_changelog_refuses_a_version_below_the_newest_release(version: str) -> None:
     log = changelog.parse(CHANGELOG_MD)
