@@ -5,7 +5,7 @@ classic baselines computed in the same run.
     .bench/bin/python bench/detect.py [--quick] [--datasets tep,skab-valve1,...]
 
 scikit-learn (for the simulations' baselines) is never a dependency of the daemon: the
-benchmark has its own environment. A default run takes about 6 minutes on 2 cores;
+benchmark has its own environment. A default run takes about 3 minutes on 2 cores;
 `--quick` skips the architecture grid.
 
 smocsd is run through its real code path: each run's training rows go into a SQLite file,
@@ -19,13 +19,15 @@ are evaluated; a row's decision is that of the window ending at it.
 Prints markdown tables (for the README's "Detection quality"):
 
 1. Tennessee Eastman: FAR on normal rows and the detection rate of each fault and their
-   mean over the 18 detectable ones, for smocsd's defaults, smocsd with the old "mse"
-   score, and PCA / dynamic PCA (T² and SPE at their 99th percentile on training rows).
+   mean over the 18 detectable ones, for smocsd's defaults, its 0.3.0 defaults, its
+   earlier defaults with the "mse" score, and PCA / dynamic PCA (T² and SPE at their
+   99th percentile on training rows).
 2. SKAB valve1 by SKAB's protocol, the same detectors, and SKAB's published leaderboard.
 3. The window score ("channel-max" or "mse") x the threshold budget, on every data set;
-   the defaults with each of three training seeds; a study of each channel's error
-   averaged over the last windows before the largest is taken; and one of a threshold
-   that follows the scores of the windows below it between retrains.
+   the defaults with each of three training seeds; the sustained rule's count and level
+   (and 0.3.0's score without it); a study of each channel's error averaged over the
+   last windows before the largest is taken; and one of a threshold that follows the
+   scores of the windows below it between retrains.
 4. The simulations and other sets: smocsd's defaults, its old defaults (window 50,
    threshold at the 99th percentile of validation scores, no alarm rule), and PCA /
    Isolation Forest baselines.
@@ -70,7 +72,15 @@ from scenarios import (
 from smocsd.common.config import ModelConfig, TrainingConfig, parse
 from smocsd.common.modelmeta import ModelMeta
 from smocsd.data.windows import Normalization, WindowSet, check_time, split, valid_starts
-from smocsd.scoring import AlarmRule, Model, WindowScore, channel_errors, open_session
+from smocsd.scoring import (
+    AlarmRule,
+    Model,
+    ScoreKind,
+    SustainedRule,
+    WindowScore,
+    channel_errors,
+    open_session,
+)
 from smocsd.training import threshold
 from smocsd.training.hooks import call_hooks
 from smocsd.training.job import CycleProgress
@@ -202,6 +212,15 @@ class Trained:
     @property
     def rule(self) -> AlarmRule:
         return AlarmRule(self.meta["alarm"]["above"], self.meta["alarm"]["of"])
+
+    def decide(self, over: np.ndarray) -> np.ndarray:
+        """Per scored window: the model's alarm rule on the windows `over` a studied
+        threshold, or its sustained rule on its channels' errors (scoring.Model.alarm)."""
+        alarm = self.rule.apply(over)
+        sustained = SustainedRule.from_meta(ModelMeta.parse(self.meta).alarm.sustained)
+        if sustained is not None:
+            alarm |= sustained.apply(self.errors > sustained.level)
+        return alarm
 
 
 def _toml(value: Any) -> str:
@@ -510,6 +529,9 @@ def detectors(ds: Dataset, models: Models) -> dict[str, list[np.ndarray]]:
     defaults = models.all(ds)
     meta = defaults[0].meta
     rule = f"{meta['alarm']['above']} of {meta['alarm']['of']}"
+    if "sustained" in meta["alarm"]:
+        s = meta["alarm"]["sustained"]
+        rule += f", sustained {s['above']} of {s['of']} above {s['level']:g}"
     out[f"smocsd defaults (window {meta['window_size']}, threshold.fit, {rule})"] = (
         smocsd_decisions(ds, models)
     )
@@ -572,9 +594,34 @@ def smocsd_decisions(ds: Dataset, models: Models, overrides: dict[str, Any] | No
     ]
 
 
+def release_030_decisions(
+    ds: Dataset, models: Models, overrides: dict[str, Any] | None = None
+) -> list[np.ndarray]:
+    """The defaults' models decided as 0.3.0 did: each channel's normal error from the
+    validation windows alone (WindowScore.fit without the training windows' quantile),
+    the threshold fitted again on those scores, and no sustained rule."""
+    out = []
+    for m, run in zip(models.all(ds, overrides), ds.runs, strict=True):
+        scale = np.array(m.meta["channel_scale"], np.float64)
+        train, val, errors = (
+            x.astype(np.float64) * scale
+            for x in (m.fitted.train.errors, m.fitted.val.errors, m.errors)
+        )
+        old = WindowScore.fit(ScoreKind.CHANNEL_MAX, train.mean(axis=0), 0 * scale, val)
+        fit = np.concatenate(
+            [(train / old.channel_scale).max(axis=1), (val / old.channel_scale).max(axis=1)]
+        )
+        rate = m.meta["threshold_fit"]["false_alarm_rate"]
+        thr = threshold.fit(fit, m.meta["window_size"], m.meta["stride"], rate).threshold
+        over = (errors / old.channel_scale).max(axis=1) > thr
+        out.append(rows_alarmed(m.end, m.rule.apply(over), run))
+    return out
+
+
 def real_detectors(ds: Dataset, models: Models) -> dict[str, list[np.ndarray]]:
     out = {
         "smocsd defaults": smocsd_decisions(ds, models),
+        "smocsd 0.3.0 defaults": release_030_decisions(ds, models),
         "smocsd previous defaults (mse, [32, 8], 0.001)": smocsd_decisions(ds, models, PREVIOUS),
     }
     out.update(classic_baselines(ds))
@@ -619,14 +666,51 @@ SEEDS = (0, 1, 2)
 def seeds_table(datasets: list[Dataset], models: Models) -> str:
     """The defaults and the previous defaults with each training seed (`training.seed`)."""
     rows = []
-    for name, overrides in (("defaults", {}), ("previous defaults", PREVIOUS)):
+    for name, overrides, decide in (
+        ("defaults", {}, smocsd_decisions),
+        ("0.3.0 defaults", {}, release_030_decisions),
+        ("previous defaults", PREVIOUS, smocsd_decisions),
+    ):
         for seed in SEEDS:
             cells = [
-                summary(ds, smocsd_decisions(ds, models, {**overrides, "seed": seed}))
-                for ds in datasets
+                summary(ds, decide(ds, models, {**overrides, "seed": seed})) for ds in datasets
             ]
             rows.append([name, str(seed), *cells])
     return markdown(["smocsd", "seed", *map(summary_header, datasets)], rows)
+
+
+# The sustained rule studied: (above, of, level); above 0 turns it off.
+SUSTAINED = (
+    (0, 30, 1.25),
+    (20, 30, 1.0),
+    (20, 30, 1.25),
+    (20, 30, 1.5),
+    (30, 40, 1.0),
+    (30, 40, 1.25),
+)
+
+
+def sustained_table(datasets: list[Dataset], models: Models) -> str:
+    """The sustained rule's count and level, and 0.3.0's score (each channel's normal error
+    from the validation windows alone) without it."""
+    rows = []
+    for above, of, level in SUSTAINED:
+        overrides = {
+            "model.sustained_above": above,
+            "model.sustained_of": of,
+            "model.sustained_level": level,
+        }
+        name = f"{above} of {of} above {level:g}" if above else "off"
+        rows.append(
+            [name, *(summary(ds, smocsd_decisions(ds, models, overrides)) for ds in datasets)]
+        )
+    rows.append(
+        [
+            "0.3.0 (off, scale from validation only)",
+            *(summary(ds, release_030_decisions(ds, models)) for ds in datasets),
+        ]
+    )
+    return markdown(["sustained rule", *map(summary_header, datasets)], rows)
 
 
 # Windows over which each channel's error is averaged before the largest is taken: the
@@ -656,7 +740,7 @@ def smoothing_decisions(ds: Dataset, models: Models, n: int) -> list[np.ndarray]
             [smoothed(f.errors, f.starts, n) for f in (m.fitted.train, m.fitted.val)]
         )
         thr = threshold.fit(fit, w + n - 1, 1, rate).threshold
-        out.append(rows_alarmed(m.end, m.rule.apply(smoothed(m.errors, m.end, n) > thr), run))
+        out.append(rows_alarmed(m.end, m.decide(smoothed(m.errors, m.end, n) > thr), run))
     return out
 
 
@@ -690,7 +774,7 @@ def following_decisions(ds: Dataset, models: Models, half_life: int) -> list[np.
             over[i] = x > max(floor, level + ratio)
             if not over[i]:
                 level += alpha * (x - level)
-        out.append(rows_alarmed(m.end, m.rule.apply(over), run))
+        out.append(rows_alarmed(m.end, m.decide(over), run))
     return out
 
 
@@ -751,6 +835,8 @@ def main() -> None:
         print(settings_table(datasets, models))
         print("\n## Seeds: one training seed is one sample; the choice held on three\n")
         print(seeds_table(real, models))
+        print("\n## The sustained rule: one channel above a level on k of the last n windows\n")
+        print(sustained_table(datasets, models))
         print("\n## Channel errors averaged over time before their maximum (study)\n")
         print(smoothing_table(datasets, models))
         print("\n## A threshold that follows the windows below it (study)\n")
@@ -800,7 +886,7 @@ def main() -> None:
 
     grid = [ds for ds in datasets if ds.name in GRID_DATASETS]
     if not args.quick and grid:
-        print("\n## Window size, hidden layers, epochs (threshold.fit, 2 of 3)\n")
+        print("\n## Window size, hidden layers, epochs (the default threshold and rules)\n")
         rows = []
         for w in (10, 20, 50):
             for hidden in ((32,), (32, 8), (64, 16)):

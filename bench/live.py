@@ -29,7 +29,7 @@ from smocsd.common import config
 from smocsd.data import demo
 from smocsd.data.sources import open_source
 from smocsd.delivery.outbox import Outbox
-from smocsd.scoring import Model
+from smocsd.scoring import LookBack, Model
 from smocsd.store import ModelStore
 
 
@@ -93,7 +93,7 @@ def main() -> int:
         readings = source.read_newest(args.rows)
         source.close()
         started = time.perf_counter()
-        rows, _, _ = decide(model, readings, None, [])
+        rows, _, _ = decide(model, readings, None, LookBack())
         per_second = len(rows) / (time.perf_counter() - started)
 
         env = {**os.environ, "SMOCSD_CONFIG": str(path)}

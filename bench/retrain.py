@@ -236,7 +236,7 @@ def score(cfg: config.Config, model: Model, first: int) -> dict[int, bool]:
     """Order -> anomalous, for the windows ending at or after `first`, as `smocsd score
     --from FIRST --json` decides them (smocsd/app/cli.py cmd_score)."""
     after = first - 1
-    context = model.window_size - 1 + model.rule.of - 1
+    context = model.window_size - 1 + model.look_back - 1
     source = open_source(cfg.source)
     try:
         readings = source.read_newest(source.count_after(after) + context)

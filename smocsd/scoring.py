@@ -8,14 +8,14 @@ recipe all decide the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common.modelmeta import ModelMeta
+from .common.modelmeta import ModelMeta, SustainedMeta
 from .data.windows import Normalization, WindowSet, check_time, holding, valid_starts
 
 
@@ -30,13 +30,45 @@ class AlarmRule:
     of: int
 
     def apply(self, over: np.ndarray) -> np.ndarray:
-        """Per window (in scoring order): does the rule fire at this window?"""
-        counts = np.cumsum(over, dtype=np.int64)
+        """Per window (in scoring order): does the rule fire at this window? `over` may
+        also be (windows, channels): then per window and channel."""
+        counts = np.cumsum(over, axis=0, dtype=np.int64)
         counts[self.of :] -= counts[: -self.of].copy()
         return counts >= self.above
 
     def to_meta(self) -> dict:
         return {"kind": "k-of-n", "above": self.above, "of": self.of}
+
+
+@dataclass(frozen=True)
+class SustainedRule:
+    """Also alarm while one channel's error, in its normal error's units (channel-max's
+    `channel_scale` is 1), is above `level` on `above` of the last `of` windows.
+
+    A small shift that lasts (a valve that no longer closes, a slow leak, a fault the
+    plant's controllers compensate) keeps one channel's error a little high, under the
+    threshold of one window, which is set for the worst of all channels. Counting per
+    channel, the scattered normal windows of many channels never add up. Chosen on the
+    real plants in bench/detect.py: on the Tennessee Eastman plant 91 % of the faulty
+    rows detected instead of 86 %, at 1.2 % of the normal rows; SKAB's balanced accuracy
+    up from 0.795 to 0.812."""
+
+    above: int
+    of: int
+    level: float
+
+    def apply(self, high: np.ndarray) -> np.ndarray:
+        """Per window: does the rule fire, from `high` (windows x channels: the channel's
+        error, in the score's units, above `level`)."""
+        return AlarmRule(self.above, self.of).apply(high).any(axis=1)
+
+    def to_meta(self) -> dict:
+        return {"above": self.above, "of": self.of, "level": self.level}
+
+    @classmethod
+    def from_meta(cls, meta: SustainedMeta | None) -> SustainedRule | None:
+        """metadata.json's `alarm.sustained`; None where it is absent."""
+        return None if meta is None else cls(meta.above, meta.of, meta.level)
 
 
 class ScoreKind(str, Enum):
@@ -94,21 +126,29 @@ class WindowScore:
         return cls(kind, np.array(meta.channel_scale, np.float32))
 
     @classmethod
-    def fit(cls, kind: ScoreKind, train_mean: np.ndarray, val_errors: np.ndarray) -> WindowScore:
-        """The score of a new model from its channels' mean error on the training windows
-        and their errors on the validation windows.
+    def fit(
+        cls,
+        kind: ScoreKind,
+        train_mean: np.ndarray,
+        train_high: np.ndarray,
+        val_errors: np.ndarray,
+    ) -> WindowScore:
+        """The score of a new model from its channels' mean error and SCALE_QUANTILE of
+        their errors on the training windows, and their errors on the validation windows.
 
-        A channel whose validation windows (the newest rows, held out) reconstruct worse
-        than its training windows is drifting or was not learned from the few rows there
-        were: its scale grows by that ratio, so the drift already under way is not an alarm
-        by the time it has gone as far again. Chosen on the real benchmarks
-        (bench/detect.py): on SKAB's short runs the slowly warming temperature channels
-        otherwise alarmed on about half of the normal rows."""
+        A channel's normal error is the higher of the two quantiles: validation windows
+        (the newest rows, held out) that happen to be quiet, a night shift at low load,
+        would otherwise make every busier hour an alarm. A channel whose validation windows
+        reconstruct worse than its training windows is drifting or was not learned from
+        the few rows there were: its scale grows by that ratio, so the drift already under
+        way is not an alarm by the time it has gone as far again. Chosen on the real
+        benchmarks (bench/detect.py): on SKAB's short runs the slowly warming temperature
+        channels otherwise alarmed on about half of the normal rows."""
         if kind is ScoreKind.MSE:
             return cls(kind)
         growth = np.maximum(val_errors.mean(axis=0) / np.maximum(train_mean, SCALE_FLOOR), 1.0)
-        scale = np.quantile(val_errors, SCALE_QUANTILE, axis=0) * growth
-        return cls(kind, np.maximum(scale, SCALE_FLOOR).astype(np.float32))
+        high = np.maximum(np.quantile(val_errors, SCALE_QUANTILE, axis=0), train_high)
+        return cls(kind, np.maximum(high * growth, SCALE_FLOOR).astype(np.float32))
 
 
 def open_session(model_path: Path, threads: int = 1):
@@ -171,6 +211,7 @@ class Model:
         threshold: float,
         window_score: WindowScore,
         rule: AlarmRule,
+        sustained: SustainedRule | None,
         max_gap: float | None,
         normalization: Normalization,
         threads: int = 1,
@@ -180,6 +221,7 @@ class Model:
         self.threshold = threshold
         self.window_score = window_score
         self.rule = rule
+        self.sustained = sustained
         self.max_gap = max_gap
         self.normalization = normalization
         self.session = open_session(directory / "model.onnx", threads)
@@ -194,10 +236,31 @@ class Model:
             threshold=meta.threshold,
             window_score=WindowScore.of(meta),
             rule=AlarmRule(meta.alarm.above, meta.alarm.of),
+            sustained=SustainedRule.from_meta(meta.alarm.sustained),
             max_gap=meta.time.max_gap_s,
             normalization=Normalization.of(meta.normalization),
             threads=threads,
         )
+
+    @property
+    def look_back(self) -> int:
+        """Windows a decision looks back on, its own included: the longer rule's."""
+        return max(self.rule.of, self.sustained.of if self.sustained else 1)
+
+    def high(self, errors: np.ndarray) -> np.ndarray:
+        """(windows, channels): is the channel's error above the sustained rule's level?
+        No columns for a model without that rule."""
+        if self.sustained is None:
+            return np.zeros((len(errors), 0), bool)
+        return errors > self.sustained.level
+
+    def alarm(self, over: np.ndarray, high: np.ndarray) -> np.ndarray:
+        """Per window: does the alarm rule or the sustained rule fire, from the windows
+        `over` the threshold and their channels `high` (Model.high)?"""
+        alarm = self.rule.apply(over)
+        if self.sustained is not None:
+            alarm |= self.sustained.apply(high)
+        return alarm
 
     def score(self, values: np.ndarray, time: np.ndarray) -> Scored:
         """Scores every window of `values` (rows x channels, oldest first) that has no
@@ -230,7 +293,7 @@ class Model:
             capped |= held.any(axis=1)
         score = np.where(capped, cap, score)
         over = capped | (score > self.threshold)
-        return Scored(starts + w - 1, errors, score, over, self.rule.apply(over))
+        return Scored(starts + w - 1, errors, score, over, self.alarm(over, self.high(errors)))
 
 
 def in_ranges(order: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -250,6 +313,36 @@ def in_ranges(order: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarra
 
 
 @dataclass(frozen=True)
+class LookBack:
+    """What the alarm decisions of the next windows look back on, from the windows before."""
+
+    # The last `alarm.of - 1` windows: over the threshold?
+    over: list[bool] = field(default_factory=list)
+    # The last `sustained.of - 1` windows: their channels above the sustained rule's level.
+    high: list[list[int]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: Model, over: np.ndarray, high: np.ndarray) -> LookBack:
+        """The look-back after windows `over` the threshold with channels `high`."""
+        keep_over = model.rule.of - 1
+        keep_high = model.sustained.of - 1 if model.sustained is not None else 0
+        return cls(
+            over[len(over) - keep_over :].tolist() if keep_over else [],
+            [np.flatnonzero(h).tolist() for h in high[len(high) - keep_high :]]
+            if keep_high
+            else [],
+        )
+
+    def high_array(self, n_channels: int) -> np.ndarray:
+        """`high` as Model.high gives it; a channel index beyond `n_channels` (a model with
+        fewer channels swapped in) is dropped."""
+        out = np.zeros((len(self.high), n_channels), bool)
+        for row, channels in zip(out, self.high, strict=True):
+            row[[c for c in channels if c < n_channels]] = True
+        return out
+
+
+@dataclass(frozen=True)
 class Decided:
     """The windows ending past `after`, decided in row order (`smocsd score`, live scoring
     and the cycle's screening of new rows share this)."""
@@ -258,8 +351,8 @@ class Decided:
     errors: np.ndarray  # (windows, channels), in the score's units
     score: np.ndarray
     over: np.ndarray  # above the threshold, and in no excluded period
-    alarm: np.ndarray  # the alarm rule fires
-    recent: list[bool]  # the last `of - 1` decisions, to carry into the next call
+    alarm: np.ndarray  # the alarm rule or the sustained rule fires
+    recent: LookBack  # to carry into the next call
 
 
 def decide(
@@ -268,32 +361,38 @@ def decide(
     time: np.ndarray,
     order: np.ndarray,
     after: int | None,
-    recent: list[bool] | None,
+    recent: LookBack | None,
     excluded: Sequence[tuple[int, int]] = (),
 ) -> Decided:
     """Decides the windows of the rows that end past order `after`.
 
-    `recent` holds the last `alarm_of - 1` windows' over-threshold decisions before them;
-    None takes them from the windows ending at or before `after` (a range read with its
-    context). A window that touches an excluded period (the operator's `smocsd exclude`:
-    maintenance, calibration) is never over the threshold, so it never raises an alarm.
+    `recent` holds what the rules look back on from the windows before them; None takes
+    it from the windows ending at or before `after` (a range read with its context). A
+    window that touches an excluded period (the operator's `smocsd exclude`: maintenance,
+    calibration) is neither over the threshold nor above the sustained level, so it never
+    raises an alarm.
     """
     scored = model.score(values, time)
     new = np.ones(len(scored.end), bool) if after is None else order[scored.end] > after
-    over = scored.over
+    over, high = scored.over, model.high(scored.errors)
     if excluded:
         w = model.window_size
-        over = over & ~holding(in_ranges(order, excluded), scored.end - w + 1, w)
-    keep = model.rule.of - 1
+        allowed = ~holding(in_ranges(order, excluded), scored.end - w + 1, w)
+        over, high = over & allowed, high & allowed[:, None]
     if recent is None:
-        recent = over[~new].tolist()[-keep:] if keep else []
-    over = over[new]
-    alarm = model.rule.apply(np.concatenate([np.array(recent, bool), over]))[len(recent) :]
+        recent = LookBack.of(model, over[~new], high[~new])
+    over_before = np.array(recent.over, bool)
+    high_before = recent.high_array(high.shape[1])
+    over = np.concatenate([over_before, over[new]])
+    high = np.concatenate([high_before, high[new]])
+    alarm = model.rule.apply(over)[len(over_before) :]
+    if model.sustained is not None:
+        alarm |= model.sustained.apply(high)[len(high_before) :]
     return Decided(
         ends=scored.end[new],
         errors=scored.errors[new],
         score=scored.score[new],
-        over=over,
+        over=over[len(over_before) :],
         alarm=alarm,
-        recent=(list(recent) + over.tolist())[-keep:] if keep else [],
+        recent=LookBack.of(model, over, high),
     )

@@ -293,7 +293,12 @@ def model_meta(model_onnx: bytes, channels: tuple[str, ...] = ("a",), **fields) 
             "k": 3.2,
         },
         "score_quantiles": {"validation": quantiles, "training": dict(quantiles)},
-        "alarm": {"kind": "k-of-n", "above": 2, "of": 3},
+        "alarm": {
+            "kind": "k-of-n",
+            "above": 2,
+            "of": 3,
+            "sustained": {"above": 20, "of": 30, "level": 1.25},
+        },
         "time": {
             "interval_s": 10.0,
             "max_gap_s": 30.0,

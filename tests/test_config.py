@@ -91,6 +91,8 @@ def test_durations(text, seconds):
         ("[model]\nfalse_alarm_rate = 0", "model.false_alarm_rate", "(0, 0.5)"),
         ("[model]\nfalse_alarm_rate = 0.7", "model.false_alarm_rate", "(0, 0.5)"),
         ("[model]\nalarm_above = 4", "model.alarm_above", "alarm_of = 3"),
+        ("[model]\nsustained_above = 31", "model.sustained_above", "sustained_of = 30"),
+        ("[model]\nsustained_level = 0", "model.sustained_level", "(0, 1000]"),
     ],
 )
 def test_each_bad_value_is_one_line_naming_file_and_key(toml, key, fragment):

@@ -203,7 +203,12 @@ def test_result_and_metadata_follow_the_contract(tmp_path, clean_plant):
         == meta["eval"]["threshold"]
         > meta["score_quantiles"]["validation"]["p50"]
     )
-    assert meta["alarm"] == {"kind": "k-of-n", "above": 2, "of": 3}
+    assert meta["alarm"] == {
+        "kind": "k-of-n",
+        "above": 2,
+        "of": 3,
+        "sustained": {"above": 20, "of": 30, "level": 1.25},
+    }
     assert meta["time"]["interval_s"] == 10.0 and meta["time"]["max_gap_s"] == 30.0
     assert set(meta["channel_error"]) == set(meta["channels"])
     assert sum(c["share"] for c in meta["channel_error"].values()) == pytest.approx(1.0)
@@ -217,6 +222,7 @@ def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant, s
 
     model_dir, meta = trained_on_demo(plant, 27000, score)
     assert meta["score"] == score and ("channel_scale" in meta) == (score == "channel-max")
+    assert ("sustained" in meta["alarm"]) == (score == "channel-max")
 
     fresh = demo.simulate(20000, start_index=40000, seed=99, dropouts=False, gaps=False)
     x = np.column_stack([fresh[c] for c in meta["channels"]])
@@ -239,6 +245,11 @@ def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant, s
     over = score > meta["threshold"]
     k, n = meta["alarm"]["above"], meta["alarm"]["of"]
     alarm = numpy.convolve(over, numpy.ones(n, int))[: len(over)] >= k
+    if "sustained" in meta["alarm"]:
+        k, n, level = (meta["alarm"]["sustained"][key] for key in ("above", "of", "level"))
+        high = numpy.cumsum(errors > level, axis=0)
+        high[n:] -= high[:-n].copy()
+        alarm |= (high >= k).any(axis=1)
     drivers = errors / errors.sum(axis=1, keepdims=True)
 
     anomalous = np.lib.stride_tricks.sliding_window_view(fresh["label"], w).max(axis=1) == 1

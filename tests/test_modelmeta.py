@@ -66,11 +66,12 @@ def test_the_documented_file_reads_back_as_itself():
 
 
 def test_older_versions_read_as_they_did():
-    """Versions from before `score`, result ids, `history` and labels: absent means what it
-    meant then, and they write back as they were."""
+    """Versions from before `score`, result ids, `history`, labels and the sustained rule:
+    absent means what it meant then, and they write back as they were."""
     older = model_meta(b"onnx", score="mse")
     for key in ("score", "channel_scale", "outcome", "result_id", "history"):
         del older[key]
+    del older["alarm"]["sustained"]
     for key in ("left_out_rows", "champion_alarm_windows", "alarm_windows_kept", "rejection"):
         del older["eval"][key]
     del older["data"]["left_out"]
@@ -128,6 +129,28 @@ def test_any_damage_is_named_by_its_field_and_parsing_never_raises_otherwise():
         ({"score": "mse"}, 'channel_scale: expected with "score": "channel-max" and only then'),
         ({"channels": ["a", "a"]}, "channels: a channel is named twice"),
         ({"alarm": {"kind": "k-of-n", "above": 4, "of": 3}}, "alarm.above: 4 is more than"),
+        (
+            {
+                "alarm": {
+                    "kind": "k-of-n",
+                    "above": 2,
+                    "of": 3,
+                    "sustained": {"above": 31, "of": 30, "level": 1},
+                }
+            },
+            "alarm.sustained.above: 31 is more than",
+        ),
+        (
+            {
+                "alarm": {
+                    "kind": "k-of-n",
+                    "above": 2,
+                    "of": 3,
+                    "sustained": {"above": 2, "of": 3, "level": 0},
+                }
+            },
+            "alarm.sustained.level: expected a number > 0",
+        ),
         ({"threshold": 0}, "threshold: expected a number > 0, got 0"),
         ({"format": "smocsd.model/2"}, 'format: expected "smocsd.model/1"'),
         ({"result_id": "ABC"}, 'result_id: expected a UUID, got "ABC"'),
@@ -138,6 +161,16 @@ def test_any_damage_is_named_by_its_field_and_parsing_never_raises_otherwise():
 def test_values_that_contradict_each_other_or_the_format(change, problem):
     with pytest.raises(Damage, match="^" + problem.replace("(", r"\(")):
         ModelMeta.parse({**model_meta(b"onnx", ("a", "b")), **change})
+
+
+def test_the_sustained_rule_only_with_channel_max():
+    """ "mse" errors are not in units of each channel's normal error."""
+    meta = model_meta(b"onnx", ("a", "b"), score="mse")
+    del meta["channel_scale"]
+    with pytest.raises(Damage, match=r'^alarm\.sustained: only with "score": "channel-max"'):
+        ModelMeta.parse(meta)
+    del meta["alarm"]["sustained"]
+    assert ModelMeta.parse(meta).alarm.sustained is None
 
 
 def test_a_damaged_current_metadata_is_named_and_the_daemon_trains_and_scores(tmp_path):

@@ -11,14 +11,18 @@ import onnx
 import pytest
 from helpers import model_meta
 
-from smocsd.common.modelmeta import AlarmMeta, ModelMeta
+from smocsd.common.modelmeta import AlarmMeta, ModelMeta, SustainedMeta
 from smocsd.scoring import (
     BEYOND_SCORE,
     SCALE_FLOOR,
+    SCALE_QUANTILE,
     AlarmRule,
+    LookBack,
     Model,
     ScoreKind,
+    SustainedRule,
     WindowScore,
+    decide,
     shares,
 )
 from smocsd.training import threshold
@@ -75,6 +79,20 @@ def test_alarm_rule_k_of_n():
     assert AlarmMeta.parse(AlarmRule(3, 5).to_meta(), "alarm") == AlarmMeta(3, 5)
 
 
+def test_the_sustained_rule_counts_each_channel_on_its_own():
+    """One channel a little high on 4 of the last 5 windows fires it; the same number of
+    high windows spread over channels does not, nor does a level it never passes."""
+    rule = SustainedRule(4, 5, 1.25)
+    errors = np.full((12, 3), 0.5, np.float32)
+    errors[[1, 2, 4, 5], 0] = 1.3  # channel 0: 4 of windows 1..5
+    errors[[6, 8], 1] = errors[[7, 9], 2] = 2.0  # high, but never 4 of 5 in one channel
+    high = errors > rule.level
+    assert rule.apply(high).astype(int).tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert not SustainedRule(4, 5, 1.5).apply(errors > 1.5)[:6].any()
+    assert SustainedMeta.parse(rule.to_meta(), "alarm.sustained") == SustainedMeta(4, 5, 1.25)
+    assert SustainedRule.from_meta(SustainedMeta(4, 5, 1.25)) == rule
+
+
 def test_channel_shares_sum_to_one_and_name_the_culprit():
     errors = np.array([[0.1, 0.1, 0.8], [0.0, 0.0, 0.0]])
     s = shares(errors)
@@ -89,6 +107,13 @@ def channel_noise(windows: int, channels: int, seed: int = 0) -> np.ndarray:
     return (levels * np.exp(rng.normal(0.0, 0.3, (windows, channels)))).astype(np.float32)
 
 
+def fit_score(kind: ScoreKind, train: np.ndarray, val: np.ndarray) -> WindowScore:
+    """WindowScore.fit as the job calls it, from all the training windows' errors."""
+    return WindowScore.fit(
+        kind, train.mean(axis=0), np.quantile(train, SCALE_QUANTILE, axis=0), val
+    )
+
+
 def test_channel_max_sees_a_fault_in_one_channel_of_many_that_mse_divides():
     """A fault that moves one quiet channel of 52 to ten times its normal error: the mean
     over channels barely notices it, the largest scaled error is ten times normal."""
@@ -96,7 +121,7 @@ def test_channel_max_sees_a_fault_in_one_channel_of_many_that_mse_divides():
     fault = channel_noise(200, 52, seed=2)
     fault[:, 0] *= 10  # the quietest channel
     for kind, seen in ((ScoreKind.MSE, False), (ScoreKind.CHANNEL_MAX, True)):
-        score = WindowScore.fit(kind, train.mean(axis=0), val)
+        score = fit_score(kind, train, val)
         fit = threshold.fit(score.apply(np.vstack([train, val]))[1], 1, 1, 0.001)
         caught = (score.apply(fault)[1] > fit.threshold).mean()
         assert (caught > 0.9) == seen, (kind, caught)
@@ -109,28 +134,39 @@ def test_a_channel_drifting_in_the_newest_rows_is_measured_against_its_drift():
     way does not alarm where an unscaled channel-max would."""
     train, val = channel_noise(4000, 4), channel_noise(1000, 4, seed=1)
     val[:, 1] *= 3
-    score = WindowScore.fit(ScoreKind.CHANNEL_MAX, train.mean(axis=0), val)
-    steady = np.quantile(val, 0.99, axis=0)
+    score = fit_score(ScoreKind.CHANNEL_MAX, train, val)
+    steady = np.maximum(np.quantile(val, 0.99, axis=0), np.quantile(train, 0.99, axis=0))
     assert score.channel_scale[1] == pytest.approx(steady[1] * 3, rel=0.1)
-    assert score.channel_scale[[0, 2, 3]] == pytest.approx(steady[[0, 2, 3]], rel=0.05)
+    assert score.channel_scale[[0, 2, 3]] == pytest.approx(steady[[0, 2, 3]], rel=1e-6)
     # a constant channel (no error at all) still gets a finite scale
     train[:, 2] = val[:, 2] = 0.0
-    assert WindowScore.fit(ScoreKind.CHANNEL_MAX, train.mean(axis=0), val).channel_scale[2] == (
+    assert fit_score(ScoreKind.CHANNEL_MAX, train, val).channel_scale[2] == (
         pytest.approx(SCALE_FLOOR)
     )
+
+
+def test_quiet_validation_windows_do_not_make_a_busier_hour_an_alarm():
+    """The newest rows held out were a quiet spell (channel 0 reconstructs four times
+    better there): its normal error is its training windows' quantile, not theirs."""
+    train, val = channel_noise(4000, 3), channel_noise(1000, 3, seed=1)
+    val[:, 0] /= 4
+    score = fit_score(ScoreKind.CHANNEL_MAX, train, val)
+    assert score.channel_scale[0] == pytest.approx(np.quantile(train[:, 0], 0.99), rel=1e-6)
+    busy = channel_noise(5000, 3, seed=2)  # hours like the training ones
+    assert (score.apply(busy)[0][:, 0] > 1).mean() < 0.02
 
 
 def test_a_model_saved_before_channel_max_scores_as_it_did():
     """metadata.json of older versions says "mse" (or nothing): the mean, unscaled."""
     errors = channel_noise(100, 3)
     current = model_meta(b"", ("a", "b", "c"))
-    del current["channel_scale"]
+    del current["channel_scale"], current["alarm"]["sustained"]
     for older in ({**current, "score": "mse"}, {k: v for k, v in current.items() if k != "score"}):
         score = WindowScore.of(ModelMeta.parse(older))
         scaled, s = score.apply(errors)
         assert score.kind is ScoreKind.MSE and scaled is errors
         assert np.array_equal(s, errors.mean(axis=1))
-    new = WindowScore.fit(ScoreKind.CHANNEL_MAX, errors.mean(axis=0), errors)
+    new = fit_score(ScoreKind.CHANNEL_MAX, errors, errors)
     again = WindowScore.of(ModelMeta.parse({**current, **new.to_meta()}))
     assert again.to_meta() == new.to_meta()
     assert np.array_equal(again.apply(errors)[1], (errors / again.channel_scale).max(axis=1))
@@ -179,3 +215,68 @@ def test_a_window_score_that_is_not_finite_is_an_alarm(tmp_path):
     assert len(scored.end) == 7 and scored.over.all() and scored.alarm[1:].all()
     assert (scored.score == BEYOND_SCORE).all() and np.isfinite(scored.errors).all()
     json.dumps(scored.score.tolist(), allow_nan=False)
+
+
+def sustained_model(directory: Path, sustained: dict | None) -> Model:
+    """two_channel_model with a threshold of 25 and, if given, metadata's sustained rule."""
+    model = two_channel_model(directory)
+    meta = model_meta(
+        (directory / "model.onnx").read_bytes(),
+        ("a", "b"),
+        threshold=25.0,
+        normalization={"kind": "zscore", "mean": [10.0, 0.0], "scale": [2.0, 1.0]},
+        alarm={
+            "kind": "k-of-n",
+            "above": 2,
+            "of": 3,
+            **({"sustained": sustained} if sustained else {}),
+        },
+    )
+    meta["time"]["max_gap_s"] = None
+    assert model.window_size == 4
+    return Model.of(directory, ModelMeta.parse(meta))
+
+
+def shifted_readings(n: int = 120) -> np.ndarray:
+    """Readings of channels a and b; from row 40 to 89, b sits 1.5 of its standard
+    deviations high: each window's error in b about 2.25 times normal, far under 25."""
+    values = np.random.default_rng(3).normal(size=(n, 2)) * [2.0, 0.2] + [10.0, 0.0]
+    values[40:90, 1] += 1.5
+    return values
+
+
+def test_a_small_lasting_shift_is_an_alarm_by_the_sustained_rule_alone(tmp_path):
+    """The shift never takes a window over the threshold; the sustained rule finds it, a
+    model saved without the rule (before it) scores exactly as it did."""
+    values, time = shifted_readings(), np.arange(120.0)
+    rule = {"above": 8, "of": 10, "level": 1.5}
+    with_rule = sustained_model(tmp_path, rule).score(values, time)
+    before = sustained_model(tmp_path, None).score(values, time)
+    assert not with_rule.over.any() and not before.alarm.any()
+    alarm = with_rule.row_alarm(len(values))
+    assert alarm[52:90].all() and not alarm[:40].any() and not alarm[100:].any()
+    assert np.array_equal(with_rule.score, before.score)
+
+
+def test_decisions_made_piece_by_piece_carry_the_sustained_look_back(tmp_path):
+    """Live scoring decides a few rows at a time, carrying a LookBack; `smocsd score`
+    decides a range with its context: both as Model.score decides the whole; an excluded
+    period is never an alarm by either rule."""
+    model = sustained_model(tmp_path, {"above": 8, "of": 10, "level": 1.5})
+    values, time, order = shifted_readings(), np.arange(120.0), np.arange(1, 121)
+    whole = model.score(values, time)
+    recent, alarm, after = LookBack(), [], 0
+    for last in [*range(5, 120, 7), 120]:  # each call: the new rows, the window before them
+        first = max(0, after - (model.window_size - 1))
+        rows = slice(first, last)
+        d = decide(model, values[rows], time[rows], order[rows], after, recent)
+        recent, alarm, after = d.recent, alarm + d.alarm.tolist(), last
+    assert alarm == whole.alarm.tolist()
+    assert len(recent.high) == 9 and len(recent.over) == 2
+    context = model.window_size - 1 + model.look_back - 1
+    ranged = decide(
+        model, values[60 - context :], time[60 - context :], order[60 - context :], 60, None
+    )
+    assert ranged.alarm.tolist() == whole.alarm[whole.end >= 60].tolist()
+    quiet = decide(model, values, time, order, None, LookBack(), excluded=[(30, 95)])
+    assert not quiet.alarm.any()

@@ -31,6 +31,7 @@ VALID = {
         "last_order": 3040,
         "version": 3,
         "recent": [False, True],
+        "recent_high": [[1], [], [0, 1]],
         "event": {
             "event_id": EVENT_ID,
             "version": 3,
@@ -96,6 +97,7 @@ FIELDS: list[tuple[tuple, list, bool]] = [
     (("scoring", "last_order"), INT, True),
     (("scoring", "version"), VERSION, True),
     (("scoring", "recent"), ["x", [1], [None], {}, True], True),
+    (("scoring", "recent_high"), ["x", [1], [[-1]], [[True]], [[1.5]], {}], True),
     (("scoring", "at"), TEXT, True),
     (E, OBJECT, True),
     ((*E, "event_id"), [*TEXT, "x", EVENT_ID.upper()], False),

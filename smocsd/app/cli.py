@@ -570,8 +570,8 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
     # --from the smallest order value is every row; one less would not fit SQLite's integer.
     after = None if args.from_order in (None, INT64_MIN) else args.from_order - 1
     # Rows before the range: a whole window for its first row, and the windows the alarm
-    # rule looks back on.
-    context = model.window_size - 1 + model.rule.of - 1
+    # rules look back on.
+    context = model.window_size - 1 + model.look_back - 1
     source = open_source(model_cfg.source)
     try:
         rows_wanted = source.count_after(after) + (context if after is not None else 0)

@@ -2,9 +2,9 @@
 alarm events.
 
 Runs in the daemon (training stays in its child), with plain onnxruntime and the model's
-own threshold and alarm rule from its metadata.json. An event opens when the rule fires
-and closes after `scoring.close_after` windows below it, so one long anomaly is one
-event; each goes out as an open and a closed message through the outbox. Where scoring
+own threshold and alarm rules from its metadata.json. An event opens when a rule fires
+and closes after `scoring.close_after` windows on which none does, so one long anomaly is
+one event; each goes out as an open and a closed message through the outbox. Where scoring
 stands (the last scored row, the last windows' decisions, an open event) is saved in
 state.json, per model, after every step that scored rows, so no window is scored twice or
 skipped across a restart.
@@ -38,7 +38,7 @@ from ..common.state import AlarmEvent, ScoringPosition, State, StateFile, utcnow
 from ..data.sources import Moved, NoDatabase, Readings, Source, open_source
 from ..delivery.outbox import Outbox
 from ..schemas import ALARM_SCHEMA
-from ..scoring import Model, shares
+from ..scoring import LookBack, Model, shares
 from ..store import ModelStore
 from ..training.result import error_line
 
@@ -69,9 +69,9 @@ def decide(
     model: Model,
     readings: Readings,
     after: int | None,
-    recent: list[bool] | None,
+    recent: LookBack | None,
     excluded: Sequence[tuple[int, int]] = (),
-) -> tuple[list[ScoredRow], np.ndarray, list[bool]]:
+) -> tuple[list[ScoredRow], np.ndarray, LookBack]:
     """Scores the windows of `readings` that end past order `after` (scoring.decide), as
     rows: the rows, their windows' per-channel errors, and the new `recent`."""
     d = scoring.decide(
@@ -127,7 +127,7 @@ class Position:
 
     last_order: int | None = None
     version: int | None = None
-    recent: list[bool] = field(default_factory=list)
+    recent: LookBack = field(default_factory=LookBack)
     event: Event | None = None
 
     @classmethod
@@ -138,7 +138,7 @@ class Position:
         return cls(
             last_order=saved.last_order,
             version=saved.version,
-            recent=list(saved.recent),
+            recent=LookBack(list(saved.recent), [list(x) for x in saved.recent_high]),
             event=None if saved.event is None else Event(**asdict(saved.event)),
         )
 
@@ -322,7 +322,7 @@ class LiveScorer:
             self._save()
             return [], 0
         if self.table.renewed:
-            pos.last_order, pos.recent = self.table.restart(), []
+            pos.last_order, pos.recent = self.table.restart(), LookBack()
             self._save()
         if newest == pos.last_order:  # nothing new: the one query of an idle poll
             return [], 0
@@ -333,7 +333,7 @@ class LiveScorer:
         cap = self.cfg.training.max_rows
         if new > cap:  # after a long stop: memory is bounded, `smocsd score` has the rest
             log.warning("%s: scoring: %d rows waiting, scoring the newest %d", self.name, new, cap)
-            new, pos.recent = cap, []
+            new, pos.recent = cap, LookBack()
         return self.score(outbox, model, source.read_newest(new + model.window_size - 1))
 
     def score(
@@ -409,7 +409,14 @@ class LiveScorer:
     def record(self) -> ScoringPosition:
         """The position as state.json keeps it."""
         pos = self.position
-        return ScoringPosition(pos.last_order, pos.version, pos.recent, pos.event, utcnow())
+        return ScoringPosition(
+            last_order=pos.last_order,
+            version=pos.version,
+            recent=pos.recent.over,
+            recent_high=pos.recent.high,
+            event=pos.event,
+            at=utcnow(),
+        )
 
     def _save(self) -> None:
         self.state.update(model=self.name, scoring=self.record())
@@ -596,7 +603,7 @@ class _Group(_Poller):
             start = self.table.restart()
             for value, member in self.members.items():
                 if member.position.last_order is not None:
-                    member.position.last_order, member.position.recent = start, []
+                    member.position.last_order, member.position.recent = start, LookBack()
                     self.tails[value] = _Tail(sys.maxsize, _empty(self.channels))  # no row before
                     moved.append(member)
         for value, member in active.items():
@@ -636,7 +643,7 @@ class _Group(_Poller):
                 pos = member.position
                 if pos.last_order < first - 1:  # type: ignore[operator]
                     # Its rows before `first` are skipped: its windows start after them.
-                    pos.last_order, pos.recent = first - 1, []
+                    pos.last_order, pos.recent = first - 1, LookBack()
                     self.tails.pop(value, None)
         if not len(readings.order):
             return results

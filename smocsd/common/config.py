@@ -696,6 +696,27 @@ class ModelConfig:
         ),
     )
     alarm_of: int = _opt(3, _int(1), KeyDoc("see `alarm_above`"))
+    # smocsd.scoring.SustainedRule: a small shift that lasts stays under the threshold of
+    # one window; chosen on the real plants in bench/detect.py.
+    sustained_above: int = _opt(
+        20,
+        _int(0),
+        KeyDoc(
+            "also an alarm while one channel's error is above `sustained_level` times its "
+            "normal error on `sustained_above` of the last `sustained_of` windows: a small "
+            "shift that lasts ([why](#detection-quality)); 0 turns it off",
+            rule='≤ `sustained_of`; with `score = "channel-max"` only (an `"mse"` model has '
+            "no channel errors in those units)",
+        ),
+    )
+    sustained_of: int = _opt(30, _int(1), KeyDoc("see `sustained_above`"))
+    sustained_level: float = _opt(
+        1.25,
+        _float(0.0, 1000.0, low_open=True),
+        KeyDoc(
+            "see `sustained_above`; a channel's normal error (metadata.json `channel_scale`) is 1"
+        ),
+    )
     accept_after: float | None = _opt(
         None,
         _off_or_duration,
@@ -732,8 +753,8 @@ class ScoringConfig:
         10,
         _int(1, 1_000_000),
         KeyDoc(
-            "windows below the alarm rule before an alarm event closes: one long anomaly with "
-            "a quiet moment inside stays one event"
+            "windows on which no alarm rule fires before an alarm event closes: one long "
+            "anomaly with a quiet moment inside stays one event"
         ),
     )
 
@@ -1105,6 +1126,11 @@ def _check_model(cfg: Config, problems: list[str]) -> None:
         problems.append(
             f"model.alarm_above: {cfg.model.alarm_above} windows can never be above the "
             f"threshold among the last alarm_of = {cfg.model.alarm_of}"
+        )
+    if cfg.model.sustained_above > cfg.model.sustained_of:
+        problems.append(
+            f"model.sustained_above: {cfg.model.sustained_above} windows can never be above "
+            f"the level among the last sustained_of = {cfg.model.sustained_of}"
         )
     if s.kind == "postgres":
         if s.path is not None:

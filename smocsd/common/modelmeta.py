@@ -215,13 +215,41 @@ class NormalizationMeta:
         )
 
 
+def _k_of_n(obj: Object, above: int, of: int) -> None:
+    if above > of:  # a rule that can never fire: silence, not an alarm
+        raise Damage(obj.at("above"), f"{above} is more than `of`, {of}")
+
+
+@dataclass(frozen=True)
+class SustainedMeta:
+    """`alarm.sustained`: also alarm while one channel's error is above `level` (in
+    channel_scale's units) on `above` of the last `of` windows."""
+
+    above: int
+    of: int
+    level: float
+
+    @classmethod
+    def parse(cls, value: Any, name: str) -> SustainedMeta:
+        obj = _strict(value, name, names(cls))
+        rule = cls(
+            above=obj.field("above", _positive),
+            of=obj.field("of", _positive),
+            level=obj.field("level", _scale),
+        )
+        _k_of_n(obj, rule.above, rule.of)
+        return rule
+
+
 @dataclass(frozen=True)
 class AlarmMeta:
-    """`alarm`: alarm while `above` of the last `of` windows are over the threshold."""
+    """`alarm`: alarm while `above` of the last `of` windows are over the threshold, or
+    while the sustained rule fires (absent in versions saved before it, and with "mse")."""
 
     above: int
     of: int
     kind: str = "k-of-n"
+    sustained: SustainedMeta | None = None
 
     @classmethod
     def parse(cls, value: Any, name: str) -> AlarmMeta:
@@ -230,10 +258,16 @@ class AlarmMeta:
             kind=obj.field("kind", _const("k-of-n")),
             above=obj.field("above", _positive),
             of=obj.field("of", _positive),
+            sustained=obj.present("sustained", SustainedMeta.parse),
         )
-        if alarm.above > alarm.of:  # a rule that can never fire: silence, not an alarm
-            raise Damage(obj.at("above"), f"{alarm.above} is more than `of`, {alarm.of}")
+        _k_of_n(obj, alarm.above, alarm.of)
         return alarm
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind, "above": self.above, "of": self.of}
+        if self.sustained is not None:
+            data["sustained"] = asdict(self.sustained)
+        return data
 
 
 @dataclass(frozen=True)
@@ -473,6 +507,8 @@ class ModelMeta:
                 obj.at("channel_scale"),
                 'expected with "score": "channel-max" and only then',
             )
+        if self.alarm.sustained is not None and self.score != "channel-max":
+            raise Damage("alarm.sustained", 'only with "score": "channel-max"')
 
     @property
     def score_kind(self) -> str:
@@ -488,8 +524,8 @@ class ModelMeta:
             value = getattr(self, f.name)
             if value is None and f.name in _OPTIONAL:
                 continue
-            if f.name == "data":
-                value = self.data.to_json()
+            if f.name in ("data", "alarm"):
+                value = value.to_json()
             elif hasattr(value, "__dataclass_fields__"):
                 value = asdict(value)
             elif f.name in ("channel_error", "files"):

@@ -91,6 +91,17 @@ def _booleans(value: Any, name: str) -> list[bool]:
     return value
 
 
+def _index_lists(value: Any, name: str) -> list[list[int]]:
+    def index(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 31
+
+    if not isinstance(value, list) or not all(
+        isinstance(v, list) and all(index(x) for x in v) for v in value
+    ):
+        raise Damage(name, f"expected a list of lists of channel indexes, got {_shown(value)}")
+    return value
+
+
 def _why(value: Any, name: str) -> str:
     if value not in WHYS:
         raise Damage(name, f'expected "alarm" or "spike", got {_shown(value)}')
@@ -180,14 +191,17 @@ class ScoringPosition:
 
     Each field is reset alone. `last_order` to null: scoring starts again at the newest
     row, and the rows that landed since the last save are scored by `smocsd score`, not
-    live (the same as scoring switched on now); `recent` to []: the alarm rule's look-back
-    of a few windows starts empty, so an alarm under way may fire those windows later;
+    live (the same as scoring switched on now); `recent` and `recent_high` to []: the
+    alarm rule's and the sustained rule's look-back of a few windows start empty, so an
+    alarm under way may fire those windows later;
     `event`: see AlarmEvent; `version` and `at` are for `status` only.
     """
 
     last_order: int | None = None  # the last row scored; null: start at the newest row
     version: int | None = None
     recent: list[bool] = field(default_factory=list)  # the alarm rule's look-back
+    # The sustained rule's look-back: each window's channels above its level.
+    recent_high: list[list[int]] = field(default_factory=list)
     event: AlarmEvent | None = None
     at: str | None = None  # when it was saved (utcnow())
 
@@ -198,6 +212,7 @@ class ScoringPosition:
             last_order=findings.keep(lambda: obj.optional("last_order", _order), None),
             version=findings.keep(lambda: obj.optional("version", _version), None),
             recent=findings.keep(lambda: obj.optional("recent", _booleans) or [], []),
+            recent_high=findings.keep(lambda: obj.optional("recent_high", _index_lists) or [], []),
             event=findings.keep(
                 lambda: obj.optional("event", lambda v, n: AlarmEvent.parse(v, n, findings)),
                 None,
@@ -211,6 +226,9 @@ class ScoringPosition:
             "last_order": self.last_order,
             "version": self.version,
             "recent": self.recent,
+            # Only while the sustained rule looks back on a channel: the file of a model
+            # without that rule, or one quiet for a while, stays as earlier releases wrote it.
+            **({"recent_high": self.recent_high} if any(self.recent_high) else {}),
             "event": None if self.event is None else asdict(self.event),
             "at": self.at,
         }

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__, modelfile, report
+from ..common.config import ModelConfig
 from ..common.labels import Kind, Label, LabelError, Labels, for_model
 from ..common.modelmeta import METADATA, ModelMeta
 from ..common.records import Damage
@@ -36,9 +37,11 @@ from ..data.windows import (
 )
 from ..schemas import MODEL_FORMAT
 from ..scoring import (
+    SCALE_QUANTILE,
     AlarmRule,
     Model,
     ScoreKind,
+    SustainedRule,
     WindowScore,
     channel_errors,
     in_ranges,
@@ -110,6 +113,21 @@ def _chunks(session: Any, windows: WindowSet, n_channels: int) -> Iterator[tuple
     for lo in range(0, len(windows), SCORE_CHUNK):
         part = WindowSet(windows.z, windows.starts[lo : lo + SCORE_CHUNK], windows.size)
         yield lo, channel_errors(session, part, n_channels)
+
+
+def _rules(m: ModelConfig) -> tuple[AlarmRule, SustainedRule | None]:
+    """A new version's alarm rule and sustained rule; no sustained rule with "mse", whose
+    window errors are not in units of each channel's normal error, or turned off."""
+    sustained = None
+    if m.sustained_above and ScoreKind(m.score) is ScoreKind.CHANNEL_MAX:
+        sustained = SustainedRule(m.sustained_above, m.sustained_of, m.sustained_level)
+    return AlarmRule(m.alarm_above, m.alarm_of), sustained
+
+
+def _alarm_meta(m: ModelConfig) -> dict[str, Any]:
+    """metadata.json's `alarm`: the alarm rule, and the sustained rule where there is one."""
+    rule, sustained = _rules(m)
+    return {**rule.to_meta(), **({"sustained": sustained.to_meta()} if sustained else {})}
 
 
 def _check_state(job: AutoencoderJob) -> None:
@@ -316,7 +334,8 @@ class AutoencoderJob(TrainingJob):
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The rows of each run the current model alarmed on, for the check that a
         challenger still alarms there, each with the rows its windows look back on."""
-        back = self.config.training.window_size - 1 + self.config.model.alarm_of - 1
+        m = self.config.model
+        back = self.config.training.window_size - 1 + max(m.alarm_of, m.sustained_of) - 1
         return [
             (
                 readings.values[max(0, a - back) : b + 1].copy(),
@@ -396,12 +415,17 @@ class AutoencoderJob(TrainingJob):
         val_errors = channel_errors(session, sp.val, channels)  # per channel: channel_error
         self.val_loss = float(val_errors.mean())
         kind = ScoreKind(self.config.model.score)
-        train_mean = np.zeros(channels)
-        if kind is ScoreKind.CHANNEL_MAX:  # the scale needs the training windows' errors
-            for _, errors in _chunks(session, sp.train, channels):
+        train_mean, train_high = np.zeros(channels), np.zeros(channels)
+        if kind is ScoreKind.CHANNEL_MAX and len(sp.train):  # the scale needs their errors
+            # Every `step`-th window's errors, at most SCORE_CHUNK windows: their quantile
+            # is as good as all of theirs, in a bounded memory.
+            step, kept = -(-len(sp.train) // SCORE_CHUNK), []
+            for lo, errors in _chunks(session, sp.train, channels):
                 train_mean += errors.sum(axis=0)
-            train_mean /= max(len(sp.train), 1)
-        self.window_score = WindowScore.fit(kind, train_mean, val_errors)
+                kept.append(errors[(-lo) % step :: step])
+            train_mean /= len(sp.train)
+            train_high = np.quantile(np.concatenate(kept), SCALE_QUANTILE, axis=0)
+        self.window_score = WindowScore.fit(kind, train_mean, train_high, val_errors)
         # Every window's score in one array, training windows first.
         all_scores = np.empty(len(sp.train) + len(sp.val), np.float32)
         for lo, errors in _chunks(session, sp.train, channels):
@@ -485,13 +509,15 @@ class AutoencoderJob(TrainingJob):
     def _challenger(self, threads: int) -> Model:
         """The new version as scoring.Model scores it, before its metadata.json exists."""
         cfg = self.config
+        rule, sustained = _rules(cfg.model)
         return Model(
             self.staging,
             channels=list(cfg.source.channels),
             window_size=cfg.training.window_size,
             threshold=self.threshold_fit.threshold,
             window_score=self.window_score,
-            rule=AlarmRule(cfg.model.alarm_above, cfg.model.alarm_of),
+            rule=rule,
+            sustained=sustained,
             max_gap=None if math.isnan(self.data.time.max_gap) else self.data.time.max_gap,
             normalization=self.data.split.normalization,
             threads=threads,
@@ -605,7 +631,7 @@ class AutoencoderJob(TrainingJob):
             "threshold": self.threshold_fit.threshold,
             "threshold_fit": self.threshold_fit.to_meta(),
             "score_quantiles": self.score_quantiles,
-            "alarm": AlarmRule(cfg.model.alarm_above, cfg.model.alarm_of).to_meta(),
+            "alarm": _alarm_meta(cfg.model),
             "time": data.time.to_meta(),
             "channel_error": self.channel_error,
             "metrics": metrics,
