@@ -79,6 +79,7 @@ from smocsd.scoring import (
     SustainedRule,
     WindowScore,
     channel_errors,
+    fires,
     open_session,
 )
 from smocsd.training import threshold
@@ -215,12 +216,10 @@ class Trained:
 
     def decide(self, over: np.ndarray) -> np.ndarray:
         """Per scored window: the model's alarm rule on the windows `over` a studied
-        threshold, or its sustained rule on its channels' errors (scoring.Model.alarm)."""
-        alarm = self.rule.apply(over)
+        threshold, or its sustained rule on its channels' errors (scoring.fires)."""
         sustained = SustainedRule.from_meta(ModelMeta.parse(self.meta).alarm.sustained)
-        if sustained is not None:
-            alarm |= sustained.apply(self.errors > sustained.level)
-        return alarm
+        high = self.errors > (sustained.level if sustained else np.inf)
+        return fires(self.rule, sustained, over, high)
 
 
 def _toml(value: Any) -> str:
@@ -607,7 +606,8 @@ def release_030_decisions(
             x.astype(np.float64) * scale
             for x in (m.fitted.train.errors, m.fitted.val.errors, m.errors)
         )
-        old = WindowScore.fit(ScoreKind.CHANNEL_MAX, train.mean(axis=0), 0 * scale, val)
+        no_train_high = np.zeros_like(scale)  # 0.3.0 left the training windows' quantile out
+        old = WindowScore.fit(ScoreKind.CHANNEL_MAX, train.mean(axis=0), no_train_high, val)
         fit = np.concatenate(
             [(train / old.channel_scale).max(axis=1), (val / old.channel_scale).max(axis=1)]
         )

@@ -71,6 +71,18 @@ class SustainedRule:
         return None if meta is None else cls(meta.above, meta.of, meta.level)
 
 
+def fires(
+    rule: AlarmRule, sustained: SustainedRule | None, over: np.ndarray, high: np.ndarray
+) -> np.ndarray:
+    """Per window (in scoring order): does the alarm rule fire on the windows `over` the
+    threshold, or the sustained rule on their channels `high` (above its level)? Model,
+    decide() and the benchmark's studies all decide by this."""
+    alarm = rule.apply(over)
+    if sustained is not None:
+        alarm |= sustained.apply(high)
+    return alarm
+
+
 class ScoreKind(str, Enum):
     """How a window's per-channel errors become its score (metadata.json `score`)."""
 
@@ -254,14 +266,6 @@ class Model:
             return np.zeros((len(errors), 0), bool)
         return errors > self.sustained.level
 
-    def alarm(self, over: np.ndarray, high: np.ndarray) -> np.ndarray:
-        """Per window: does the alarm rule or the sustained rule fire, from the windows
-        `over` the threshold and their channels `high` (Model.high)?"""
-        alarm = self.rule.apply(over)
-        if self.sustained is not None:
-            alarm |= self.sustained.apply(high)
-        return alarm
-
     def score(self, values: np.ndarray, time: np.ndarray) -> Scored:
         """Scores every window of `values` (rows x channels, oldest first) that has no
         missing value and spans no time gap, with the model's threshold and alarm rule.
@@ -293,7 +297,8 @@ class Model:
             capped |= held.any(axis=1)
         score = np.where(capped, cap, score)
         over = capped | (score > self.threshold)
-        return Scored(starts + w - 1, errors, score, over, self.alarm(over, self.high(errors)))
+        alarm = fires(self.rule, self.sustained, over, self.high(errors))
+        return Scored(starts + w - 1, errors, score, over, alarm)
 
 
 def in_ranges(order: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -381,18 +386,23 @@ def decide(
         over, high = over & allowed, high & allowed[:, None]
     if recent is None:
         recent = LookBack.of(model, over[~new], high[~new])
-    over_before = np.array(recent.over, bool)
-    high_before = recent.high_array(high.shape[1])
-    over = np.concatenate([over_before, over[new]])
-    high = np.concatenate([high_before, high[new]])
-    alarm = model.rule.apply(over)[len(over_before) :]
-    if model.sustained is not None:
-        alarm |= model.sustained.apply(high)[len(high_before) :]
+    # The two look-backs aligned: the shorter one led by windows on which nothing fired.
+    before, n_channels = max(len(recent.over), len(recent.high)), high.shape[1]
+    over = np.concatenate(
+        [np.zeros(before - len(recent.over), bool), np.array(recent.over, bool), over[new]]
+    )
+    high = np.concatenate(
+        [
+            np.zeros((before - len(recent.high), n_channels), bool),
+            recent.high_array(n_channels),
+            high[new],
+        ]
+    )
     return Decided(
         ends=scored.end[new],
         errors=scored.errors[new],
         score=scored.score[new],
-        over=over[len(over_before) :],
-        alarm=alarm,
+        over=over[before:],
+        alarm=fires(model.rule, model.sustained, over, high)[before:],
         recent=LookBack.of(model, over, high),
     )
