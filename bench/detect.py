@@ -743,10 +743,10 @@ def channel_subsets(ds: Dataset, k: int) -> list[Dataset]:
 
 def few_channels_table(ds: Dataset, models: Models, k: int) -> str:
     subsets = channel_subsets(ds, k)
+    runs = [run for sub in subsets for run in sub.runs]
     rows = []
     for name, overrides in FEW_SETTINGS.items():
         decisions = [d for sub in subsets for d in smocsd_decisions(sub, models, overrides)]
-        runs = [run for sub in subsets for run in sub.runs]
         rows.append(quality_row(name, tally(decisions, runs)))
     header = ["smocsd", "FAR %", "MAR %", "F1", "BA", "events", "delay", "FA/10k"]
     return markdown(header, rows)
