@@ -24,8 +24,8 @@ Prints markdown tables (for the README's "Detection quality"):
    99th percentile on training rows).
 2. SKAB valve1 by SKAB's protocol, the same detectors, and SKAB's published leaderboard.
 3. The window score ("channel-max" or "mse") x the threshold budget, on every data set;
-   the defaults with each of three training seeds; the sustained rule's count and level
-   (and 0.3.0's score without it); a study of each channel's error averaged over the
+   the defaults with each of eight training seeds and their mean; the sustained rule's
+   count and level (and 0.3.0's score without it); a study of each channel's error averaged over the
    last windows before the largest is taken; and one of a threshold that follows the
    scores of the windows below it between retrains.
    Plants of few channels, on real ones: every 4 (`--few-channels`) of SKAB valve1's 8
@@ -666,22 +666,42 @@ def settings_table(datasets: list[Dataset], models: Models) -> str:
     return markdown(["score", "false_alarm_rate", *map(summary_header, datasets)], rows)
 
 
-SEEDS = (0, 1, 2)
+# Training seeds (`training.seed`): the Tennessee Eastman and SKAB models train on 400-500
+# rows, where the seed moves the mean detection rate by a few points; the defaults were
+# chosen on seed 0, and the table shows where that seed lies among the others.
+SEEDS = tuple(range(8))
+
+
+def seeds_summary(ds: Dataset, per_seed: list[list[np.ndarray]]) -> str:
+    """One cell over the seeds: the Tennessee Eastman mean FAR / mean detection rate and
+    the detection rates' range, else the mean BA (mean FAR / MAR) and the BAs' range."""
+    if ds.name == "tep":
+        rates = [TepRates.of(d) for d in per_seed]
+        far, det = (np.mean([getattr(r, k) for r in rates]) for k in ("far", "mean"))
+        lo, hi = min(r.mean for r in rates), max(r.mean for r in rates)
+        return f"{pct(far)} / {pct(det)} ({pct(lo)}-{pct(hi)})"
+    tallies = [tally(d, ds.runs) for d in per_seed]
+    ba, far, mar = (np.mean([getattr(t, k) for t in tallies]) for k in ("ba", "far", "mar"))
+    lo, hi = min(t.ba for t in tallies), max(t.ba for t in tallies)
+    return f"{ba:.3f} ({pct(far)} / {pct(mar)}; {lo:.3f}-{hi:.3f})"
 
 
 def seeds_table(datasets: list[Dataset], models: Models) -> str:
-    """The defaults and the previous defaults with each training seed (`training.seed`)."""
+    """The defaults and the previous defaults with each training seed, and their means."""
     rows = []
     for name, overrides, decide in (
         ("defaults", {}, smocsd_decisions),
         ("0.3.0 defaults", {}, release_030_decisions),
         ("previous defaults", PREVIOUS, smocsd_decisions),
     ):
-        for seed in SEEDS:
-            cells = [
-                summary(ds, decide(ds, models, {**overrides, "seed": seed})) for ds in datasets
-            ]
+        per_seed = [
+            [decide(ds, models, {**overrides, "seed": seed}) for ds in datasets] for seed in SEEDS
+        ]
+        for seed, decisions in zip(SEEDS, per_seed, strict=True):
+            cells = [summary(ds, d) for ds, d in zip(datasets, decisions, strict=True)]
             rows.append([name, str(seed), *cells])
+        means = [seeds_summary(ds, [p[i] for p in per_seed]) for i, ds in enumerate(datasets)]
+        rows.append([name, f"mean of {len(SEEDS)} (range)", *means])
     return markdown(["smocsd", "seed", *map(summary_header, datasets)], rows)
 
 
@@ -977,7 +997,7 @@ def main() -> None:
     if real:
         print("\n## Score and threshold budget, every data set (alarm rule 2 of 3)\n")
         print(settings_table(datasets, models))
-        print("\n## Seeds: one training seed is one sample; the choice held on three\n")
+        print("\n## Seeds: one training seed is one sample: eight, and their mean\n")
         print(seeds_table(real, models))
         print("\n## The sustained rule: one channel above a level on k of the last n windows\n")
         print(sustained_table(datasets, models))
