@@ -25,9 +25,9 @@ Prints markdown tables (for the README's "Detection quality"):
 2. SKAB valve1 by SKAB's protocol, the same detectors, and SKAB's published leaderboard.
 3. The window score ("channel-max" or "mse") x the threshold budget, on every data set;
    the defaults with each of eight training seeds and their mean; the sustained rule's
-   count and level (and 0.3.0's score without it); a study of each channel's error averaged over the
-   last windows before the largest is taken; and one of a threshold that follows the
-   scores of the windows below it between retrains.
+   count and level (and 0.3.0's score without it); a study of each channel's error
+   averaged over the last windows before the largest is taken; and one of a threshold
+   that follows the scores of the windows below it between retrains.
    Plants of few channels, on real ones: every 4 (`--few-channels`) of SKAB valve1's 8
    channels, and 40 random 4-channel plants of the Tennessee Eastman's 52 with the faults
    that move one of their channels, with the defaults, a narrower code and a looser
@@ -1010,7 +1010,7 @@ def main() -> None:
             if ds.name == "skab-valve1":
                 print(f"\n## Few channels: every {k} of SKAB valve1's channels, pooled\n")
                 print(few_channels_table(ds, models, k))
-            else:
+            elif ds.name == "tep":
                 print(
                     f"\n## Few channels, a quiet plant: {TEP_FEW_PLANTS} random {k}-channel "
                     "plants of the Tennessee Eastman's 52, and the faults that move one of "
