@@ -5,8 +5,8 @@ classic baselines computed in the same run.
     .bench/bin/python bench/detect.py [--quick] [--datasets tep,skab-valve1,...]
 
 scikit-learn (for the simulations' baselines) is never a dependency of the daemon: the
-benchmark has its own environment. A default run takes about 7 minutes on 2 cores;
-`--quick` skips the few-channel studies and the architecture grid (about 3 minutes).
+benchmark has its own environment. A default run takes about 8 minutes on 2 cores;
+`--quick` skips the few-channel studies and the architecture grid (about 2 minutes).
 
 smocsd is run through its real code path: each run's training rows go into a SQLite file,
 a config holding only the channels, `min_training_samples` and the settings under study is
