@@ -9,12 +9,14 @@ import re
 import signal
 import socket
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from helpers import PUMPS, Running, pump_rows, smocsd, write_config
 
+from smocsd.app.systemd import notify
 from smocsd.data import demo
 
 
@@ -174,6 +176,24 @@ def test_a_silent_kafka_broker_never_starves_the_watchdog(tmp_path, running):
             assert d.stop(timeout=30) == 0
     waiting = json.loads(smocsd("outbox", "list", "--json", config=cfg, check=True).stdout)
     assert [(m["outcome"], m["version"]) for m in waiting] == [("promoted", 1)]
+
+
+def test_sd_notify_never_waits_for_a_receiver_that_does_not_read(tmp_path, monkeypatch):
+    """A full notify socket (10 datagrams queued, net.unix.max_dgram_qlen's default) loses
+    the status lines beyond it; the daemon does not stop at them."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        sent: list[bool] = []
+        sender = threading.Thread(
+            target=lambda: sent.extend(notify(f"STATUS={i}") for i in range(100)), daemon=True
+        )
+        sender.start()
+        sender.join(10)
+        assert not sender.is_alive(), "notify() waited for the receiver"
+        assert sent[0] and not sent[-1]
+        receiver.setblocking(False)
+        assert receiver.recv(100) == b"STATUS=0"
 
 
 def test_five_pumps_in_one_table_five_models_and_alarms_for_the_faulty_one_only(tmp_path, running):

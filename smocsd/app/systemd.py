@@ -26,9 +26,12 @@ def notify(*fields: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall("\n".join(fields).encode())
+            # Never wait: a receiver that does not read (its queue holds
+            # net.unix.max_dgram_qlen datagrams, 10 by default) would otherwise stop the
+            # daemon at its next status line, a training cycle's a dozen epochs in.
+            sock.send("\n".join(fields).encode(), socket.MSG_DONTWAIT)
     except OSError:
-        return False  # systemd gone or socket unusable: never fatal for the daemon
+        return False  # systemd gone, busy or socket unusable: never fatal for the daemon
     return True
 
 
