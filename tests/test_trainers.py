@@ -14,7 +14,7 @@ import onnxruntime
 import pytest
 
 from smocsd.training.trainers import Fit, TrainSpec, make_trainer, onnxruntime_version
-from smocsd.training.trainers.graph import init_weights, param_shapes
+from smocsd.training.trainers.graph import build_model, init_weights, param_shapes, side_by_side
 from smocsd.training.trainers.numpy import Network, NumpyTrainer
 
 WINDOW, CHANNELS = 10, 3
@@ -198,6 +198,88 @@ def test_warm_start(backend: str, data, tmp_path: Path, caplog: pytest.LogCaptur
     cold, _ = fit(backend, spec(epochs=1), data, tmp_path / "v4", tmp_path / "foreign")
     assert not cold.warm_started
     assert "has no" in caplog.text
+
+
+def reconstruct(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return session.run(["reconstruction"], {"input": x})[0]
+
+
+@pytest.mark.parametrize("hidden", [(5,), (6, 3), (6, 4, 2)])
+def test_side_by_side_reconstructs_the_networks_mean(hidden: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(4)
+    networks = []
+    for seed in range(3):
+        weights = init_weights(7, hidden, seed)
+        for name in weights:
+            if name.endswith("bias"):  # init's are zero: test them too
+                weights[name] = rng.standard_normal(weights[name].shape).astype(np.float32)
+        networks.append(weights)
+    x = rng.standard_normal((50, 7)).astype(np.float32)
+    wide_hidden, wide = side_by_side(7, hidden, networks)
+    assert wide_hidden == tuple(3 * h for h in hidden)
+    mean = np.mean([reconstruct(build_model(7, hidden, w), x) for w in networks], axis=0)
+    np.testing.assert_allclose(
+        reconstruct(build_model(7, wide_hidden, wide), x), mean, rtol=1e-5, atol=1e-5
+    )
+    # one network is exported as it is
+    one_hidden, one = side_by_side(7, hidden, networks[:1])
+    assert one_hidden == hidden and one.keys() == networks[0].keys()
+    for name, array in one.items():
+        np.testing.assert_array_equal(array, networks[0][name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_networks_train_apart_and_are_saved_as_their_mean(
+    backend: str, data, tmp_path: Path
+) -> None:
+    s = spec(epochs=3, networks=3)
+    f, progress = fit(backend, s, data, tmp_path / "v")
+    checkpoints = {
+        "ort": ["checkpoint", "checkpoint-2", "checkpoint-3"],
+        "numpy": ["weights.npz", "weights-2.npz", "weights-3.npz"],
+    }[backend]
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == sorted(
+        ["model.onnx", *checkpoints]
+    )
+    # the k-th network is the one network of seed k, trained alone
+    alone = [fit(backend, spec(epochs=3, seed=k), data, tmp_path / f"seed{k}") for k in range(3)]
+    val = data[1].rows
+    mean = np.mean(
+        [reconstruct(onnx.load(tmp_path / f"seed{k}" / "model.onnx"), val) for k in range(3)],
+        axis=0,
+    )
+    np.testing.assert_allclose(
+        reconstruct(onnx.load(tmp_path / "v" / "model.onnx"), val), mean, rtol=1e-4, atol=1e-5
+    )
+    assert f.val_loss == pytest.approx(onnx_mse(tmp_path / "v" / "model.onnx", val, 512), rel=1e-4)
+    assert f.val_loss < min(a.val_loss for a, _ in alone)  # averaging the three helps here
+    assert f.train_loss == pytest.approx(np.mean([a.train_loss for a, _ in alone]), rel=1e-4)
+    # the epochs of all three counted as one run
+    assert f.epochs_run == sum(a.epochs_run for a, _ in alone) == 9
+    assert [(e[0], e[1]) for e in progress.epochs] == [(i, 9) for i in range(1, 10)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_network_warm_starts_from_its_own_checkpoint(
+    backend: str, data, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="smocsd.training.trainers")
+    fit(backend, spec(epochs=3, networks=2), data, tmp_path / "v1")
+    second, _ = fit(backend, spec(epochs=1, networks=2), data, tmp_path / "v2", tmp_path / "v1")
+    assert second.warm_started and not caplog.records
+    # from a version of fewer networks: the first warm-starts, the others from their seeds
+    more, progress = fit(
+        backend, spec(epochs=1, networks=3), data, tmp_path / "v3", tmp_path / "v2"
+    )
+    assert not more.warm_started
+    checkpoint = {"ort": "checkpoint-3", "numpy": "weights-3.npz"}[backend]
+    assert f"has no {checkpoint} checkpoint" in caplog.text
+    _, cold_progress = fit(backend, spec(epochs=1, networks=3), data, tmp_path / "cold")
+    assert progress.epochs[0][2] < cold_progress.epochs[0][2] / 2  # the first network: warm
+    assert progress.epochs[2][2] == pytest.approx(cold_progress.epochs[2][2])  # the third: cold
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

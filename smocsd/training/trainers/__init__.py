@@ -58,18 +58,22 @@ class TrainSpec:
     epochs: int
     patience: int  # stop after this many epochs in a row without a better validation loss
     threads: int
-    seed: int = 0
+    seed: int = 0  # the first network's; the k-th (from 0) trains from seed + k
+    networks: int = 1  # trained apart, exported as one model averaging their reconstructions
 
 
 @dataclass(frozen=True)
 class Fit:
-    """Outcome of a fit; the exported weights are those of the best validation epoch."""
+    """Outcome of a fit; the exported weights are those of each network's best validation
+    epoch."""
 
-    train_loss: float  # mean MSE over the best epoch's training batches (weights moving meanwhile)
-    val_loss: float  # MSE over all validation elements with the exported (best) weights
-    epochs_run: int
+    # mean MSE over the best epoch's training batches (weights moving meanwhile), the
+    # networks' mean
+    train_loss: float
+    val_loss: float  # MSE over all validation elements with the exported model
+    epochs_run: int  # all networks' together
     duration_s: float
-    warm_started: bool
+    warm_started: bool  # every network started from its checkpoint in the warm start
 
 
 class Trainer(ABC):
@@ -85,13 +89,14 @@ class Trainer(ABC):
         progress: Progress,
         warm_start: Path | None = None,
     ) -> Fit:
-        """Train, then write ``out_dir/model.onnx`` (inference model: ``input`` ->
-        ``reconstruction``, float32 ``[N, n_features]``) plus this backend's checkpoint files.
+        """Train ``spec.networks`` networks, then write ``out_dir/model.onnx`` (inference
+        model: ``input`` -> ``reconstruction``, float32 ``[N, n_features]``, the networks'
+        mean) plus this backend's checkpoint file of each network.
 
         ``out_dir`` exists and is empty; nothing is fsync'ed here (the store does that).
-        ``warm_start`` is a previous model version directory: its weights are the starting
-        point when it holds this backend's checkpoint of the same architecture, otherwise
-        training starts from the seeded initialization and the reason is logged.
+        ``warm_start`` is a previous model version directory: a network starts from its
+        weights there when it holds this backend's checkpoint of that network of the same
+        architecture, otherwise from the seeded initialization, and the reason is logged.
         """
 
 

@@ -1,8 +1,10 @@
-"""What both backends share: the epoch loop with early stopping, and the warm-start decision.
+"""What both backends share: the epoch loop with early stopping, the warm-start decision, and
+training several networks and exporting them as one.
 
 A backend only supplies a :class:`Session` (one train step, validation error, keeping and
-restoring the best weights), so shuffling, batching, progress calls and the stopping rule
-are identical for both and the backends stay comparable.
+restoring the best weights) and the fit of one network, so shuffling, batching, progress
+calls, the stopping rule and the exported model are identical for both and the backends
+stay comparable.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import numpy as np
+import onnx
+from threadpoolctl import threadpool_limits
 
 from smocsd.training.trainers import Fit, Progress, TrainSpec, Windows
-from smocsd.training.trainers.graph import param_shapes
+from smocsd.training.trainers.graph import Weights, build_model, param_shapes, side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +61,20 @@ class LoopResult:
     val_loss: float
     epochs_run: int
 
-    def fit(self, started: float, warm_started: bool) -> Fit:
-        """The Fit of a whole ``fit()`` call begun at ``started`` (time.monotonic())."""
-        return Fit(
-            train_loss=self.train_loss,
-            val_loss=self.val_loss,
-            epochs_run=self.epochs_run,
-            duration_s=time.monotonic() - started,
-            warm_started=warm_started,
-        )
+
+@dataclass(frozen=True)
+class TrainedNetwork:
+    """One network's fit: its loop's result, its best weights, whether it warm-started."""
+
+    loop: LoopResult
+    weights: Weights
+    warm_started: bool
+
+
+# fit_one(spec, train, val, progress, warm_start, checkpoint): trains one network of
+# `spec`, from the checkpoint file `warm_start` if it fits (else spec.seed's weights), and
+# writes its best weights to the file `checkpoint`.
+FitOne = Callable[[TrainSpec, Windows, Windows, Progress, "Path | None", Path], TrainedNetwork]
 
 
 def check_inputs(spec: TrainSpec, train: Windows, val: Windows) -> None:
@@ -140,18 +149,16 @@ def run_epochs(
 
 def load_warm_start(
     spec: TrainSpec,
-    warm_start: Path | None,
-    filename: str,
+    path: Path | None,
     load: Callable[[Path], T],
     shapes_of: Callable[[T], dict[str, tuple[int, ...]]],
 ) -> T | None:
-    """The previous version's checkpoint ``filename``, loaded, if it fits this architecture;
+    """The previous version's checkpoint file `path`, loaded, if it fits this architecture;
     otherwise None, with the reason logged (training then starts from the seeded weights)."""
-    if warm_start is None:
+    if path is None:
         return None
-    path = warm_start / filename
     if not path.is_file():
-        log.info("not warm-starting: %s has no %s checkpoint", warm_start, filename)
+        log.info("not warm-starting: %s has no %s checkpoint", path.parent, path.name)
         return None
     try:
         checkpoint = load(path)
@@ -168,3 +175,80 @@ def load_warm_start(
         )
         return None
     return checkpoint
+
+
+def checkpoint_name(name: str, network: int) -> str:
+    """The file of the checkpoint of network `network` (from 0): the backend's `name` for
+    the first, so that it warm-starts from a version of one network and the other way
+    round; ``-2``, ``-3``... before the extension for the others (``weights-2.npz``,
+    ``checkpoint-3``)."""
+    if network == 0:
+        return name
+    stem, dot, extension = name.partition(".")
+    return f"{stem}-{network + 1}{dot}{extension}"
+
+
+class _Counted:
+    """The caller's progress, with the epochs of all networks counted as one run: epoch 57
+    of 150 for the seventh of the third of three networks of at most 50 epochs each."""
+
+    def __init__(self, progress: Progress, before: int, epochs: int) -> None:
+        self.progress, self.before, self.epochs = progress, before, epochs
+
+    def between_batches(self) -> None:
+        self.progress.between_batches()
+
+    def on_epoch(self, epoch: int, epochs: int, train_loss: float, val_loss: float) -> None:
+        self.progress.on_epoch(self.before + epoch, self.epochs, train_loss, val_loss)
+
+
+def fit_networks(
+    spec: TrainSpec,
+    train: Windows,
+    val: Windows,
+    out_dir: Path,
+    progress: Progress,
+    warm_start: Path | None,
+    checkpoint: str,
+    fit_one: FitOne,
+) -> Fit:
+    """Trains ``spec.networks`` networks, the k-th from seed ``spec.seed + k`` and the k-th
+    checkpoint of `warm_start`, one after another, and writes them to `out_dir` as one
+    model.onnx whose reconstruction is the mean of theirs (graph.side_by_side).
+
+    Networks apart from one another, not one network as wide: each settles on its own
+    early-stopping epoch, and their errors on normal rows average out where one network's
+    come from its seed (bench/detect.py: the Tennessee Eastman mean detection rate
+    86.9-91.2 % over eight seeds with one network, 89.2-92.7 % with three).
+    """
+    started = time.monotonic()
+    check_inputs(spec, train, val)
+    networks: list[TrainedNetwork] = []
+    before = 0
+    for k in range(spec.networks):
+        name = checkpoint_name(checkpoint, k)
+        one = fit_one(
+            replace(spec, seed=spec.seed + k),
+            train,
+            val,
+            _Counted(progress, before, spec.epochs * spec.networks),
+            None if warm_start is None else warm_start / name,
+            out_dir / name,
+        )
+        networks.append(one)
+        before += one.loop.epochs_run
+    hidden, weights = side_by_side(spec.n_features, spec.hidden, [n.weights for n in networks])
+    val_loss = networks[0].loop.val_loss
+    if len(networks) > 1:  # the exported model's, as for one network
+        from smocsd.training.trainers.numpy import Network as Net  # it imports this module
+
+        with threadpool_limits(limits=spec.threads):
+            val_loss = validation_loss(Net(spec.n_features, hidden, weights), val, progress)
+    onnx.save(build_model(spec.n_features, hidden, weights), out_dir / "model.onnx")
+    return Fit(
+        train_loss=float(np.mean([n.loop.train_loss for n in networks])),
+        val_loss=val_loss,
+        epochs_run=before,
+        duration_s=time.monotonic() - started,
+        warm_started=all(n.warm_started for n in networks),
+    )

@@ -9,17 +9,20 @@ numpy training is as polite to the gateway's other services as the ORT backend.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import onnx
 from threadpoolctl import threadpool_limits
 
 from smocsd.training.trainers import Fit, Progress, Trainer, TrainSpec, Windows
-from smocsd.training.trainers._common import check_inputs, load_warm_start, run_epochs
-from smocsd.training.trainers.graph import build_model, init_weights, layer_sizes, param_shapes
+from smocsd.training.trainers._common import (
+    TrainedNetwork,
+    fit_networks,
+    load_warm_start,
+    run_epochs,
+)
+from smocsd.training.trainers.graph import init_weights, layer_sizes, param_shapes
 
 CHECKPOINT = "weights.npz"
 
@@ -182,20 +185,29 @@ class NumpyTrainer(Trainer):
         progress: Progress,
         warm_start: Path | None = None,
     ) -> Fit:
-        started = time.monotonic()
-        check_inputs(spec, train, val)
+        return fit_networks(
+            spec, train, val, out_dir, progress, warm_start, CHECKPOINT, self._fit_one
+        )
+
+    @staticmethod
+    def _fit_one(
+        spec: TrainSpec,
+        train: Windows,
+        val: Windows,
+        progress: Progress,
+        warm_start: Path | None,
+        checkpoint: Path,
+    ) -> TrainedNetwork:
         warm = load_warm_start(
             spec,
             warm_start,
-            CHECKPOINT,
             _load_npz,
             lambda weights: {name: tuple(w.shape) for name, w in weights.items()},
         )
         weights = warm or init_weights(spec.n_features, spec.hidden, spec.seed)
         net = Network(spec.n_features, spec.hidden, weights)
         with threadpool_limits(limits=spec.threads):
-            result = run_epochs(spec, train, val, progress, _NumpySession(net, spec.learning_rate))
+            loop = run_epochs(spec, train, val, progress, _NumpySession(net, spec.learning_rate))
         best = net.weights()
-        np.savez(out_dir / CHECKPOINT, **best)
-        onnx.save(build_model(spec.n_features, spec.hidden, best), out_dir / "model.onnx")
-        return result.fit(started, warm_started=warm is not None)
+        np.savez(checkpoint, **best)
+        return TrainedNetwork(loop, best, warm_started=warm is not None)

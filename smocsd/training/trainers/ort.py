@@ -1,8 +1,9 @@
 """Training with ONNX Runtime's on-device training API (onnxruntime-training 1.19).
 
-The training, evaluation and optimizer graphs are generated per fit from the shared graph
-(milliseconds) into a scratch directory that is removed afterwards; a version directory
-keeps only the inference ``model.onnx`` and the parameter ``checkpoint`` for warm starts.
+The training, evaluation and optimizer graphs are generated per network from the shared
+graph (milliseconds) into a scratch directory that is removed afterwards; a version
+directory keeps only the inference ``model.onnx`` and each network's parameter
+``checkpoint`` for warm starts.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import os
 import sys
 import tempfile
 import threading
-import time
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -33,8 +34,13 @@ from onnxruntime.training import artifacts
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
 from smocsd.training.trainers import Fit, Progress, Trainer, TrainSpec, Windows
-from smocsd.training.trainers._common import check_inputs, load_warm_start, run_epochs
-from smocsd.training.trainers.graph import OUTPUT_NAME, build_model, init_weights, param_shapes
+from smocsd.training.trainers._common import (
+    TrainedNetwork,
+    fit_networks,
+    load_warm_start,
+    run_epochs,
+)
+from smocsd.training.trainers.graph import build_model, init_weights, param_shapes
 
 CHECKPOINT = "checkpoint"
 T = TypeVar("T")
@@ -152,21 +158,30 @@ class OrtTrainer(Trainer):
         progress: Progress,
         warm_start: Path | None = None,
     ) -> Fit:
-        return in_own_thread(self._fit, spec, train, val, out_dir, progress, warm_start)
+        return in_own_thread(
+            fit_networks,
+            spec,
+            train,
+            val,
+            out_dir,
+            progress,
+            warm_start,
+            CHECKPOINT,
+            partial(self._fit_one, out_dir),
+        )
 
-    def _fit(
-        self,
+    @staticmethod
+    def _fit_one(
+        out_dir: Path,
         spec: TrainSpec,
         train: Windows,
         val: Windows,
-        out_dir: Path,
         progress: Progress,
         warm_start: Path | None,
-    ) -> Fit:
-        started = time.monotonic()
-        check_inputs(spec, train, val)
+        checkpoint: Path,
+    ) -> TrainedNetwork:
         warm = load_warm_start(
-            spec, warm_start, CHECKPOINT, CheckpointState.load_checkpoint, _checkpoint_shapes
+            spec, warm_start, CheckpointState.load_checkpoint, _checkpoint_shapes
         )
         with tempfile.TemporaryDirectory(prefix=".ort-artifacts-", dir=out_dir) as scratch_name:
             scratch = Path(scratch_name)
@@ -195,7 +210,10 @@ class OrtTrainer(Trainer):
             # Checkpoints do not store the learning rate; a warm start would otherwise
             # run with the artifact default.
             optimizer.set_learning_rate(spec.learning_rate)
-            result = run_epochs(spec, train, val, progress, _OrtSession(module, optimizer))
-            module.export_model_for_inferencing(out_dir / "model.onnx", [OUTPUT_NAME])
-            CheckpointState.save_checkpoint(state, out_dir / CHECKPOINT)
-        return result.fit(started, warm_started=warm is not None)
+            loop = run_epochs(spec, train, val, progress, _OrtSession(module, optimizer))
+            CheckpointState.save_checkpoint(state, checkpoint)
+            weights = {
+                name: np.array(state.parameters[name].data)
+                for name in param_shapes(spec.n_features, spec.hidden)
+            }
+        return TrainedNetwork(loop, weights, warm_started=warm is not None)
