@@ -15,7 +15,6 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -167,12 +166,11 @@ class OrtTrainer(Trainer):
             progress,
             warm_start,
             CHECKPOINT,
-            partial(self._fit_one, out_dir),
+            self._fit_one,
         )
 
     @staticmethod
     def _fit_one(
-        out_dir: Path,
         spec: TrainSpec,
         train: Windows,
         val: Windows,
@@ -183,7 +181,10 @@ class OrtTrainer(Trainer):
         warm = load_warm_start(
             spec, warm_start, CheckpointState.load_checkpoint, _checkpoint_shapes
         )
-        with tempfile.TemporaryDirectory(prefix=".ort-artifacts-", dir=out_dir) as scratch_name:
+        # beside the checkpoint, in the version being built: one directory to clean up
+        with tempfile.TemporaryDirectory(
+            prefix=".ort-artifacts-", dir=checkpoint.parent
+        ) as scratch_name:
             scratch = Path(scratch_name)
             with _stderr_silenced():
                 artifacts.generate_artifacts(
