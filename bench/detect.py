@@ -5,8 +5,8 @@ classic baselines computed in the same run.
     .bench/bin/python bench/detect.py [--quick] [--datasets tep,skab-valve1,...]
 
 scikit-learn (for the simulations' baselines) is never a dependency of the daemon: the
-benchmark has its own environment. A default run takes about 8 minutes on 2 cores;
-`--quick` skips the few-channel studies and the architecture grid (about 2 minutes).
+benchmark has its own environment. A default run takes about 17 minutes on 2 cores;
+`--quick` skips the few-channel studies and the architecture grid (about 4 minutes).
 
 smocsd is run through its real code path: each run's training rows go into a SQLite file,
 a config holding only the channels, `min_training_samples` and the settings under study is
@@ -24,14 +24,15 @@ Prints markdown tables (for the README's "Detection quality"):
    99th percentile on training rows).
 2. SKAB valve1 by SKAB's protocol, the same detectors, and SKAB's published leaderboard.
 3. The window score ("channel-max" or "mse") x the threshold budget, on every data set;
-   the defaults with each of eight training seeds and their mean; the sustained rule's
+   the defaults with each of eight training seeds and their mean; 1, 2, 3 and 5
+   networks averaged (`training.networks`) over the eight seeds; the sustained rule's
    count and level (and 0.3.0's score without it); a study of each channel's error
    averaged over the last windows before the largest is taken; and one of a threshold
    that follows the scores of the windows below it between retrains.
    Plants of few channels, on real ones: every 4 (`--few-channels`) of SKAB valve1's 8
    channels, and 40 random 4-channel plants of the Tennessee Eastman's 52 with the faults
-   that move one of their channels, with the defaults, a narrower code and a looser
-   budget (the README's advice), and per-channel limit charts.
+   that move one of their channels, with the defaults (three networks), one network, a
+   narrower code and a looser budget (the README's advice), and per-channel limit charts.
 4. The simulations and other sets: smocsd's defaults, its old defaults (window 50,
    threshold at the 99th percentile of validation scores, no alarm rule), and PCA /
    Isolation Forest baselines.
@@ -94,10 +95,16 @@ from smocsd.training.job import CycleProgress
 from smocsd.training.result import Outcome
 
 # The defaults before the benchmark (the "old defaults" rows: window 50, threshold at the
-# 99th percentile of validation scores) and before the real plants chose the score,
-# network and budget.
-OLD_DEFAULTS = {"window_size": 50, "hidden": [32, 8], "model.score": "mse"}
-PREVIOUS = {"hidden": [32, 8], "model.score": "mse", "model.false_alarm_rate": 0.001}
+# 99th percentile of validation scores) and before the real plants chose the score, network
+# and budget. Each trained one network, as every release up to 0.4.0 did.
+OLD_DEFAULTS = {"window_size": 50, "hidden": [32, 8], "model.score": "mse", "networks": 1}
+PREVIOUS = {
+    "hidden": [32, 8],
+    "model.score": "mse",
+    "model.false_alarm_rate": 0.001,
+    "networks": 1,
+}
+ONE_NETWORK = {"networks": 1}
 GRID_DATASETS = ("tep", "skab-valve1", "testbed", "gutentag")
 
 
@@ -602,11 +609,12 @@ def smocsd_decisions(ds: Dataset, models: Models, overrides: dict[str, Any] | No
 def release_030_decisions(
     ds: Dataset, models: Models, overrides: dict[str, Any] | None = None
 ) -> list[np.ndarray]:
-    """The defaults' models decided as 0.3.0 did: each channel's normal error from the
+    """The defaults' models of one network decided as 0.3.0 did: each channel's normal
+    error from the
     validation windows alone (WindowScore.fit without the training windows' quantile),
     the threshold fitted again on those scores, and no sustained rule."""
     out = []
-    for m, run in zip(models.all(ds, overrides), ds.runs, strict=True):
+    for m, run in zip(models.all(ds, {**ONE_NETWORK, **(overrides or {})}), ds.runs, strict=True):
         scale = np.array(m.meta["channel_scale"], np.float64)
         train, val, errors = (
             x.astype(np.float64) * scale
@@ -705,6 +713,25 @@ def seeds_table(datasets: list[Dataset], models: Models) -> str:
     return markdown(["smocsd", "seed", *map(summary_header, datasets)], rows)
 
 
+# Networks averaged (`training.networks`), each count over the seeds of SEEDS, on the
+# real plants of 52 and 8 channels (those of few channels: the few-channel studies).
+NETWORKS = (1, 2, 3, 5)
+
+
+def networks_table(datasets: list[Dataset], models: Models) -> str:
+    """Each number of networks, over the training seeds: the evidence for the default."""
+    rows = []
+    for networks in NETWORKS:
+        per_seed = [
+            [smocsd_decisions(ds, models, {"networks": networks, "seed": seed}) for ds in datasets]
+            for seed in SEEDS
+        ]
+        cells = [seeds_summary(ds, [p[i] for p in per_seed]) for i, ds in enumerate(datasets)]
+        rows.append([str(networks), *cells])
+    header = ["networks", *(f"{summary_header(ds)}, mean of {len(SEEDS)} seeds" for ds in datasets)]
+    return markdown(header, rows)
+
+
 # The sustained rule studied: (above, of, level); above 0 turns it off.
 SUSTAINED = (
     (0, 30, 1.25),
@@ -741,9 +768,11 @@ def sustained_table(datasets: list[Dataset], models: Models) -> str:
 
 # A plant of few channels, measured on a real one: every k of SKAB valve1's 8 channels
 # (k = 4: 70 subsets, each scored by SKAB's protocol, pooled). The settings are the
-# defaults and the README's advice for few channels, a narrower code and a looser budget.
+# defaults (three networks up to 5 channels), one network, and the README's advice for few
+# channels, a narrower code and a looser budget.
 FEW_SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "networks = 1": ONE_NETWORK,
     "hidden = [32, 8]": {"hidden": [32, 8]},
     "false_alarm_rate = 0.001": {"model.false_alarm_rate": 0.001},
     "both": {"hidden": [32, 8], "model.false_alarm_rate": 0.001},
@@ -973,7 +1002,7 @@ def main() -> None:
         default="4",
         metavar="K,...",
         help="the few-channel studies' channel counts (4: 70 SKAB and 40 Tennessee Eastman "
-        "plants, 4 minutes)",
+        "plants, 8 minutes)",
     )
     args = p.parse_args()
     logging.getLogger("smocsd").setLevel(logging.ERROR)  # per-cycle warnings are expected here
@@ -999,6 +1028,8 @@ def main() -> None:
         print(settings_table(datasets, models))
         print("\n## Seeds: one training seed is one sample: eight, and their mean\n")
         print(seeds_table(real, models))
+        print("\n## Networks averaged (mean over eight seeds, and the range)\n")
+        print(networks_table(real, models))
         print("\n## The sustained rule: one channel above a level on k of the last n windows\n")
         print(sustained_table(datasets, models))
         print("\n## Channel errors averaged over time before their maximum (study)\n")

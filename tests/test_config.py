@@ -88,6 +88,8 @@ def test_durations(text, seconds):
         ("[training]\nmin_training_samples = 39", "training.min_training_samples", "4 x window"),
         ("[training]\nmax_gap = 'never'", "training.max_gap", "duration"),
         ("[training]\nmax_gap = 0", "training.max_gap", "longer than zero"),
+        ("[training]\nnetworks = 0", "training.networks", ">= 1"),
+        ("[training]\nnetworks = 'all'", "training.networks", '"auto" or an integer'),
         ("[model]\nfalse_alarm_rate = 0", "model.false_alarm_rate", "(0, 0.5)"),
         ("[model]\nfalse_alarm_rate = 0.7", "model.false_alarm_rate", "(0, 0.5)"),
         ("[model]\nalarm_above = 4", "model.alarm_above", "alarm_of = 3"),
@@ -116,6 +118,14 @@ def test_column_names_may_be_what_plant_historians_use():
 def test_max_gap_is_auto_or_a_duration():
     assert parse("[training]\nmax_gap = 'auto'", env=ENV).training.max_gap is None
     assert parse("[training]\nmax_gap = '5m'", env=ENV).training.max_gap == 300.0
+
+
+def test_networks_auto_trains_three_for_a_machine_of_up_to_five_channels():
+    auto = parse("", env=ENV).training
+    assert auto.networks is None
+    assert [auto.networks_for(c) for c in (1, 5, 6, 52)] == [3, 3, 1, 1]
+    two = parse("[training]\nnetworks = 2", env=ENV).training
+    assert [two.networks_for(c) for c in (1, 52)] == [2, 2]
 
 
 def test_a_deprecated_key_warns_instead_of_stopping_an_upgraded_gateway():

@@ -285,7 +285,7 @@ def test_if_better_rejects_a_worse_model_and_keeps_current(tmp_path, plant, capl
         f"autoencoder: rejected v2: val_loss {loss:.4g} is worse than v1's {previous:.4g}; "
         "3000 rows ("
     ), line
-    assert ", 1/1 epochs, " in line and re.search(r", took [\d.]+s$", line), line
+    assert ", 3/3 epochs, " in line and re.search(r", took [\d.]+s$", line), line
     store = ModelStore(state / "models/autoencoder", 5)
     assert store.current() == 1 and store.versions() == [1, 2]
     always = load(

@@ -73,7 +73,7 @@ def endless_training(tmp_path, running):
 
 def test_sigterm_mid_training_exits_cleanly_and_promotes_nothing(endless_training):
     state, cfg, d = endless_training
-    d.wait_for("epoch 2/10000")
+    d.wait_for("epoch 2/30000")  # 10000 for each of the three networks
     started = time.monotonic()
     assert d.stop() == 0
     assert time.monotonic() - started < 5
@@ -106,7 +106,7 @@ def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(tmp_pat
 
 def test_a_manual_train_once_leaves_the_running_cycle_alone(endless_training):
     state, cfg, d = endless_training
-    d.wait_for("epoch 1/10000")
+    d.wait_for("epoch 1/30000")
     staging = state / "models" / "autoencoder" / ".tmp-v000001"
     assert staging.is_dir()
     result = json.loads(smocsd("train-once", "--force", config=cfg, check=True).stdout)

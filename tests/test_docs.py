@@ -98,9 +98,9 @@ NOT_KEYS = {"model.onnx", "metrics.conf", "metrics.val_loss"}
 
 
 def test_the_unset_keys_are_those_without_a_default():
-    # training.max_gap's None is its default "auto", and model.accept_after's its default
-    # "off", which the documents write.
-    words = {"training.max_gap", "model.accept_after"}
+    # training.max_gap's and training.networks' None is their default "auto", and
+    # model.accept_after's its default "off", which the documents write.
+    words = {"training.max_gap", "training.networks", "model.accept_after"}
     unset = {key for key, f in KEYS.items() if f.default in (None, "")} - words
     assert unset == set(UNSET), "update UNSET above and the documents"
 

@@ -272,6 +272,22 @@ def test_truncated_checkpoint(trained, backend, tmp_path):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_networks_checkpoint_is_listed_and_verified(trained, backend, tmp_path):
+    """The demo's 3 channels train 3 networks ("auto"): each checkpoint is a file of the
+    version like model.onnx, and a damaged one is named."""
+    d = shutil.copytree(trained[backend], tmp_path / "v000001")
+    first = CHECKPOINT[backend]
+    stem, dot, extension = first.partition(".")
+    names = [first, *(f"{stem}-{k}{dot}{extension}" for k in (2, 3))]
+    listed = json.loads((d / "metadata.json").read_text())["files"]
+    assert sorted(listed) == sorted(["model.onnx", "report.html", *names])
+    (d / names[2]).write_bytes(b"x" + (d / names[2]).read_bytes()[1:])
+    assert modelfile.check(d) == (
+        f"v000001/{names[2]}: sha256 does not match metadata.json (file damaged)"
+    )
+
+
 def test_missing_checkpoint(version):
     (version / "weights.npz").unlink()
     assert modelfile.check(version) == "v000001/weights.npz: missing (listed in metadata.json)"

@@ -60,7 +60,9 @@ def test_each_version_has_its_report_listed_and_verified_like_its_other_files(tr
         assert (
             len(history["train_loss"]) == len(history["val_loss"]) == meta["metrics"]["epochs_run"]
         )
-        assert min(history["val_loss"]) == pytest.approx(meta["metrics"]["val_loss"])
+        # the three networks' epochs in turn; the validation loss is the saved model's
+        assert all(v is not None for v in history["val_loss"])
+        assert meta["metrics"]["val_loss"] == pytest.approx(meta["eval"]["val_loss"], rel=1e-4)
         assert report.render(meta) == html.decode("utf-8")
 
 

@@ -363,14 +363,15 @@ def test_the_rejection_of_a_challenger_that_forgets(plant):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_challenger_that_forgets_the_champions_alarms_is_not_promoted(tmp_path, plant, backend):
     """v1 alarms on a moderate, lasting fault (400 rows, more than JOIN_WINDOWS windows'
-    worth); a challenger with a far higher threshold (a false alarm budget of 1e-12)
-    alarms on about half of those windows: rejected, current stays. The same challenger
-    at the usual budget keeps them all and is promoted."""
+    worth), by its sustained rule; a challenger with a far higher threshold (a false
+    alarm budget of 1e-12) and no sustained rule alarms on few of those windows:
+    rejected, current stays. A challenger at the usual settings keeps them all and is
+    promoted."""
     state, _ = plant
     path = write_config(tmp_path / "c.toml", state, training={"backend": backend})
     assert train_once(path)["outcome"] == "promoted"
     demo.write(state / "readings.db", 600)
-    fault_at(state / "readings.db", 3101, 3500, factor=3.0)
+    fault_at(state / "readings.db", 3101, 3500, factor=2.0)
     champion = anomalous(score(path, 3101, 3500))
     assert champion > 0.5, champion
 
@@ -378,7 +379,7 @@ def test_a_challenger_that_forgets_the_champions_alarms_is_not_promoted(tmp_path
         tmp_path / "deaf.toml",
         state,
         training={"backend": backend},
-        model={"false_alarm_rate": 1e-12, "promote": "always"},
+        model={"false_alarm_rate": 1e-12, "sustained_above": 0, "promote": "always"},
     )
     result = train_once(deaf)
     ev = result["eval"]

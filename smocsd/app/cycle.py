@@ -121,8 +121,11 @@ def summary(cfg: Config, result: CycleResult, seconds: float) -> str:
         items.append(f"{train:.0f} training and {val:.0f} validation windows")
     epochs = _number(result.metrics, "epochs_run")
     if epochs is not None:
-        # training.epochs is the built-in job's bound; a user job's may be its own.
-        of = f"/{cfg.training.epochs}" if cfg.training.job == "autoencoder" else ""
+        # training.epochs is the built-in job's bound for each of its networks; a user
+        # job's may be its own.
+        t = cfg.training
+        networks = t.networks_for(len(cfg.source.channels))
+        of = f"/{t.epochs * networks}" if t.job == "autoencoder" else ""
         warm = " (warm start)" if result.metrics.get("warm_started") is True else ""
         items.append(f"{epochs:.0f}{of} epochs{warm}")
     items += [  # duration_s: the training's part of the time the whole cycle took, below

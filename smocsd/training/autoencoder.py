@@ -211,6 +211,7 @@ class AutoencoderJob(TrainingJob):
             patience=t.patience,
             threads=t.threads,
             seed=t.seed,
+            networks=t.networks_for(len(self.config.source.channels)),
         )
         self.store = ModelStore.of(self.config)
         self.version: int | None = None
