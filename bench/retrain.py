@@ -56,8 +56,8 @@ Prints, per scenario and backend, a plain-text table: each cycle's outcome and v
 and the alarmed shares; then one summary line and, per mode, why each retrain that was
 not promoted was not ("keeps 62% of 1103 alarm windows": the challenger alarms on only
 that share of the windows the champion alarmed on, KEEP_ALARMS). Two runs go at a time
-(--jobs): a full run is 28 runs, 256 cycles, about 11 CPU-minutes (9.5 minutes on 2 cores
-with other work running); --quick (3 rounds, ort only) about 1.5 minutes.
+(--jobs): a full run is 28 runs, 256 cycles, about 3 minutes on 2 cores (190 s with the
+demo's three networks); --quick (3 rounds, ort only) about a minute.
 """
 
 from __future__ import annotations
