@@ -694,6 +694,20 @@ def seeds_summary(ds: Dataset, per_seed: list[list[np.ndarray]]) -> str:
     return f"{ba:.3f} ({pct(far)} / {pct(mar)}; {lo:.3f}-{hi:.3f})"
 
 
+def over_seeds(
+    datasets: list[Dataset],
+    models: Models,
+    overrides: dict[str, Any],
+    decide: Callable[..., list[np.ndarray]] = smocsd_decisions,
+) -> tuple[list[list[np.ndarray]], list[str]]:
+    """`decide` with `overrides` and each seed of SEEDS: the decisions by seed and data set,
+    and each data set's cell over the seeds (seeds_summary)."""
+    per_seed = [
+        [decide(ds, models, {**overrides, "seed": seed}) for ds in datasets] for seed in SEEDS
+    ]
+    return per_seed, [seeds_summary(ds, [p[i] for p in per_seed]) for i, ds in enumerate(datasets)]
+
+
 def seeds_table(datasets: list[Dataset], models: Models) -> str:
     """The defaults and the previous defaults with each training seed, and their means."""
     rows = []
@@ -702,13 +716,10 @@ def seeds_table(datasets: list[Dataset], models: Models) -> str:
         ("0.3.0 defaults", {}, release_030_decisions),
         ("previous defaults", PREVIOUS, smocsd_decisions),
     ):
-        per_seed = [
-            [decide(ds, models, {**overrides, "seed": seed}) for ds in datasets] for seed in SEEDS
-        ]
+        per_seed, means = over_seeds(datasets, models, overrides, decide)
         for seed, decisions in zip(SEEDS, per_seed, strict=True):
             cells = [summary(ds, d) for ds, d in zip(datasets, decisions, strict=True)]
             rows.append([name, str(seed), *cells])
-        means = [seeds_summary(ds, [p[i] for p in per_seed]) for i, ds in enumerate(datasets)]
         rows.append([name, f"mean of {len(SEEDS)} (range)", *means])
     return markdown(["smocsd", "seed", *map(summary_header, datasets)], rows)
 
@@ -720,14 +731,7 @@ NETWORKS = (1, 2, 3, 5)
 
 def networks_table(datasets: list[Dataset], models: Models) -> str:
     """Each number of networks, over the training seeds: the evidence for the default."""
-    rows = []
-    for networks in NETWORKS:
-        per_seed = [
-            [smocsd_decisions(ds, models, {"networks": networks, "seed": seed}) for ds in datasets]
-            for seed in SEEDS
-        ]
-        cells = [seeds_summary(ds, [p[i] for p in per_seed]) for i, ds in enumerate(datasets)]
-        rows.append([str(networks), *cells])
+    rows = [[str(n), *over_seeds(datasets, models, {"networks": n})[1]] for n in NETWORKS]
     header = ["networks", *(f"{summary_header(ds)}, mean of {len(SEEDS)} seeds" for ds in datasets)]
     return markdown(header, rows)
 
