@@ -383,13 +383,37 @@ def test_windows_are_gathered_in_blocks_and_fed_batch_by_batch_in_shuffled_order
     assert progress.calls == len(expected) + 2  # every train step, and one validation batch
 
 
+TINY = np.array([1e-39], np.float32)  # a denormal float32
+
+
 def test_ort_training_leaves_the_callers_floats_alone(data, tmp_path: Path) -> None:
-    """ORT flushes denormals to zero while it trains (ort.session_options), and sets that
-    flag on the thread that creates the session for good: fit runs in a thread of its own."""
-    tiny = np.array([1e-39], np.float32)  # a denormal float32
-    assert (tiny * np.float32(1.0))[0] != 0
+    """The ort backend trains with denormals flushed to zero (ort._flush_denormals), flags
+    that stay with the thread that sets them: fit runs in a thread of its own."""
+    assert (TINY * np.float32(1.0))[0] != 0
     fit("ort", spec(epochs=1), data, tmp_path / "v")
-    assert (tiny * np.float32(1.0))[0] != 0
+    assert (TINY * np.float32(1.0))[0] != 0
+
+
+def test_ort_trains_flushed_after_another_session_came_first(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORT's own flush is set once per process, on the thread of its first session: in a
+    retraining cycle the champion's InferenceSession, opened by the screening."""
+    from smocsd.training.trainers import ort
+
+    fit("numpy", spec(epochs=1), data, tmp_path / "champion")
+    champion = str(tmp_path / "champion" / "model.onnx")
+    onnxruntime.InferenceSession(champion, providers=["CPUExecutionProvider"])
+    flushed = []
+
+    def run_epochs(*args):
+        flushed.append((TINY * np.float32(1.0))[0] == 0)
+        return loop(*args)
+
+    loop = ort.run_epochs
+    monkeypatch.setattr(ort, "run_epochs", run_epochs)
+    fit("ort", spec(epochs=1, networks=2), data, tmp_path / "v")
+    assert flushed == [True, True]
 
 
 def test_numpy_adamw_flushes_moments_before_they_turn_denormal() -> None:

@@ -38,7 +38,7 @@ EPS = 1e-6
 # assist: numpy has no flush-to-zero mode, and a step got 20 % slower late in training.
 # Zeroed at 1e-30 they never get there (m, the faster, takes 170 steps from 1e-30 to
 # 1e-38); an update of m / (sqrt(v) + 1e-6) that small changes nothing. The ort backend
-# gets the same from ORT's own flush (ort.session_options).
+# flushes denormals to zero in its training thread (ort._flush_denormals).
 FLUSH_BELOW = 1e-30
 FLUSH_EVERY = 64
 

@@ -8,6 +8,7 @@ directory keeps only the inference ``model.onnx`` and each network's parameter
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import tempfile
@@ -63,16 +64,7 @@ def _stderr_silenced() -> Iterator[None]:
 
 def session_options(threads: int) -> onnxruntime.SessionOptions:
     """Options of the training session: `threads` intra-op threads, and denormal floats
-    flushed to zero. Without the flush a step got 20-30 % slower after some 60 000 steps:
-    AdamW's moments of weights whose gradient is zero (a unit ReLU keeps off) decay by
-    beta each step into the denormal range, where every operation on them takes a
-    microcode assist. Flushed, they are zero, as they were about to be (the 200 000-row
-    demo cycle trains the same model with and without).
-
-    ORT applies the flush once per process (a std::call_once), to the thread creating its
-    first session: in the daemon that is this one, as each cycle is a training child of
-    its own. A later fit in the same process (tests) trains unflushed: slower, no other
-    difference."""
+    flushed to zero on the threads of its pool (the training thread: `_flush_denormals`)."""
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -80,17 +72,42 @@ def session_options(threads: int) -> onnxruntime.SessionOptions:
     return options
 
 
-def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) in a thread of its own, its exception (a stop request too) raised here.
+# MXCSR's flush-to-zero (results) and denormals-are-zero (inputs) bits.
+_MXCSR_FTZ, _MXCSR_DAZ = 0x8000, 0x0040
 
-    ORT sets the flush-to-zero flags (set_denormal_as_zero) of the thread that creates
-    the session and never clears them: in the caller's thread, they would go on flushing
-    every numpy computation there after the fit.
+
+def _flush_denormals() -> None:
+    """Flush-to-zero and denormals-are-zero in this thread's MXCSR, the x86 register of
+    SSE float modes. Without them a step gets slower late in training: AdamW's moments of
+    weights whose gradient is zero (a unit ReLU keeps off) decay by beta each step into
+    the denormal range, where every operation on them takes a microcode assist (20-30 %
+    after some 60 000 steps of `[32, 8]`). Flushed, they are zero, as they were about to be
+    (the 200 000-row demo cycle trains the same model with and without).
+
+    ORT's own set_denormal_as_zero does not do for this thread: it sets the flags once per
+    process (a std::call_once), for the thread that creates the process's first session,
+    and only if that session asked. In a retraining cycle that is the champion's
+    InferenceSession, opened by the screening before training, and the training thread
+    trained unflushed: 8-13 % slower (`[32, 8]`, 200 000 demo rows, bench/perf.py's
+    cycle). onnxruntime-training exists for x86_64 Linux only, where glibc's fenv_t ends
+    with MXCSR: fegetenv and fesetenv set it as _MM_SET_FLUSH_ZERO_MODE would.
     """
+    libm = ctypes.CDLL("libm.so.6")
+    env = (ctypes.c_uint32 * 8)()  # fenv_t: 32 bytes, the last 4 are MXCSR
+    if libm.fegetenv(env) == 0:
+        env[7] |= _MXCSR_FTZ | _MXCSR_DAZ
+        libm.fesetenv(env)
+
+
+def in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a thread of its own with denormals flushed (`_flush_denormals`), its
+    exception (a stop request too) raised here. The flags stay with that thread: in the
+    caller's, they would go on flushing every numpy computation there after the fit."""
     outcome: list = []
 
     def target() -> None:
         try:
+            _flush_denormals()
             outcome.append((True, fn(*args)))
         except BaseException as e:  # handed over to the caller as it is
             outcome.append((False, e))
