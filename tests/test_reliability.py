@@ -434,7 +434,7 @@ def test_sigterm_stops_a_long_flush(tmp_path, mosquitto):
 
 def test_the_daemon_idles_in_little_memory_after_a_cycle(plant, tmp_path):
     """Training's memory leaves with its child. Live scoring (on by default) loads numpy
-    and onnxruntime into the daemon, some 77 MB (bench/live.py): off here, so that the
+    and onnxruntime into the daemon, some 73 MB (bench/live.py): off here, so that the
     daemon's own part is what is measured."""
     _, config = plant
     config.write_text(
@@ -453,6 +453,21 @@ def test_the_daemon_idles_in_little_memory_after_a_cycle(plant, tmp_path):
     rss_kib = int(status.split("VmRSS:")[1].split()[0])
     assert rss_kib <= 45 * 1024, f"idle RSS {rss_kib} KiB"
     assert not [lib for lib in ("numpy", "onnxruntime") if lib in maps]
+
+
+def test_the_scoring_daemon_loads_no_training_code(plant, tmp_path):
+    """Live scoring loads onnxruntime into the daemon, but not the training build's
+    training half (onnxruntime.training, onnx): the daemon never trains."""
+    _, config = plant
+    config.write_text(config.read_text().replace("[daemon]", "[daemon]\ncheck_interval = '1h'"))
+    daemon = Running(config, tmp_path / "log")
+    try:
+        daemon.wait_for("scoring with v1")
+        maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+    finally:
+        daemon.close()
+    assert "onnxruntime_pybind11_state" in maps
+    assert "onnx_cpp2py_export" not in maps
 
 
 def _address_space(mib: int) -> None:

@@ -92,6 +92,12 @@ def _print_json(obj: Any) -> None:
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
+    # The daemon scores with onnxruntime and never trains (each cycle is a child process
+    # of its own). Where onnxruntime is the training build, `import onnxruntime` looks for
+    # ORTModule, and the lookup alone imports onnxruntime.training and onnx: 7.5 MB of the
+    # daemon's RSS. Marked absent, the lookup fails as it does without torch.
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+
     return Daemon(args.config_path, cfg).run()
 
 
