@@ -25,7 +25,10 @@ torch, as in the daemon's environment (see NO_TORCH).
    the training children it starts once per check_interval to find nothing to do.
 5. screen: a retraining cycle (a champion, then training.min_new_samples new rows that it
    does not alarm on): what scoring the new rows before training (`leave_out()`,
-   smocsd/training/screen.py) and the check that the challenger keeps the champion's alarms add.
+   smocsd/training/screen.py) and the check that the challenger keeps the champion's
+   alarms add; and its train steps against the first cycle's. Its screening opens the
+   champion's ORT session before it trains, which must not cost the training the flush
+   of denormals (smocsd/training/trainers/ort.py).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def _timed(name: str, fn: Callable, *args):
 
 
 SPECS: list[TrainSpec] = []
+FIT = "fit (train + validate + export)"
 
 
 class TimedJob(AutoencoderJob):
@@ -90,7 +94,7 @@ class TimedJob(AutoencoderJob):
         return _timed("  of which alarms kept", super()._kept_alarms, threads)
 
     def train_model(self, data):
-        metrics = _timed("fit (train + validate + export)", super().train_model, data)
+        metrics = _timed(FIT, super().train_model, data)
         TIMES["epochs"] = np.array([metrics["epochs_run"]] * 2)
         SPECS.append(self.spec)  # the bare loop runs the very network the cycle trained
         return metrics
@@ -276,14 +280,20 @@ def one_cycle(db: str, backend: str, rows: int) -> dict:
         result = call_hooks(cfg, force=True, progress=CycleProgress(), job_state=None)
         TIMES["whole cycle"] = clock() - started
     assert result.outcome is Outcome.PROMOTED, result
-    windows = result.model_meta["data"]["train_windows"]
-    spec = SPECS.pop()
-    steps = int(TIMES.pop("epochs")[0]) * -(-windows // spec.batch_size)
+    spec = SPECS[-1]  # before train_steps takes it
+    steps = train_steps(result)
     return {
         "times": {k: v.tolist() for k, v in TIMES.items()},
         "steps": steps,
         "spec": dataclasses.asdict(spec),
     }
+
+
+def train_steps(result) -> int:
+    """The train steps of the cycle just timed (TimedJob's last fit): its epochs, all
+    networks' together, times the batches of an epoch."""
+    windows = result.model_meta["data"]["train_windows"]
+    return int(TIMES.pop("epochs")[0]) * -(-windows // SPECS.pop().batch_size)
 
 
 def retrain(db: str, backend: str, rows: int) -> dict:
@@ -295,6 +305,7 @@ def retrain(db: str, backend: str, rows: int) -> dict:
         text = cycle_config(Path(state), Path(db), backend, rows, extra)
         cfg = config.parse(text)
         first = call_hooks(cfg, force=True, progress=CycleProgress(), job_state=None)
+        first_step = TIMES[FIT][1] / train_steps(first)
         with sqlite3.connect(db) as conn:  # new rows the champion knows: no alarm
             conn.execute(
                 "INSERT INTO readings (ts, temperature, vibration, current, label) "
@@ -309,27 +320,38 @@ def retrain(db: str, backend: str, rows: int) -> dict:
         TIMES["whole cycle"] = clock() - started
     assert result.outcome in (Outcome.PROMOTED, Outcome.REJECTED), result
     assert result.eval["champion_alarm_windows"] == 0, result.eval
-    return {"times": {k: v.tolist() for k, v in TIMES.items() if k != "epochs"}}
+    step = TIMES[FIT][1] / train_steps(result)
+    return {
+        "times": {k: v.tolist() for k, v in TIMES.items()},
+        "step_us": [first_step * 1e6, step * 1e6],
+    }
 
 
 def screen_table(tmp: Path, rows: int, repeats: int) -> None:
     print(
         f"\nA retraining cycle, {rows:,} rows and a champion, no alarm: CPU s (median of "
-        f"{repeats})\n"
+        f"{repeats}), and CPU µs per train step of the first cycle and of the retraining "
+        "cycle (whose screening opens the champion's session before it trains)\n"
     )
-    print("| backend | whole cycle | screening | alarms kept | both, share of the cycle |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| backend | whole cycle | screening | alarms kept | both, share of the cycle "
+        "| µs/step, first | µs/step, retraining |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for backend in BACKENDS:
         runs = []
         for i in range(repeats):
             db = tmp / f"screen-{backend}-{i}" / "readings.db"  # each run appends rows
             demo.write(db, rows)
-            runs.append(in_child("retrain", str(db), backend, rows)["times"])
-        t = {name: median([r.get(name, [0, 0]) for r in runs])[1] for name in runs[0]}
+            runs.append(in_child("retrain", str(db), backend, rows))
+        times = [r["times"] for r in runs]
+        t = {name: median([r.get(name, [0, 0]) for r in times])[1] for name in times[0]}
         added = t["  of which screening"] + t.get("  of which alarms kept", 0.0)
+        first, again = median([r["step_us"] for r in runs])
         print(
             f"| {backend} | {t['whole cycle']:.2f} | {t['  of which screening']:.3f} | "
-            f"{t.get('  of which alarms kept', 0.0):.3f} | {added / t['whole cycle']:.1%} |"
+            f"{t.get('  of which alarms kept', 0.0):.3f} | {added / t['whole cycle']:.1%} "
+            f"| {first:.1f} | {again:.1f} |"
         )
 
 
