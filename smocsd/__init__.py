@@ -18,7 +18,7 @@ The folders are the parts, bottom to top; an import never runs back up
              recording of its result), live scoring, metrics, systemd
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from .training.job import Saved, TrainingJob
 
