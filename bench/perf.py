@@ -280,8 +280,8 @@ def one_cycle(db: str, backend: str, rows: int) -> dict:
         result = call_hooks(cfg, force=True, progress=CycleProgress(), job_state=None)
         TIMES["whole cycle"] = clock() - started
     assert result.outcome is Outcome.PROMOTED, result
-    spec = SPECS[-1]  # before train_steps takes it
-    steps = train_steps(result)
+    spec = SPECS.pop()
+    steps = train_steps(result, spec)
     return {
         "times": {k: v.tolist() for k, v in TIMES.items()},
         "steps": steps,
@@ -289,11 +289,11 @@ def one_cycle(db: str, backend: str, rows: int) -> dict:
     }
 
 
-def train_steps(result) -> int:
-    """The train steps of the cycle just timed (TimedJob's last fit): its epochs, all
-    networks' together, times the batches of an epoch."""
+def train_steps(result, spec: TrainSpec) -> int:
+    """The train steps of the cycle just timed, which trained `spec`: its epochs (TimedJob's
+    record, all networks' together) times the batches of an epoch."""
     windows = result.model_meta["data"]["train_windows"]
-    return int(TIMES.pop("epochs")[0]) * -(-windows // SPECS.pop().batch_size)
+    return int(TIMES.pop("epochs")[0]) * -(-windows // spec.batch_size)
 
 
 def retrain(db: str, backend: str, rows: int) -> dict:
@@ -305,7 +305,7 @@ def retrain(db: str, backend: str, rows: int) -> dict:
         text = cycle_config(Path(state), Path(db), backend, rows, extra)
         cfg = config.parse(text)
         first = call_hooks(cfg, force=True, progress=CycleProgress(), job_state=None)
-        first_step = TIMES[FIT][1] / train_steps(first)
+        first_step = TIMES[FIT][1] / train_steps(first, SPECS.pop())
         with sqlite3.connect(db) as conn:  # new rows the champion knows: no alarm
             conn.execute(
                 "INSERT INTO readings (ts, temperature, vibration, current, label) "
@@ -320,7 +320,7 @@ def retrain(db: str, backend: str, rows: int) -> dict:
         TIMES["whole cycle"] = clock() - started
     assert result.outcome in (Outcome.PROMOTED, Outcome.REJECTED), result
     assert result.eval["champion_alarm_windows"] == 0, result.eval
-    step = TIMES[FIT][1] / train_steps(result)
+    step = TIMES[FIT][1] / train_steps(result, SPECS.pop())
     return {
         "times": {k: v.tolist() for k, v in TIMES.items()},
         "step_us": [first_step * 1e6, step * 1e6],
