@@ -929,7 +929,8 @@ def injected(plant: Dataset, rng: np.random.Generator) -> tuple[Dataset, list[st
                 labels[row : row + rows] = 1
             runs.append(replace(base, values=values, labels=labels, name=f"{shape} {sigmas:g}"))
             names.append(f"{shape} {sigmas:g} sigma")
-    return replace(plant, runs=tuple(runs)), names
+    # A name of its own: Models keeps scored runs by data set name and run index.
+    return replace(plant, name=f"{plant.name}+injected", runs=tuple(runs)), names
 
 
 def tep_injected_table(ds: Dataset, models: Models, k: int) -> str:
