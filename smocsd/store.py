@@ -33,6 +33,27 @@ _VERSION = re.compile(r"^v(\d{6,})$")
 log = logging.getLogger(__name__)
 
 
+def _last_allocated(counter: Path) -> int:
+    """The number in `.last_version`, 0 if there is none yet. A damaged one (a hand edit,
+    a disk that lies) is a warning naming it, and the versions on disk number the next
+    version: failing every cycle on it would block training until someone read the
+    traceback. Retention keeps the newest versions, so only a number allocated to a
+    cycle that failed, or to a version deleted by hand, can come again."""
+    try:
+        raw = counter.read_bytes()
+    except FileNotFoundError:
+        return 0
+    if raw.strip().isdigit():  # ASCII digits only, as bytes
+        return int(raw)
+    log.warning(
+        "%s: expected the highest version number allocated, got %r; numbering after the "
+        "versions on disk, and rewriting it",
+        counter,
+        raw[:40],
+    )
+    return 0
+
+
 class StoreError(Exception):
     """A request the store cannot satisfy (unknown version, nothing to roll back to)."""
 
@@ -160,8 +181,7 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with self.lock():
             counter = self.root / ".last_version"
-            last = int(counter.read_text()) if counter.exists() else 0
-            version = max([last, *self.versions()]) + 1
+            version = max([_last_allocated(counter), *self.versions()]) + 1
             write_atomic(counter, f"{version}\n".encode())
         staging = self.root / f"{TMP_PREFIX}{version_name(version)}"
         staging.mkdir()

@@ -59,6 +59,23 @@ def test_retention_never_deletes_current_and_numbers_never_repeat(tmp_path):
     assert build(store) == 6
 
 
+@pytest.mark.parametrize("damage", [b"abc\n", b"", b"-3\n", b"1e3\n", b"\xff\xfe7"])
+def test_a_damaged_version_counter_is_named_and_numbering_goes_on(tmp_path, caplog, damage):
+    """A hand edit or a lying disk in .last_version used to fail every cycle with int()'s
+    ValueError, naming no file."""
+    store = ModelStore(tmp_path / "m", keep_versions=3)
+    build(store)
+    build(store)
+    counter = tmp_path / "m" / ".last_version"
+    counter.write_bytes(damage)
+    assert build(store) == 3
+    assert f"{counter}: expected the highest version number allocated" in caplog.text
+    assert counter.read_text() == "3\n"  # rewritten
+    caplog.clear()
+    assert build(store) == 4
+    assert caplog.text == ""
+
+
 def test_rollback(tmp_path):
     store = ModelStore(tmp_path / "m", keep_versions=5)
     for _ in range(3):
