@@ -369,6 +369,40 @@ def test_a_non_unique_order_column_reads_each_row_once(tmp_path):
                 assert sorted(got.values[:, 0]) == list(range(30 - min(max_rows, 30), 30))
 
 
+@pytest.mark.parametrize("indexed", [True, False])
+def test_text_or_a_blob_in_the_order_column_is_left_out_with_one_warning(tmp_path, caplog, indexed):
+    """SQLite sorts text and blobs above every number: such a row was the newest of every
+    read, and every cycle and every scoring poll failed converting it to a number."""
+    db = tmp_path / "r.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE readings (seq INTEGER, ts REAL, a REAL, b REAL, asset)")
+    if indexed:
+        conn.execute("CREATE INDEX by_seq ON readings (seq)")
+    rows = [(i, T0 + i, float(i), 1.0) for i in range(1, 21)]
+    rows += [("x", T0, 99.0, 1.0), (b"\x01", T0, 99.0, 1.0), (None, T0, 99.0, 1.0)]
+    rows += [(1e300, T0, 99.0, 1.0)]  # beyond int64
+    conn.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, 'pump')", rows)
+    conn.commit()
+    conn.close()
+    src = source(db, order_column="seq", partition_column="asset")
+    src.chunk_rows = 3
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
+        got = src.read_newest(100)
+        assert got.order.tolist() == list(range(1, 21))
+        assert 99.0 not in got.values[:, 0]
+        assert src.read_newest(5, upto=10).order.tolist() == [6, 7, 8, 9, 10]
+        assert (src.min_order(), src.max_order()) == (1, 20)
+        assert src.count_after(None) == 20 and src.count_after(15) == 5
+        newest, tags = src.read_tagged(18, 10)  # live scoring's read of every partition
+        assert newest.order.tolist() == [19, 20] and tags == ["pump", "pump"]
+    warnings = [r.getMessage() for r in caplog.records if "order value" in r.getMessage()]
+    assert warnings == [  # once per connection, naming file, table and column
+        f"{db}: 3 rows of table readings have an order value that is not an integer (text "
+        'or a blob in column "seq") and are left out: source.order_column must be an '
+        "integer column"
+    ]
+
+
 def test_without_an_index_on_the_order_column_the_read_is_one_statement(tmp_path, caplog):
     db = tmp_path / "r.db"
     conn = sqlite3.connect(db)
@@ -577,7 +611,7 @@ def test_a_declared_partition_column_is_read_through_its_index(tmp_path, kind):
     chunk = plan(src, select, (*params, 30, 2, 0))
     assert "USING INDEX by_asset (asset=? AND id<?)" in chunk and "TEMP B-TREE" not in chunk
     count = plan(src, *src._bind(f"SELECT count(*) FROM readings{src._where()[0]}", params))
-    assert "COVERING INDEX by_asset (asset=?)" in count
+    assert "COVERING INDEX by_asset (asset=? AND id<?)" in count
 
 
 def test_partitions_are_the_distinct_values_of_the_whole_table(tmp_path):

@@ -540,7 +540,8 @@ class SourceConfig:
         None,
         _column,
         KeyDoc(
-            "a monotonically increasing integer column: the order rows are read in",
+            "a monotonically increasing integer column: the order rows are read in; a "
+            "SQLite row holding text or a blob there is left out, with a warning",
             rule="required for PostgreSQL",
             unset="`rowid` (SQLite)",
             example='"id"',
