@@ -290,13 +290,22 @@ def test_a_missing_database_is_no_database(postgres):
     )
 
 
-def test_check_and_max_order(postgres):
+def plain_table(postgres, *rows: str) -> str:
+    """A new table (id int8, ts float8, a float8) of a name of its own, indexed on id,
+    holding `rows` (SQL tuples), that smocsd's user may read."""
     table = f"readings_{int(time.monotonic() * 1e6)}"
     postgres.admin(
         f"CREATE TABLE {table} (id int8, ts float8, a float8)",
+        f"CREATE INDEX ON {table} (id)",
+        *([f"INSERT INTO {table} VALUES {', '.join(rows)}"] if rows else []),
         f"GRANT SELECT ON {table} TO {postgres.user}",
         dbname=postgres.dbname,
     )
+    return table
+
+
+def test_check_and_max_order(postgres):
+    table = plain_table(postgres)
     src = pg_source(postgres, table, time_column="ts", order_column="id", channels=("a",))
     src.check()
     assert src.max_order() is None
@@ -305,6 +314,22 @@ def test_check_and_max_order(postgres):
     with pytest.raises(SourceError) as exc:
         pg_source(postgres, table, time_column="ts", order_column="id", channels=("b",)).check()
     assert str(exc.value) == f'postgres: no such column "b" in table {table} (source.channels)'
+    src.close()
+
+
+def test_a_null_order_value_is_left_out_with_one_warning(postgres, caplog):
+    """PostgreSQL sorts NULL first in ORDER BY ... DESC: a row of a nullable order column
+    with no value was read as the newest each time, its order a NaN."""
+    table = plain_table(postgres, f"(1, {T0}, 1)", f"(2, {T0 + 1}, 2)", f"(NULL, {T0 + 2}, 99)")
+    src = pg_source(postgres, table, time_column="ts", order_column="id", channels=("a",))
+    with caplog.at_level(logging.WARNING, logger="smocsd.data.sources"):
+        got = src.read_newest(10)
+        assert got.order.tolist() == [1, 2] and got.values[:, 0].tolist() == [1.0, 2.0]
+        assert src.count_after(None) == 2 and (src.min_order(), src.max_order()) == (1, 2)
+    assert [r.getMessage() for r in caplog.records] == [
+        f'postgres: 1 rows of table {table} have no integer order value (NULL in column "id") '
+        "and are left out: source.order_column must be an integer column"
+    ]
     src.close()
 
 
@@ -376,7 +401,7 @@ def test_a_partition_reads_only_its_rows(postgres, kind, caplog):
         cur.execute("SET LOCAL enable_seqscan = off")
         return "\n".join(row[0] for row in cur.execute(f"EXPLAIN {sql}", params))
 
-    assert 'Index Cond: ("Asset %" = ' in src._run(explain)
+    assert 'Index Cond: (("Asset %" = ' in src._run(explain)  # and the order IS NOT NULL
     for s in (src, whole):
         s.close()
 

@@ -397,9 +397,8 @@ def test_text_or_a_blob_in_the_order_column_is_left_out_with_one_warning(tmp_pat
         assert newest.order.tolist() == [19, 20] and tags == ["pump", "pump"]
     warnings = [r.getMessage() for r in caplog.records if "order value" in r.getMessage()]
     assert warnings == [  # once per connection, naming file, table and column
-        f"{db}: 3 rows of table readings have an order value that is not an integer (text "
-        'or a blob in column "seq") and are left out: source.order_column must be an '
-        "integer column"
+        f"{db}: 3 rows of table readings have no integer order value (text or a blob in "
+        'column "seq") and are left out: source.order_column must be an integer column'
     ]
 
 

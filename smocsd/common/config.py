@@ -540,8 +540,9 @@ class SourceConfig:
         None,
         _column,
         KeyDoc(
-            "a monotonically increasing integer column: the order rows are read in; a "
-            "SQLite row holding text or a blob there is left out, with a warning",
+            "a monotonically increasing integer column: the order rows are read in; a row "
+            "holding text or a blob (SQLite) or NULL (PostgreSQL) there is left out, with "
+            "a warning",
             rule="required for PostgreSQL",
             unset="`rowid` (SQLite)",
             example='"id"',

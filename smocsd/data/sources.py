@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ..common.config import SourceConfig, read_secret
 
@@ -39,10 +39,6 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 # A bound value's place in SQL built here, made "?" or "%s" by _bind(): config.py
 # refuses NUL in names, and no SQL of ours holds one.
 _P = "\0"
-# Order values SQLite holds as numbers int64 takes, at the top: text and blobs sort above
-# every number, NULL compares as nothing. One bound only: a two-sided range made SQLite's
-# walk down the rowid 4 times slower (2048-row chunks of 210,000 rows).
-_NUMBERED = "{order} <= 9223372036854775807"
 
 
 def _ascii_lower(name: str) -> str:
@@ -136,6 +132,10 @@ def _sqlite_partition(column: str, declared: str, value: str) -> tuple[str, tupl
 
 class Source(ABC):
     where: str  # the database, as errors name it
+    # The condition every read keeps rows by: an integer order value ({order}); and the
+    # rows it leaves out, with the words the warning names them by.
+    _numbered: ClassVar[str]
+    _unnumbered: ClassVar[tuple[str, str]]
 
     def __init__(self, cfg: SourceConfig):
         self.cfg = cfg
@@ -183,15 +183,39 @@ class Source(ABC):
 
         return _tagged(self._run(read)[::-1], len(self.cfg.channels))
 
-    def _where(self, *more: tuple[str, tuple], partition: bool = True) -> tuple[str, tuple]:
+    def _where(
+        self, *more: tuple[str, tuple], partition: bool = True, numbered: bool = True
+    ) -> tuple[str, tuple]:
         """The WHERE clause and its values: this model's partition (unless `partition` is
-        false) and each (condition, values) of `more`. After the check, which sets _part."""
+        false), each (condition, values) of `more`, and (unless `numbered` is false) only
+        rows with an integer order value. After the check, which sets _part."""
         conds = [self._part] if partition and self._part is not None else []
         conds += more
+        if numbered:
+            conds.append((self._numbered.format(order=self.order), ()))
         if not conds:
             return "", ()
         values = tuple(v for _, vs in conds for v in vs)
         return " WHERE " + " AND ".join(c for c, _ in conds), values
+
+    def _warn_unnumbered(self, db: Any) -> None:
+        """One warning naming the database, table and column when rows have no integer
+        order value: every read leaves them out. Its index serves the count, as it serves
+        the reads' condition."""
+        unnumbered, what = self._unnumbered
+        where, params = self._where((unnumbered.format(order=self.order), ()), numbered=False)
+        sql = f"SELECT count(*) FROM {self.table}{where}"
+        count = db.execute(*self._bind(sql, params)).fetchall()[0][0]
+        if count:
+            log.warning(
+                "%s: %d rows of table %s have no integer order value (%s in column %s) and "
+                "are left out: source.order_column must be an integer column",
+                self.where,
+                count,
+                self.cfg.table,
+                what,
+                self.order,
+            )
 
     def count_after(self, last_order: int | None) -> int:
         """Rows with order_column > last_order (all rows when None)."""
@@ -443,6 +467,12 @@ class SQLiteSource(Source):
 
     chunk_rows = 2048
     yield_ratio = 1.0
+    # SQLite types each value, not the column: text and blobs sort above every number, so
+    # such a row was the newest of every read and failed each one. NULL compares as
+    # nothing, and was always left out. One bound: a two-sided range made SQLite's walk
+    # down the rowid 4 times slower (2048-row chunks of 210,000 rows).
+    _numbered = "{order} <= 9223372036854775807"
+    _unnumbered = ("{order} > 9223372036854775807", "text or a blob")
 
     def __init__(self, cfg: SourceConfig):
         super().__init__(cfg)
@@ -523,33 +553,6 @@ class SQLiteSource(Source):
 
     def _bind(self, sql: str, params: tuple) -> tuple[str, Any]:
         return sql.replace(_P, "?"), params
-
-    def _where(self, *more: tuple[str, tuple], partition: bool = True) -> tuple[str, tuple]:
-        # SQLite types each value, not the column: text or a blob in the order column sorts
-        # above every number, so such a row would be the newest of every read and fail each
-        # one. Only rows numbered within int64 are read (_warn_unnumbered says how many are
-        # not); a bound on the order column, which its index serves.
-        return super()._where(*more, (_NUMBERED.format(order=self.order), ()), partition=partition)
-
-    def _warn_unnumbered(self, conn: sqlite3.Connection) -> None:
-        """One warning naming the file, table and column when rows have an order value
-        above every number int64 takes (text, a blob): every read leaves them out. The top
-        of the order column's index (or the rowid), not a scan; NULL, which every
-        comparison has always left out, is not counted (a rowid alias would scan for it)."""
-        o = self.order
-        where, params = super()._where((f"{o} > 9223372036854775807", ()))
-        sql = f"SELECT count(*) FROM {self.table}{where}"
-        unnumbered = conn.execute(*self._bind(sql, params)).fetchall()[0][0]
-        if unnumbered:
-            log.warning(
-                "%s: %d rows of table %s have an order value that is not an integer (text "
-                "or a blob in column %s) and are left out: source.order_column must be an "
-                "integer column",
-                self.path,
-                unnumbered,
-                self.cfg.table,
-                o,
-            )
 
     def _error(self, exc: sqlite3.Error) -> SourceError:
         """`exc` naming the file; SQLite's "unable to open" gets the system's reason."""
@@ -750,6 +753,10 @@ class PostgresSource(Source):
     """
 
     where = "postgres"
+    # A nullable order column's NULL sorts first in ORDER BY ... DESC: such a row was read
+    # as the newest each time, its order a NaN.
+    _numbered = "{order} IS NOT NULL"
+    _unnumbered = ("{order} IS NULL", "NULL")
 
     def __init__(self, cfg: SourceConfig):
         super().__init__(cfg)
@@ -794,6 +801,7 @@ class PostgresSource(Source):
             with conn.transaction(), conn.cursor() as cur:
                 if self._time is None:
                     self._time = self._check(cur)
+                    self._warn_unnumbered(cur)
                 return work(cur)
         except psycopg.Error as exc:
             self.close()  # the next cycle reconnects (the server may have restarted)
