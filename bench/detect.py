@@ -867,18 +867,26 @@ def limit_chart_decisions(plant: Dataset, sigmas: float) -> list[np.ndarray]:
     return [AlarmRule(2, 3).apply(beyond.any(axis=1)) for beyond in beyond_limits(plant, sigmas)]
 
 
-def tep_few_channels_table(ds: Dataset, models: Models, k: int) -> str:
-    plants = tep_plants(ds, k)
-    faults = [one_channel_faults(plant) for plant in plants]
-    n = sum(map(len, faults))
+def few_channel_detectors(
+    models: Models, settings: dict[str, dict[str, Any]]
+) -> dict[str, Callable[[Dataset], list[np.ndarray]]]:
+    """smocsd with each of `settings`, then the limit charts on each channel alone."""
     detectors: dict[str, Callable[[Dataset], list[np.ndarray]]] = {
         name: functools.partial(smocsd_decisions, models=models, overrides=overrides)
-        for name, overrides in {**FEW_SETTINGS, "previous defaults": PREVIOUS}.items()
+        for name, overrides in settings.items()
     }
     for sigmas in LIMIT_CHARTS:
         detectors[f"{sigmas:g}-sigma chart on each channel, 2 of 3"] = functools.partial(
             limit_chart_decisions, sigmas=sigmas
         )
+    return detectors
+
+
+def tep_few_channels_table(ds: Dataset, models: Models, k: int) -> str:
+    plants = tep_plants(ds, k)
+    faults = [one_channel_faults(plant) for plant in plants]
+    n = sum(map(len, faults))
+    detectors = few_channel_detectors(models, {**FEW_SETTINGS, "previous defaults": PREVIOUS})
     rows = []
     for name, decide in detectors.items():
         fars, found, detected = [], np.zeros(len(ONSET_ROWS) + 1, int), []
@@ -910,14 +918,16 @@ INJECTED_ROWS = {"drop": 60, "surge": 10, "leak": 100}  # shape: rows it lasts
 INJECTED_SIGMAS = (1.0, 2.0, 3.0)
 INJECTED_AT = (150, 400, 650)
 INJECTED_SEED = 11
+INJECTED = [f"{shape} {sigmas:g} sigma" for shape in INJECTED_ROWS for sigmas in INJECTED_SIGMAS]
 
 
-def injected(plant: Dataset, rng: np.random.Generator) -> tuple[Dataset, list[str]]:
-    """`plant` with its normal run and, after it, one run per shape and size: a drop is a
-    step down, a surge a step up, a leak a ramp down to the size over its rows."""
+def injected(plant: Dataset, rng: np.random.Generator) -> Dataset:
+    """`plant` with its normal run and, after it, one run per shape and size (INJECTED's
+    order): a drop is a step down, a surge a step up, a leak a ramp down to the size over
+    its rows."""
     base = plant.runs[0]
     spread = base.values[: base.n_train].std(axis=0)
-    runs, names = [base], []
+    runs = [base]
     for shape, rows in INJECTED_ROWS.items():
         profile = np.linspace(0, 1, rows) if shape == "leak" else np.ones(rows)
         sign = 1 if shape == "surge" else -1
@@ -928,27 +938,17 @@ def injected(plant: Dataset, rng: np.random.Generator) -> tuple[Dataset, list[st
                 values[row : row + rows, c] += sign * sigmas * spread[c] * profile
                 labels[row : row + rows] = 1
             runs.append(replace(base, values=values, labels=labels, name=f"{shape} {sigmas:g}"))
-            names.append(f"{shape} {sigmas:g} sigma")
     # A name of its own: Models keeps scored runs by data set name and run index.
-    return replace(plant, name=f"{plant.name}+injected", runs=tuple(runs)), names
+    return replace(plant, name=f"{plant.name}+injected", runs=tuple(runs))
 
 
 def tep_injected_table(ds: Dataset, models: Models, k: int) -> str:
     rng = np.random.default_rng(INJECTED_SEED)
     plants = [injected(plant, rng) for plant in tep_plants(ds, k)]
-    names = plants[0][1]
-    detectors: dict[str, Callable[[Dataset], list[np.ndarray]]] = {
-        name: functools.partial(smocsd_decisions, models=models, overrides=overrides)
-        for name, overrides in FEW_SETTINGS.items()
-    }
-    for sigmas in LIMIT_CHARTS:
-        detectors[f"{sigmas:g}-sigma chart on each channel, 2 of 3"] = functools.partial(
-            limit_chart_decisions, sigmas=sigmas
-        )
     rows = []
-    for name, decide in detectors.items():
-        fars, found = [], np.zeros(len(names), int)
-        for plant, _ in plants:
+    for name, decide in few_channel_detectors(models, FEW_SETTINGS).items():
+        fars, found = [], np.zeros(len(INJECTED), int)
+        for plant in plants:
             decisions = decide(plant)
             fars.append(float(decisions[0].mean()))
             for j, (run, decided) in enumerate(zip(plant.runs[1:], decisions[1:], strict=True)):
@@ -959,9 +959,9 @@ def tep_injected_table(ds: Dataset, models: Models, k: int) -> str:
         rows.append(
             [name, pct(far.mean()), pct(far.max())]
             + [str(x) for x in found]
-            + [f"{found.sum()}/{total * len(names)}"]
+            + [f"{found.sum()}/{total * len(INJECTED)}"]
         )
-    header = ["smocsd", "FAR % (d00_te)", "worst plant's FAR %", *names, "found"]
+    header = ["smocsd", "FAR % (d00_te)", "worst plant's FAR %", *INJECTED, "found"]
     return markdown(header, rows) + f"\n\nEach cell: faults found of {total}."
 
 
