@@ -107,6 +107,7 @@ PREVIOUS = {
     "networks": 1,
 }
 ONE_NETWORK = {"networks": 1}
+RELEASE_050 = {"model.level_limit": 0}  # 0.5.0's defaults: no level rule
 GRID_DATASETS = ("tep", "skab-valve1", "testbed", "gutentag")
 
 
@@ -213,7 +214,8 @@ class Trained:
     meta: dict[str, Any]
     end: np.ndarray  # row index of each scored window's last row
     score: np.ndarray
-    alarm: np.ndarray  # the model's own threshold and alarm rule
+    alarm: np.ndarray  # the model's own threshold and alarm rules
+    moved: np.ndarray  # its level rule
     errors: np.ndarray  # (windows, channels), in the score's units
     fitted: Fitted
 
@@ -231,10 +233,11 @@ class Trained:
 
     def decide(self, over: np.ndarray) -> np.ndarray:
         """Per scored window: the model's alarm rule on the windows `over` a studied
-        threshold, or its sustained rule on its channels' errors (scoring.fires)."""
+        threshold or moved by its level rule, or its sustained rule on its channels'
+        errors (scoring.fires)."""
         sustained = SustainedRule.from_meta(ModelMeta.parse(self.meta).alarm.sustained)
         high = self.errors > (sustained.level if sustained else np.inf)
-        return fires(self.rule, sustained, over, high)
+        return fires(self.rule, sustained, over | self.moved, high)
 
 
 def _toml(value: Any) -> str:
@@ -346,7 +349,7 @@ class Models:
             directory, meta, fitted = self._trained[trained]
             scored = Model.of(directory, ModelMeta.parse(meta)).score(run.values, run.time)
             self._cache[key] = Trained(
-                meta, scored.end, scored.score, scored.alarm, scored.errors, fitted
+                meta, scored.end, scored.score, scored.alarm, scored.moved, scored.errors, fitted
             )
         return self._cache[key]
 
@@ -637,6 +640,7 @@ def release_030_decisions(
 def real_detectors(ds: Dataset, models: Models) -> dict[str, list[np.ndarray]]:
     out = {
         "smocsd defaults": smocsd_decisions(ds, models),
+        "smocsd 0.5.0 defaults": smocsd_decisions(ds, models, RELEASE_050),
         "smocsd 0.3.0 defaults": release_030_decisions(ds, models),
         "smocsd previous defaults (mse, [32, 8], 0.001)": smocsd_decisions(ds, models, PREVIOUS),
     }
@@ -772,12 +776,39 @@ def sustained_table(datasets: list[Dataset], models: Models) -> str:
     return markdown(["sustained rule", *map(summary_header, datasets)], rows)
 
 
+# The level rule's limit (0: off, as 0.5.0), gap and baseline rows.
+LEVELS = (
+    (0.0, 100, 50),
+    (2.0, 100, 50),
+    (2.0, 50, 50),
+    (2.0, 50, 100),
+    (1.5, 100, 50),
+    (2.5, 100, 50),
+)
+
+
+def level_table(datasets: list[Dataset], models: Models) -> str:
+    rows = []
+    for limit, gap, baseline in LEVELS:
+        overrides = {
+            "model.level_limit": limit,
+            "model.level_gap": gap,
+            "model.level_baseline": baseline,
+        }
+        name = f"{limit:g} times, gap {gap}, baseline {baseline}" if limit else "off (0.5.0)"
+        rows.append(
+            [name, *(summary(ds, smocsd_decisions(ds, models, overrides)) for ds in datasets)]
+        )
+    return markdown(["level rule", *map(summary_header, datasets)], rows)
+
+
 # A plant of few channels, measured on a real one: every k of SKAB valve1's 8 channels
 # (k = 4: 70 subsets, each scored by SKAB's protocol, pooled). The settings are the
 # defaults (three networks up to 5 channels), one network, and the README's advice for few
 # channels, a narrower code and a looser budget.
 FEW_SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "0.5.0 defaults (no level rule)": RELEASE_050,
     "networks = 1": ONE_NETWORK,
     "hidden = [32, 8]": {"hidden": [32, 8]},
     "false_alarm_rate = 0.001": {"model.false_alarm_rate": 0.001},
@@ -1102,6 +1133,8 @@ def main() -> None:
         print(networks_table(real, models))
         print("\n## The sustained rule: one channel above a level on k of the last n windows\n")
         print(sustained_table(datasets, models))
+        print("\n## The level rule: a channel's window mean moved away from its baseline's\n")
+        print(level_table(datasets, models))
         print("\n## Channel errors averaged over time before their maximum (study)\n")
         print(smoothing_table(datasets, models))
         print("\n## A threshold that follows the windows below it (study)\n")

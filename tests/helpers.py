@@ -298,6 +298,7 @@ def model_meta(model_onnx: bytes, channels: tuple[str, ...] = ("a",), **fields) 
             "above": 2,
             "of": 3,
             "sustained": {"above": 20, "of": 30, "level": 1.25},
+            "level": {"gap": 100, "baseline": 50, "limit": [0.8] * len(channels)},
         },
         "time": {
             "interval_s": 10.0,

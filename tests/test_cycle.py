@@ -203,6 +203,9 @@ def test_result_and_metadata_follow_the_contract(tmp_path, clean_plant):
         == meta["eval"]["threshold"]
         > meta["score_quantiles"]["validation"]["p50"]
     )
+    level = meta["alarm"].pop("level")  # fitted on the training rows, one limit a channel
+    assert (level["gap"], level["baseline"]) == (100, 50) and len(level["limit"]) == 3
+    assert all(0 < limit < 10 for limit in level["limit"])
     assert meta["alarm"] == {
         "kind": "k-of-n",
         "above": 2,
@@ -243,6 +246,14 @@ def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant, s
     else:
         score = errors.mean(axis=1)
     over = score > meta["threshold"]
+    above_threshold = over  # the test's own: what Model.score calls `over`
+    if "level" in meta["alarm"]:
+        g, b, limit = (meta["alarm"]["level"][key] for key in ("gap", "baseline", "limit"))
+        sums = numpy.cumsum(numpy.r_[numpy.zeros((1, c)), z], axis=0, dtype="float64")
+        now = (sums[w:] - sums[:-w])[g + b :] / w
+        before = (sums[b:] - sums[:-b])[: len(now)] / b
+        moved = (abs(now - before) > numpy.array(limit)) & (abs(now) > abs(before))
+        over = over | numpy.r_[numpy.zeros(g + b, bool), moved.any(axis=1)]
     k, n = meta["alarm"]["above"], meta["alarm"]["of"]
     alarm = numpy.convolve(over, numpy.ones(n, int))[: len(over)] >= k
     if "sustained" in meta["alarm"]:
@@ -254,15 +265,20 @@ def test_the_model_is_usable_with_onnxruntime_and_numpy_alone(tmp_path, plant, s
 
     anomalous = np.lib.stride_tricks.sliding_window_view(fresh["label"], w).max(axis=1) == 1
     assert anomalous.sum() > 50
-    assert over[anomalous].mean() > 0.5, over[anomalous].mean()
-    assert over[~anomalous].mean() < 0.05, over[~anomalous].mean()
+    assert above_threshold[anomalous].mean() > 0.5, above_threshold[anomalous].mean()
+    assert above_threshold[~anomalous].mean() < 0.05, above_threshold[~anomalous].mean()
     assert np.allclose(drivers.sum(axis=1), 1, atol=1e-5)
     # smocsd.scoring.Model decides exactly alike.
     from smocsd.scoring import Model
 
     scored = Model.of(model_dir, ModelMeta.parse(meta)).score(x, fresh["ts"])
     assert scored.end.tolist() == list(range(w - 1, len(x)))
-    assert scored.over.tolist() == over.tolist() and scored.alarm.tolist() == alarm.tolist()
+    assert scored.over.tolist() == above_threshold.tolist()
+    assert (scored.over | scored.moved).tolist() == over.tolist()
+    assert scored.alarm.tolist() == alarm.tolist()
+    # The level rule, with either score: the recipe's windows moved are Model.score's.
+    assert scored.moved.any()
+    assert scored.moved.tolist() == numpy.r_[numpy.zeros(g + b, bool), moved.any(axis=1)].tolist()
 
 
 def test_if_better_rejects_a_worse_model_and_keeps_current(tmp_path, plant, caplog):

@@ -597,7 +597,10 @@ def test_each_partitions_windows_go_on_across_a_restart(pumps, monkeypatch):
     scoring = _scoring(cfg)  # the daemon restarted
     pump_rows(db, 2530, 25)
     after = _by_name(scoring.step(outbox, force=True))
-    assert sorted(newest_reads) == [(pump, 9, max(before.values())) for pump in PUMPS]
+    # A window's rows before its last, and the level rule's before them.
+    m = cfg.model
+    read = cfg.training.window_size - 1 + m.level_baseline + m.level_gap
+    assert sorted(newest_reads) == [(pump, read, max(before.values())) for pump in PUMPS]
     pump_rows(db, 2555, 10)
     assert all(len(s.rows) == 10 for s in scoring.step(outbox, force=True))
     assert len(newest_reads) == 5  # the tails are kept in memory from then on
@@ -608,7 +611,7 @@ def test_each_partitions_windows_go_on_across_a_restart(pumps, monkeypatch):
         model.set_models([scorer])
         live = model.scorers[name]
         source = open_source(scorer.source)
-        whole = source.read_newest(100)  # its rows before the restart and after
+        whole = source.read_newest(read + 100)  # its rows before the restart and after
         source.close()
         expected, _, _ = decide(live._current(), whole, before[name.split("@")[1]], None)
         got = after[name].rows

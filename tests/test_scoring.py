@@ -11,12 +11,15 @@ import onnx
 import pytest
 from helpers import model_meta
 
-from smocsd.common.modelmeta import AlarmMeta, ModelMeta, SustainedMeta
+from smocsd.common.modelmeta import AlarmMeta, LevelMeta, ModelMeta, SustainedMeta
 from smocsd.scoring import (
     BEYOND_SCORE,
+    LEVEL_FLOOR,
+    LEVEL_QUANTILE,
     SCALE_FLOOR,
     SCALE_QUANTILE,
     AlarmRule,
+    LevelRule,
     LookBack,
     Model,
     ScoreKind,
@@ -217,8 +220,9 @@ def test_a_window_score_that_is_not_finite_is_an_alarm(tmp_path):
     json.dumps(scored.score.tolist(), allow_nan=False)
 
 
-def sustained_model(directory: Path, sustained: dict | None) -> Model:
-    """two_channel_model with a threshold of 25 and, if given, metadata's sustained rule."""
+def ruled_model(directory: Path, sustained: dict | None = None, level: dict | None = None) -> Model:
+    """two_channel_model with a threshold of 25 and, if given, metadata's sustained rule
+    and level rule."""
     model = two_channel_model(directory)
     meta = model_meta(
         (directory / "model.onnx").read_bytes(),
@@ -230,6 +234,7 @@ def sustained_model(directory: Path, sustained: dict | None) -> Model:
             "above": 2,
             "of": 3,
             **({"sustained": sustained} if sustained else {}),
+            **({"level": level} if level else {}),
         },
     )
     meta["time"]["max_gap_s"] = None
@@ -250,33 +255,79 @@ def test_a_small_lasting_shift_is_an_alarm_by_the_sustained_rule_alone(tmp_path)
     model saved without the rule (before it) scores exactly as it did."""
     values, time = shifted_readings(), np.arange(120.0)
     rule = {"above": 8, "of": 10, "level": 1.5}
-    with_rule = sustained_model(tmp_path, rule).score(values, time)
-    before = sustained_model(tmp_path, None).score(values, time)
+    with_rule = ruled_model(tmp_path, rule).score(values, time)
+    before = ruled_model(tmp_path).score(values, time)
     assert not with_rule.over.any() and not before.alarm.any()
     alarm = with_rule.row_alarm(len(values))
     assert alarm[52:90].all() and not alarm[:40].any() and not alarm[100:].any()
     assert np.array_equal(with_rule.score, before.score)
 
 
-def test_decisions_made_piece_by_piece_carry_the_sustained_look_back(tmp_path):
+LEVEL = {"gap": 10, "baseline": 10, "limit": [3.0, 1.0]}
+
+
+def test_a_lasting_step_is_an_alarm_by_the_level_rule_and_its_end_is_not(tmp_path):
+    """A step of 1.5 in b (7.5 of its standard deviations, an error far under the
+    threshold) moves b's window mean from its baseline's: an alarm until the baseline
+    holds the step too; b coming back to normal at row 90 is none. A model saved without
+    the rule scores exactly as it did."""
+    values, time = shifted_readings(), np.arange(120.0)
+    with_rule = ruled_model(tmp_path, level=LEVEL).score(values, time)
+    before = ruled_model(tmp_path).score(values, time)
+    assert not with_rule.over.any() and not before.alarm.any() and not before.moved.any()
+    # Moved from the window ending at row 42 (3 of its 4 rows in the step) until the
+    # baseline holds enough of the step (rows 35-44 for the window ending at 58).
+    assert with_rule.end[with_rule.moved].tolist() == list(range(42, 59))
+    assert np.flatnonzero(with_rule.row_alarm(len(values))).tolist() == list(range(43, 60))
+    assert np.array_equal(with_rule.score, before.score)
+    # A row the rule reads missing (or a time gap in them): no decision by it there.
+    holed = values.copy()
+    holed[30] = np.nan
+    scored = ruled_model(tmp_path, level=LEVEL).score(holed, time)
+    assert scored.end[scored.moved].tolist() == list(range(54, 59))
+
+
+def test_the_level_limit_is_fitted_on_the_training_rows_moves():
+    """Each channel's limit is the factor times LEVEL_QUANTILE of its moves over the spans
+    given; a constant channel gets LEVEL_FLOOR; no span, no rule."""
+    z = np.zeros((500, 2), np.float32)
+    z[:, 0] = np.random.default_rng(1).normal(size=500)
+    spans = np.arange(0, 500 - 24 + 1)
+    rule = LevelRule.fit(z, spans, 4, 10, 10, 2.0)
+    now = np.array([z[s + 20 : s + 24].mean(axis=0) for s in spans], np.float64)
+    before = np.array([z[s : s + 10].mean(axis=0) for s in spans], np.float64)
+    expected = 2.0 * np.quantile(np.abs(now - before)[:, 0], LEVEL_QUANTILE)
+    assert rule.limit[0] == pytest.approx(expected) and rule.limit[1] == LEVEL_FLOOR
+    assert LevelMeta.parse(rule.to_meta(), "level") == LevelMeta(10, 10, rule.limit.tolist())
+    assert LevelRule.fit(z, spans[:0], 4, 10, 10, 2.0) is None
+
+
+@pytest.mark.parametrize(
+    "rules", [{"sustained": {"above": 8, "of": 10, "level": 1.5}}, {"level": LEVEL}]
+)
+def test_decisions_made_piece_by_piece_carry_the_look_back(tmp_path, rules):
     """Live scoring decides a few rows at a time, carrying a LookBack; `smocsd score`
     decides a range with its context: both as Model.score decides the whole; an excluded
-    period is never an alarm by either rule."""
-    model = sustained_model(tmp_path, {"above": 8, "of": 10, "level": 1.5})
+    period is never an alarm by either rule, nor is a level compared with one in it."""
+    model = ruled_model(tmp_path, **rules)
     values, time, order = shifted_readings(), np.arange(120.0), np.arange(1, 121)
     whole = model.score(values, time)
+    assert whole.alarm.any()
     recent, alarm, after = LookBack(), [], 0
-    for last in [*range(5, 120, 7), 120]:  # each call: the new rows, the window before them
-        first = max(0, after - (model.window_size - 1))
+    for last in [*range(5, 120, 7), 120]:  # each call: the new rows, the rows before them
+        first = max(0, after - (model.span - 1))
         rows = slice(first, last)
         d = decide(model, values[rows], time[rows], order[rows], after, recent)
         recent, alarm, after = d.recent, alarm + d.alarm.tolist(), last
     assert alarm == whole.alarm.tolist()
-    assert len(recent.high) == 9 and len(recent.over) == 2
-    context = model.window_size - 1 + model.look_back - 1
+    assert len(recent.high) == (9 if "sustained" in rules else 0) and len(recent.over) == 2
+    context = model.span - 1 + model.look_back - 1
     ranged = decide(
         model, values[60 - context :], time[60 - context :], order[60 - context :], 60, None
     )
     assert ranged.alarm.tolist() == whole.alarm[whole.end >= 60].tolist()
     quiet = decide(model, values, time, order, None, LookBack(), excluded=[(30, 95)])
     assert not quiet.alarm.any()
+    if "level" in rules:  # the windows after the step, their baselines in a recalibration
+        recalibrated = decide(model, values, time, order, None, LookBack(), excluded=[(21, 39)])
+        assert not recalibrated.alarm.any()

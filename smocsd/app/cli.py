@@ -575,9 +575,9 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
     model = Model.of(store.path(version), store.metadata(version))
     # --from the smallest order value is every row; one less would not fit SQLite's integer.
     after = None if args.from_order in (None, INT64_MIN) else args.from_order - 1
-    # Rows before the range: a whole window for its first row, and the windows the alarm
-    # rules look back on.
-    context = model.window_size - 1 + model.look_back - 1
+    # Rows before the range: what its first row's decision reads (a whole window, and the
+    # level rule's rows before it), and the windows the alarm rules look back on.
+    context = model.span - 1 + model.look_back - 1
     source = open_source(model_cfg.source)
     try:
         rows_wanted = source.count_after(after) + (context if after is not None else 0)

@@ -334,14 +334,15 @@ class LiveScorer:
         if new > cap:  # after a long stop: memory is bounded, `smocsd score` has the rest
             log.warning("%s: scoring: %d rows waiting, scoring the newest %d", self.name, new, cap)
             new, pos.recent = cap, LookBack()
-        return self.score(outbox, model, source.read_newest(new + model.window_size - 1))
+        return self.score(outbox, model, source.read_newest(new + model.span - 1))
 
     def score(
         self, outbox: Outbox, model: Model, readings: Readings, *, save: bool = True
     ) -> tuple[list[ScoredRow], int]:
-        """Scores the windows of `readings` (the new rows, after the `window_size - 1`
-        rows before them) that end past the position, and moves it to their last row;
-        `save=False`: the caller saves it (a group, all its partitions in one write)."""
+        """Scores the windows of `readings` (the new rows, after the `span - 1` rows
+        before them that their decisions read) that end past the position, and moves it
+        to their last row; `save=False`: the caller saves it (a group, all its partitions
+        in one write)."""
         # Decided on a copy, kept only once every message is in the outbox: a put that
         # fails (a full disk) leaves the position as it was, and the retry opens the same
         # event again instead of losing its "open" message.
@@ -516,8 +517,9 @@ class _Group(_Poller):
     """The partitions of one definition: their table polled once for all of them.
 
     One max() per poll, and when there are new rows one read of those of every partition
-    past the oldest position, split by partition value. A partition's windows start in the
-    `window_size - 1` rows before its first new row: its tail, kept in memory, read once
+    past the oldest position, split by partition value. A partition's decisions read the
+    `span - 1` rows before its first new row (a window's, and the level rule's before
+    them): its tail, kept in memory, read once
     by a query of that partition's own after a start. A value without a model (not yet
     resolved) is left for the daemon's next resolve: its model starts at the newest row,
     as every new model does.
@@ -691,9 +693,9 @@ class _Group(_Poller):
         self, outbox: Outbox, value: str, member: LiveScorer, model: Model, new: Readings
     ) -> tuple[list[ScoredRow], int]:
         """Scores one partition's new rows after its tail, which it then moves on."""
-        need = model.window_size - 1
+        need = model.span - 1
         tail = self.tails.get(value)
-        if tail is None or tail.wanted < need:  # after a start, or a model with wider windows
+        if tail is None or tail.wanted < need:  # after a start, or a model reading more rows
             source = open_source(member.cfg.source)
             try:
                 got = source.read_newest(need, upto=member.position.last_order)

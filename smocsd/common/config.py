@@ -772,6 +772,23 @@ class ModelConfig:
             "see `sustained_above`; a channel's normal error (metadata.json `channel_scale`) is 1"
         ),
     )
+    # smocsd.scoring.LevelRule: the network reconstructs a step that lasts in one channel
+    # of a few; chosen on the real plants in bench/detect.py.
+    level_limit: float = _opt(
+        2.0,
+        _float(0.0, 1000.0),
+        KeyDoc(
+            "a window also counts as over the threshold when a channel's mean over it has "
+            "moved away from normal, from its mean over the `level_baseline` rows that end "
+            "`level_gap` rows before the window, by more than `level_limit` times the 99th "
+            "percentile of such moves in the training rows: a step or a slow leak that lasts "
+            "([why](#detection-quality)); 0 turns it off",
+            more="A channel coming back towards its training mean is not an alarm. Each "
+            "decision reads `level_baseline + level_gap` rows before the window.",
+        ),
+    )
+    level_gap: int = _opt(100, _int(0, 100_000), KeyDoc("rows; see `level_limit`"))
+    level_baseline: int = _opt(50, _int(1, 100_000), KeyDoc("rows; see `level_limit`"))
     accept_after: float | None = _opt(
         None,
         _off_or_duration,

@@ -242,14 +242,36 @@ class SustainedMeta:
 
 
 @dataclass(frozen=True)
+class LevelMeta:
+    """`alarm.level`: also alarm on a window whose mean in a channel has moved by more
+    than that channel's `limit` (normalized units) from its mean over the `baseline` rows
+    ending `gap` rows before the window, away from the training rows' mean."""
+
+    gap: int
+    baseline: int
+    limit: list[float]
+
+    @classmethod
+    def parse(cls, value: Any, name: str) -> LevelMeta:
+        obj = _strict(value, name, names(cls))
+        return cls(
+            gap=obj.field("gap", _count),
+            baseline=obj.field("baseline", _positive),
+            limit=obj.field("limit", _list_of(_scale, 1)),
+        )
+
+
+@dataclass(frozen=True)
 class AlarmMeta:
-    """`alarm`: alarm while `above` of the last `of` windows are over the threshold, or
+    """`alarm`: alarm while `above` of the last `of` windows are over the threshold or
+    moved (the level rule, `level`: absent in versions saved before it or without one), or
     while the sustained rule fires (absent in versions saved before it, and with "mse")."""
 
     above: int
     of: int
     kind: str = "k-of-n"
     sustained: SustainedMeta | None = None
+    level: LevelMeta | None = None
 
     @classmethod
     def parse(cls, value: Any, name: str) -> AlarmMeta:
@@ -259,6 +281,7 @@ class AlarmMeta:
             above=obj.field("above", _positive),
             of=obj.field("of", _positive),
             sustained=obj.present("sustained", SustainedMeta.parse),
+            level=obj.present("level", LevelMeta.parse),
         )
         _k_of_n(obj, alarm.above, alarm.of)
         return alarm
@@ -267,6 +290,8 @@ class AlarmMeta:
         data: dict[str, Any] = {"kind": self.kind, "above": self.above, "of": self.of}
         if self.sustained is not None:
             data["sustained"] = asdict(self.sustained)
+        if self.level is not None:
+            data["level"] = asdict(self.level)
         return data
 
 
@@ -498,6 +523,7 @@ class ModelMeta:
             "normalization.mean": self.normalization.mean,
             "normalization.scale": self.normalization.scale,
             "channel_scale": self.channel_scale,
+            "alarm.level.limit": self.alarm.level.limit if self.alarm.level else None,
         }
         for key, values in per_channel.items():
             if values is not None and len(values) != n:

@@ -39,6 +39,7 @@ from ..schemas import MODEL_FORMAT
 from ..scoring import (
     SCALE_QUANTILE,
     AlarmRule,
+    LevelRule,
     Model,
     ScoreKind,
     SustainedRule,
@@ -99,6 +100,7 @@ class TrainingData:
     # (values, time) of each run of rows the current model alarmed on, with the rows
     # before it that its first windows and the alarm rule look back on
     alarm_rows: list[tuple[np.ndarray, np.ndarray]]
+    level: LevelRule | None  # the level rule fitted on these rows (None: off, or no span)
 
 
 # Windows scored per channel_errors call when only their scores are kept: its per-channel
@@ -124,10 +126,15 @@ def _rules(m: ModelConfig) -> tuple[AlarmRule, SustainedRule | None]:
     return AlarmRule(m.alarm_above, m.alarm_of), sustained
 
 
-def _alarm_meta(m: ModelConfig) -> dict[str, Any]:
-    """metadata.json's `alarm`: the alarm rule, and the sustained rule where there is one."""
+def _alarm_meta(m: ModelConfig, level: LevelRule | None) -> dict[str, Any]:
+    """metadata.json's `alarm`: the alarm rule, and the sustained and level rules where
+    there are."""
     rule, sustained = _rules(m)
-    return {**rule.to_meta(), **({"sustained": sustained.to_meta()} if sustained else {})}
+    return {
+        **rule.to_meta(),
+        **({"sustained": sustained.to_meta()} if sustained else {}),
+        **({"level": level.to_meta()} if level else {}),
+    }
 
 
 def _check_state(job: AutoencoderJob) -> None:
@@ -286,6 +293,12 @@ class AutoencoderJob(TrainingJob):
         breaks, time_check = check_time(readings.time, t.max_gap)
         self._report_time(readings, time_check)
         starts = valid_starts(bad | left, t.window_size, t.stride, breaks)
+        m = self.config.model
+        spans = (
+            valid_starts(bad | left, m.level_baseline + m.level_gap + t.window_size, 1, breaks)
+            if m.level_limit
+            else None
+        )
         del breaks
         try:
             accepted = in_ranges(readings.order[starts], leave_out.accepted)
@@ -307,6 +320,17 @@ class AutoencoderJob(TrainingJob):
                 ", ".join(channels[c] for c in sp.beyond_channels),
                 MAX_Z,
             )
+        level = None
+        if spans is not None:
+            level = LevelRule.fit(
+                sp.train.z, spans, t.window_size, m.level_gap, m.level_baseline, m.level_limit
+            )
+            if level is None:
+                self.logger.warning(
+                    "no run of %d rows without a missing value or a time gap: this version "
+                    "has no level rule",
+                    m.level_baseline + m.level_gap + t.window_size,
+                )
         first, end = int(sp.val.starts[0]), int(sp.val.starts[-1]) + t.window_size
         data = TrainingData(
             split=sp,
@@ -320,6 +344,7 @@ class AutoencoderJob(TrainingJob):
             val_offset=first,
             left_out=leave_out.summary(readings.order),
             alarm_rows=self._alarm_rows(readings, leave_out.alarms(readings.order)),
+            level=level,
         )
         self.logger.debug(  # the cycle's line says it too, from metadata.json's `data`
             "read %d rows (%d dropped): %d training and %d validation windows",
@@ -337,6 +362,8 @@ class AutoencoderJob(TrainingJob):
         challenger still alarms there, each with the rows its windows look back on."""
         m = self.config.model
         back = self.config.training.window_size - 1 + max(m.alarm_of, m.sustained_of) - 1
+        if m.level_limit:
+            back += m.level_baseline + m.level_gap
         return [
             (
                 readings.values[max(0, a - back) : b + 1].copy(),
@@ -519,6 +546,7 @@ class AutoencoderJob(TrainingJob):
             window_score=self.window_score,
             rule=rule,
             sustained=sustained,
+            level=self.data.level,
             max_gap=None if math.isnan(self.data.time.max_gap) else self.data.time.max_gap,
             normalization=self.data.split.normalization,
             threads=threads,
@@ -632,7 +660,7 @@ class AutoencoderJob(TrainingJob):
             "threshold": self.threshold_fit.threshold,
             "threshold_fit": self.threshold_fit.to_meta(),
             "score_quantiles": self.score_quantiles,
-            "alarm": _alarm_meta(cfg.model),
+            "alarm": _alarm_meta(cfg.model, data.level),
             "time": data.time.to_meta(),
             "channel_error": self.channel_error,
             "metrics": metrics,

@@ -260,9 +260,9 @@ class Screening:
         new = min(self.source.count_after(self.after), self.cfg.training.max_rows)
         if not new:
             return None
-        # Before the new rows: the windows that end on them, the alarm rules' look-back,
-        # and a window's margin.
-        readings = self.source.read_newest(new + 2 * w + model.look_back)
+        # Before the new rows: the rows their windows' decisions read (the level rule's
+        # too), the alarm rules' look-back, and a window's margin.
+        readings = self.source.read_newest(new + model.span + w + model.look_back)
         order = readings.order
         d = scoring.decide(model, readings.values, readings.time, order, self.after, None, excluded)
         alarm = np.zeros(len(order), bool)
