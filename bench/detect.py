@@ -5,7 +5,7 @@ classic baselines computed in the same run.
     .bench/bin/python bench/detect.py [--quick] [--datasets tep,skab-valve1,...]
 
 scikit-learn (for the simulations' baselines) is never a dependency of the daemon: the
-benchmark has its own environment. A default run takes about 17 minutes on 2 cores;
+benchmark has its own environment. A default run takes about 22 minutes on 2 cores;
 `--quick` skips the few-channel studies and the architecture grid (about 4 minutes).
 
 smocsd is run through its real code path: each run's training rows go into a SQLite file,
@@ -19,20 +19,22 @@ are evaluated; a row's decision is that of the window ending at it.
 Prints markdown tables (for the README's "Detection quality"):
 
 1. Tennessee Eastman: FAR on normal rows and the detection rate of each fault and their
-   mean over the 18 detectable ones, for smocsd's defaults, its 0.3.0 defaults, its
-   earlier defaults with the "mse" score, and PCA / dynamic PCA (T² and SPE at their
-   99th percentile on training rows).
+   mean over the 18 detectable ones, for smocsd's defaults, its 0.5.0 defaults (no level
+   rule), its 0.3.0 defaults, its earlier defaults with the "mse" score, and PCA /
+   dynamic PCA (T² and SPE at their 99th percentile on training rows).
 2. SKAB valve1 by SKAB's protocol, the same detectors, and SKAB's published leaderboard.
 3. The window score ("channel-max" or "mse") x the threshold budget, on every data set;
    the defaults with each of eight training seeds and their mean; 1, 2, 3 and 5
    networks averaged (`training.networks`) over the eight seeds; the sustained rule's
-   count and level (and 0.3.0's score without it); a study of each channel's error
+   count and level (and 0.3.0's score without it); the level rule's limit, gap and
+   baseline (and 0.5.0 without it); a study of each channel's error
    averaged over the last windows before the largest is taken; and one of a threshold
    that follows the scores of the windows below it between retrains.
    Plants of few channels, on real ones: every 4 (`--few-channels`) of SKAB valve1's 8
    channels, and 40 random 4-channel plants of the Tennessee Eastman's 52 with the faults
-   that move one of their channels, with the defaults (three networks), one network, a
-   narrower code and a looser budget (the README's advice), and per-channel limit charts;
+   that move one of their channels, with the defaults (three networks), 0.5.0's, one
+   network, a narrower code and a looser budget (the README's advice), and per-channel
+   limit charts;
    and, a diagnostic, the same Tennessee Eastman plants' normal rows with a drop, a surge
    or a leak of 1 to 3 sigma added to one channel.
 4. The simulations and other sets: smocsd's defaults, its old defaults (window 50,
@@ -99,12 +101,19 @@ from smocsd.training.result import Outcome
 # The defaults before the benchmark (the "old defaults" rows: window 50, threshold at the
 # 99th percentile of validation scores) and before the real plants chose the score, network
 # and budget. Each trained one network, as every release up to 0.4.0 did.
-OLD_DEFAULTS = {"window_size": 50, "hidden": [32, 8], "model.score": "mse", "networks": 1}
+OLD_DEFAULTS = {
+    "window_size": 50,
+    "hidden": [32, 8],
+    "model.score": "mse",
+    "networks": 1,
+    "model.level_limit": 0,
+}
 PREVIOUS = {
     "hidden": [32, 8],
     "model.score": "mse",
     "model.false_alarm_rate": 0.001,
     "networks": 1,
+    "model.level_limit": 0,
 }
 ONE_NETWORK = {"networks": 1}
 RELEASE_050 = {"model.level_limit": 0}  # 0.5.0's defaults: no level rule
@@ -549,6 +558,8 @@ def detectors(ds: Dataset, models: Models) -> dict[str, list[np.ndarray]]:
     if "sustained" in meta["alarm"]:
         s = meta["alarm"]["sustained"]
         rule += f", sustained {s['above']} of {s['of']} above {s['level']:g}"
+    if "level" in meta["alarm"]:
+        rule += f", level rule (gap {meta['alarm']['level']['gap']})"
     out[f"smocsd defaults (window {meta['window_size']}, threshold.fit, {rule})"] = (
         smocsd_decisions(ds, models)
     )
