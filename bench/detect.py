@@ -764,20 +764,28 @@ SUSTAINED = (
 )
 
 
+def settings_rows(
+    datasets: list[Dataset], models: Models, settings: dict[str, dict[str, Any]]
+) -> list[list[str]]:
+    """A row per setting: its name and smocsd's summary with its overrides on each set."""
+    return [
+        [name, *(summary(ds, smocsd_decisions(ds, models, overrides)) for ds in datasets)]
+        for name, overrides in settings.items()
+    ]
+
+
 def sustained_table(datasets: list[Dataset], models: Models) -> str:
     """The sustained rule's count and level, and 0.3.0's score (each channel's normal error
     from the validation windows alone) without it."""
-    rows = []
-    for above, of, level in SUSTAINED:
-        overrides = {
+    settings = {
+        f"{above} of {of} above {level:g}" if above else "off": {
             "model.sustained_above": above,
             "model.sustained_of": of,
             "model.sustained_level": level,
         }
-        name = f"{above} of {of} above {level:g}" if above else "off"
-        rows.append(
-            [name, *(summary(ds, smocsd_decisions(ds, models, overrides)) for ds in datasets)]
-        )
+        for above, of, level in SUSTAINED
+    }
+    rows = settings_rows(datasets, models, settings)
     rows.append(
         [
             "0.3.0 (off, scale from validation only)",
@@ -799,18 +807,17 @@ LEVELS = (
 
 
 def level_table(datasets: list[Dataset], models: Models) -> str:
-    rows = []
-    for limit, gap, baseline in LEVELS:
-        overrides = {
+    settings = {
+        f"{limit:g} times, gap {gap}, baseline {baseline}" if limit else "off (0.5.0)": {
             "model.level_limit": limit,
             "model.level_gap": gap,
             "model.level_baseline": baseline,
         }
-        name = f"{limit:g} times, gap {gap}, baseline {baseline}" if limit else "off (0.5.0)"
-        rows.append(
-            [name, *(summary(ds, smocsd_decisions(ds, models, overrides)) for ds in datasets)]
-        )
-    return markdown(["level rule", *map(summary_header, datasets)], rows)
+        for limit, gap, baseline in LEVELS
+    }
+    return markdown(
+        ["level rule", *map(summary_header, datasets)], settings_rows(datasets, models, settings)
+    )
 
 
 # A plant of few channels, measured on a real one: every k of SKAB valve1's 8 channels

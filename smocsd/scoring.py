@@ -98,9 +98,10 @@ def level_sums(z: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LevelRule:
-    """Also alarm on a window whose mean in one channel has moved away from normal: by
-    more than the channel's `limit` (normalized units) from its mean over the `baseline`
-    rows that end `gap` rows before the window, and farther from the training rows' mean.
+    """A window also counts as over the threshold when its mean in one channel has moved
+    away from normal: by more than the channel's `limit` (normalized units) from its mean
+    over the `baseline` rows that end `gap` rows before the window, and farther from the
+    training rows' mean.
 
     The network reconstructs a channel's level within its window (to follow a channel's
     slow normal wander, it must), so a step or a slow leak that lasts in one channel of
