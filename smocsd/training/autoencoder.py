@@ -294,11 +294,8 @@ class AutoencoderJob(TrainingJob):
         self._report_time(readings, time_check)
         starts = valid_starts(bad | left, t.window_size, t.stride, breaks)
         m = self.config.model
-        spans = (
-            valid_starts(bad | left, m.level_baseline + m.level_gap + t.window_size, 1, breaks)
-            if m.level_limit
-            else None
-        )
+        span = m.level_baseline + m.level_gap + t.window_size  # LevelRule.span
+        spans = valid_starts(bad | left, span, 1, breaks) if m.level_limit else None
         del breaks
         try:
             accepted = in_ranges(readings.order[starts], leave_out.accepted)
@@ -329,7 +326,7 @@ class AutoencoderJob(TrainingJob):
                 self.logger.warning(
                     "no run of %d rows without a missing value or a time gap: this version "
                     "has no level rule",
-                    m.level_baseline + m.level_gap + t.window_size,
+                    span,
                 )
         first, end = int(sp.val.starts[0]), int(sp.val.starts[-1]) + t.window_size
         data = TrainingData(
